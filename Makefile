@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine:
+#   make run   -> create .venv, install amaml (CPU torch), run the default meta-training job
+#   make test  -> create .venv, install amaml + dev tools, run the test suite
+# TORCH_SPEC pins the torch wheel installed before amaml itself; override it for
+# a CUDA machine, e.g. make test TORCH_SPEC="torch==2.13.0 --index-url <your index>".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+OUT ?= runs/default
+
+.PHONY: install run test lint bench clean
+
+$(BIN)/.amaml-installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.amaml-installed
+
+run: install
+	$(BIN)/amaml train --out $(OUT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python benchmarks/bench_meta_gradient.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,31 @@
+"""amaml: gradient-based meta-learning with adjoint methods (A-MAML, arXiv 2110.08432).
+
+The inner loop of MAML is gradient flow; its meta-gradient comes from the exact
+discrete adjoint of the solver, so memory no longer grows with the number of
+inner steps. Start with :func:`adapt` and :func:`adapt_batch`.
+"""
+
+from .api import adapt, adapt_batch, functional_call_batch
+from .flow import (
+    RK4,
+    Backsolve,
+    BacksolveError,
+    Checkpoint,
+    DiscreteAdjoint,
+    DivergenceError,
+    Euler,
+    FirstOrder,
+    Heun,
+    Implicit,
+    Store,
+    Unrolled,
+    gradient_flow,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backsolve", "BacksolveError", "Checkpoint", "DiscreteAdjoint", "DivergenceError", "Euler",
+    "FirstOrder", "Heun", "Implicit", "RK4", "Store", "Unrolled", "__version__", "adapt",
+    "adapt_batch", "functional_call_batch", "gradient_flow",
+]

@@ -1,0 +1,251 @@
+"""``amaml.adapt`` and ``amaml.adapt_batch``: gradient-flow adaptation of any nn.Module."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._types import Batch, LearningRate, LossFn, Params, Scalar
+from .flow import (
+    MEMORIES,
+    SOLVERS,
+    AbstractAdjoint,
+    AbstractMemory,
+    AbstractSolver,
+    DiscreteAdjoint,
+    gradient_flow,
+)
+
+__all__ = ["adapt", "adapt_batch", "functional_call_batch", "resolve_solver", "resolve_memory"]
+
+
+def resolve_solver(solver: str | AbstractSolver) -> AbstractSolver:
+    """A solver instance from a registered name (``"euler"``, ``"heun"``, ``"rk4"``)."""
+    if isinstance(solver, AbstractSolver):
+        return solver
+    if isinstance(solver, str) and solver.lower() in SOLVERS:
+        return SOLVERS[solver.lower()]()
+    raise ValueError(f"Unknown solver {solver!r}; expected one of {sorted(SOLVERS)} "
+                     "or an AbstractSolver instance.")
+
+
+def resolve_memory(memory: str | AbstractMemory) -> AbstractMemory:
+    """A memory strategy from a name (``"store"``, ``"checkpoint"``, ``"backsolve"``)."""
+    if isinstance(memory, AbstractMemory):
+        return memory
+    if isinstance(memory, str) and memory.lower() in MEMORIES:
+        return MEMORIES[memory.lower()]()
+    raise ValueError(f"Unknown memory strategy {memory!r}; expected one of {sorted(MEMORIES)} "
+                     "or an AbstractMemory instance.")
+
+
+class _FlatModel:
+    """Flat-vector view of a module's trainable parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model has no parameters that require grad: nothing to adapt.")
+        self.model = model
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise TypeError(f"All trainable parameters must share one dtype; got {dtypes}.")
+
+    def theta(self) -> Tensor:
+        return torch.cat([p.reshape(-1) for p in self.params])
+
+    def unflatten(self, u: Tensor) -> Params:
+        lead = u.shape[:-1]
+        return {n: t.reshape(*lead, *s) for n, t, s in zip(self.names, u.split(self.sizes, -1),
+                                                          self.shapes)}
+
+    def flat_lr(self, lr: LearningRate, like: Tensor) -> Tensor:
+        if isinstance(lr, Mapping):
+            missing = [n for n in self.names if n not in lr]
+            extra = [n for n in lr if n not in self.names]
+            if missing or extra:
+                raise ValueError(f"lr as a dict needs exactly the trainable parameter names; "
+                                 f"missing {missing}, unknown {extra}.")
+            parts = []
+            for n, shape in zip(self.names, self.shapes):
+                v = lr[n]
+                t = v if isinstance(v, Tensor) else torch.tensor(float(v))
+                t = t.to(like.dtype).to(like.device)
+                try:
+                    parts.append(t.expand(shape).reshape(-1))
+                except RuntimeError as err:
+                    raise ValueError(f"lr[{n!r}] of shape {tuple(t.shape)} does not broadcast "
+                                     f"to the parameter's shape {tuple(shape)}.") from err
+            return torch.cat(parts)
+        t = lr if isinstance(lr, Tensor) else torch.tensor(float(lr))
+        if t.ndim != 0:
+            raise ValueError("lr as a tensor must be a scalar; give a dict of per-parameter "
+                             f"tensors for Meta-SGD style rates (got shape {tuple(t.shape)}).")
+        return t.to(like.dtype).to(like.device)
+
+
+def _check_support(data: Any, batched: bool) -> tuple[Tensor, Tensor]:
+    name = "(xs, ys)" if batched else "(x, y)"
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"The support set must be a pair {name} of tensors.")
+    x, y = data
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"The support set {name} must hold tensors; got "
+                        f"{type(x).__name__}, {type(y).__name__}.")
+    need = 2 if batched else 1
+    if x.ndim < need or y.ndim < need:
+        raise ValueError(f"Support tensors need at least {need} dimension(s)"
+                         f"{' [B, n, ...]' if batched else ' [n, ...]'}; got x {tuple(x.shape)}, "
+                         f"y {tuple(y.shape)}.")
+    if batched and x.shape[0] != y.shape[0]:
+        raise ValueError(f"xs and ys must have the same number of tasks; got xs "
+                         f"{tuple(x.shape)} and ys {tuple(y.shape)}.")
+    axis = 1 if batched else 0
+    if x.shape[axis] != y.shape[axis]:
+        raise ValueError(f"x and y must have the same number of examples; got x {tuple(x.shape)}"
+                         f" and y {tuple(y.shape)}.")
+    if x.shape[axis] == 0:
+        raise ValueError("The support set is empty.")
+    for nm, t in (("x", x), ("y", y)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"The support {nm} contains NaN or infinite values.")
+    return x, y
+
+
+def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
+    values = lr.values() if isinstance(lr, Mapping) else [lr]
+    for v in values:
+        ok = bool((v > 0).all()) if isinstance(v, Tensor) else float(v) > 0
+        if not ok:
+            raise ValueError(f"lr must be > 0; got {v!r}.")
+    p = float(proximal.detach()) if isinstance(proximal, Tensor) else float(proximal)
+    if not p >= 0:
+        raise ValueError(f"proximal must be >= 0; got {proximal!r}.")
+
+
+def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
+           solver: str | AbstractSolver, memory: str | AbstractMemory, proximal: Scalar,
+           adjoint: AbstractAdjoint | None, batched: bool) -> Params:
+    flat = _FlatModel(model)
+    x, y = _check_support(data, batched)
+    _check_steps_lr(steps, lr, proximal)
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable: loss_fn(prediction, target) -> scalar.")
+    stepper = resolve_solver(solver)
+    adj = adjoint if adjoint is not None else DiscreteAdjoint(memory=resolve_memory(memory))
+    theta = flat.theta()
+    fcall = torch.func.functional_call
+
+    def loss(u: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+        return loss_fn(fcall(model, flat.unflatten(u), (xb,)), yb)
+
+    u_end = gradient_flow(loss, theta, dt=flat.flat_lr(lr, theta), n_steps=steps, data=(x, y),
+                          solver=stepper, adjoint=adj, mu=proximal, batched=batched)
+    out = flat.unflatten(u_end)
+    for n, p in flat.frozen.items():
+        out[n] = p.expand(x.shape[0], *p.shape) if batched else p
+    return out
+
+
+def adapt(
+    model: nn.Module,
+    loss_fn: LossFn,
+    support: Batch,
+    *,
+    steps: int,
+    lr: LearningRate,
+    solver: str | AbstractSolver = "euler",
+    memory: str | AbstractMemory = "checkpoint",
+    proximal: Scalar = 0.0,
+    adjoint: AbstractAdjoint | None = None,
+) -> Params:
+    """Adapt a model to one task by gradient flow; differentiable by the adjoint method.
+
+    Integrates ``du/dt = -grad L(u) - proximal * (u - theta)``, ``u(0) = theta`` (the
+    model's parameters), ``L(u) = loss_fn(model_u(x), y)``, over the horizon
+    ``T = steps * lr`` with ``steps`` solver steps of size ``lr``. With
+    ``solver="euler"`` this is exactly ``steps`` steps of gradient descent.
+
+    The result is differentiable with respect to the model's parameters (and ``lr``,
+    ``proximal`` when they are tensors requiring grad). Evaluate a query loss with
+    ``torch.func.functional_call(model, params, (x_query,))`` and call ``.backward()``:
+    the meta-gradient lands in each parameter's ``.grad``. No graph of the inner loop
+    is kept; the model itself is never modified.
+
+    Args:
+        model: Any ``torch.nn.Module``; its trainable parameters are adapted (frozen
+            ones pass through). It should be deterministic (no dropout): the backward
+            pass re-evaluates it.
+        loss_fn: ``loss_fn(prediction, target) -> scalar tensor``.
+        support: The support set ``(x, y)``, with matching first dimensions.
+        steps: Number of solver steps, >= 1.
+        lr: Inner learning rate (the step size) > 0: a float, a 0-d tensor, or a dict
+            name -> tensor of per-parameter rates broadcastable to each parameter
+            (Meta-SGD). Tensors requiring grad get their meta-gradient too.
+        solver: ``"euler"``, ``"heun"``, ``"rk4"`` or an ``AbstractSolver``.
+        memory: ``"store"`` (all states), ``"checkpoint"`` (O(sqrt(steps)) states, one
+            extra forward pass; exact) or ``"backsolve"`` (O(1) states; approximate).
+        proximal: Proximal weight ``mu >= 0`` pulling ``u`` toward ``theta``.
+        adjoint: Overrides ``memory``: e.g. ``Unrolled()`` (MAML), ``FirstOrder()``,
+            ``Implicit()`` (iMAML, needs ``proximal > 0``).
+
+    Returns:
+        Adapted parameters by name (the keys of ``model.named_parameters()``).
+
+    Raises:
+        ValueError: Bad ``steps``, ``lr``, ``proximal``, shapes or non-finite data.
+        DivergenceError: The trajectory became non-finite (names the step).
+        BacksolveError: ``memory="backsolve"`` could not reconstruct the start.
+
+    Example:
+        >>> import torch, amaml
+        >>> net = torch.nn.Linear(1, 1)
+        >>> x, y = torch.randn(8, 1), torch.randn(8, 1)
+        >>> p = amaml.adapt(net, torch.nn.functional.mse_loss, (x, y), steps=10, lr=0.1)
+        >>> torch.nn.functional.mse_loss(torch.func.functional_call(net, p, (x,)), y).backward()
+        >>> net.weight.grad.shape
+        torch.Size([1, 1])
+    """
+    return _adapt(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
+                  proximal=proximal, adjoint=adjoint, batched=False)
+
+
+def adapt_batch(
+    model: nn.Module,
+    loss_fn: LossFn,
+    support: Batch,
+    *,
+    steps: int,
+    lr: LearningRate,
+    solver: str | AbstractSolver = "euler",
+    memory: str | AbstractMemory = "checkpoint",
+    proximal: Scalar = 0.0,
+    adjoint: AbstractAdjoint | None = None,
+) -> Params:
+    """Adapt to a meta-batch of ``B`` tasks at once, as one batched computation.
+
+    Like :func:`adapt`, with ``support = (xs, ys)`` of shapes ``[B, n, ...]``: all tasks
+    start from the model's parameters and adapt independently, computed with
+    ``torch.func.vmap`` rather than a loop. Each returned tensor has a leading task
+    dimension ``B``. Evaluate query losses with :func:`functional_call_batch`.
+    Gradients with respect to the model's parameters sum over tasks.
+    """
+    return _adapt(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
+                  proximal=proximal, adjoint=adjoint, batched=True)
+
+
+def functional_call_batch(model: nn.Module, params: Params, x: Tensor) -> Tensor:
+    """Evaluate ``model`` with per-task parameters ``[B, ...]`` on inputs ``x`` of ``[B, n, ...]``."""
+    return torch.func.vmap(lambda p, xb: torch.func.functional_call(model, p, (xb,)))(params, x)
