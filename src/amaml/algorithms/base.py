@@ -1,0 +1,103 @@
+"""What a meta-learning algorithm is: an inner loop and a meta-direction."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .._types import LossFn, Params
+from ..api import adapt_batch, functional_call_batch
+from ..flow import AbstractAdjoint, AbstractSolver, DiscreteAdjoint, Euler, FirstOrder
+
+__all__ = ["AbstractAlgorithm", "GradientMetaLearner", "TaskBatch", "query_losses"]
+
+#: ``(support_x, support_y, query_x, query_y)``, each with a leading task dimension ``B``.
+TaskBatch = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def query_losses(model: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor) -> Tensor:
+    """Per-task losses ``(B,)`` of the adapted parameters ``params`` on ``(x, y)``."""
+    return torch.func.vmap(loss_fn)(functional_call_batch(model, params, x), y)
+
+
+class AbstractAlgorithm(abc.ABC):
+    """A meta-learning algorithm: adapts to tasks and accumulates a meta-direction.
+
+    Attributes:
+        name: Registry name.
+        n_steps: Inner steps used in meta-training.
+        inner_lr: Inner learning rate (solver step size).
+        solver: Forward stepper of the inner loop.
+    """
+
+    name: str
+    n_steps: int
+    inner_lr: float
+    solver: AbstractSolver
+
+    def adapt(self, model: nn.Module, loss_fn: LossFn, support: tuple[Tensor, Tensor], *,
+              n_steps: int | None = None) -> Params:
+        """Adapt to a batch of tasks without any meta-gradient (evaluation, fine-tuning)."""
+        with torch.no_grad():
+            return adapt_batch(model, loss_fn, support, steps=n_steps or self.n_steps,
+                               lr=self.inner_lr, solver=self.solver, adjoint=FirstOrder())
+
+    @abc.abstractmethod
+    def meta_step(self, model: nn.Module, loss_fn: LossFn, batch: TaskBatch, *,
+                  scale: float | None = None) -> Tensor:
+        """Accumulate ``scale *`` (sum over the batch's tasks of the meta-direction) into ``.grad``.
+
+        Args:
+            model: The meta-model; its parameters' ``.grad`` receive the meta-direction
+                (a gradient to *descend*, ready for any torch optimiser).
+            loss_fn: ``loss_fn(prediction, target) -> scalar``.
+            batch: ``(support_x, support_y, query_x, query_y)`` with a leading task dim.
+            scale: Weight of each task; ``None`` means ``1 / B`` (the mean). Distributed
+                training passes ``1 / global_batch`` so that summed shards give the mean.
+
+        Returns:
+            Per-task query losses after adaptation, ``(B,)``, detached.
+        """
+
+
+@dataclass(frozen=True)
+class GradientMetaLearner(AbstractAlgorithm):
+    """MAML-family meta-learner: the meta-gradient of the query loss after adaptation.
+
+    A-MAML, MAML, first-order MAML and iMAML differ only in ``adjoint``.
+    """
+
+    name: str
+    n_steps: int
+    inner_lr: float
+    solver: AbstractSolver = field(default_factory=Euler)
+    adjoint: AbstractAdjoint = field(default_factory=DiscreteAdjoint)
+    proximal: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_steps, int) or self.n_steps < 1:
+            raise ValueError(f"n_steps must be an int >= 1; got {self.n_steps!r}.")
+        if not self.inner_lr > 0:
+            raise ValueError(f"inner_lr must be > 0; got {self.inner_lr!r}.")
+        if self.proximal < 0:
+            raise ValueError(f"proximal must be >= 0; got {self.proximal!r}.")
+
+    def adapt(self, model: nn.Module, loss_fn: LossFn, support: tuple[Tensor, Tensor], *,
+              n_steps: int | None = None) -> Params:
+        with torch.no_grad():
+            return adapt_batch(model, loss_fn, support, steps=n_steps or self.n_steps,
+                               lr=self.inner_lr, solver=self.solver, adjoint=FirstOrder(),
+                               proximal=self.proximal)
+
+    def meta_step(self, model: nn.Module, loss_fn: LossFn, batch: TaskBatch, *,
+                  scale: float | None = None) -> Tensor:
+        xs, ys, xq, yq = batch
+        params = adapt_batch(model, loss_fn, (xs, ys), steps=self.n_steps, lr=self.inner_lr,
+                             solver=self.solver, adjoint=self.adjoint, proximal=self.proximal)
+        losses = query_losses(model, loss_fn, params, xq, yq)
+        weight = 1.0 / xs.shape[0] if scale is None else scale
+        (losses.sum() * weight).backward()
+        return losses.detach()
