@@ -1,0 +1,38 @@
+"""Task families for meta-learning: synthetic regression and collaborative filtering.
+
+Build one with :func:`make_family`::
+
+    from amaml.tasks import make_family
+    fam = make_family("cosmixture", shots=50, queries=50, seed=0)
+    support_x, support_y, query_x, query_y = fam.train.batch([0, 1, 2, 3, 4])
+
+This package imports nothing from the rest of :mod:`amaml`.
+"""
+
+from .base import DataError, FamilyRequest, Task, TaskFamily, TaskSet
+from .collaborative import Ratings, family_from_ratings
+from .download import ARCHIVES, Archive, default_root, download_family
+from .registry import FamilyBuilder, list_families, make_family, register_family
+from .synthetic import AbstractSyntheticFunction, Alpine, CosMixture, Sinusoid
+
+__all__ = [
+    "ARCHIVES",
+    "AbstractSyntheticFunction",
+    "Alpine",
+    "Archive",
+    "CosMixture",
+    "DataError",
+    "FamilyBuilder",
+    "FamilyRequest",
+    "Ratings",
+    "Sinusoid",
+    "Task",
+    "TaskFamily",
+    "TaskSet",
+    "default_root",
+    "download_family",
+    "family_from_ratings",
+    "list_families",
+    "make_family",
+    "register_family",
+]

@@ -1,0 +1,319 @@
+"""Containers for meta-learning tasks: :class:`Task`, :class:`TaskSet`, :class:`TaskFamily`.
+
+A *task* is one regression problem (one function, or one user of a recommender). Its
+support set is what the inner loop adapts on, its query set what the meta-objective is
+measured on, and its test set a larger held-out sample used only for evaluation.
+All tensors are 2-D: inputs ``[n, d]`` and targets ``[n, 1]``.
+
+This module imports nothing from the rest of :mod:`amaml`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DataError",
+    "FamilyRequest",
+    "Task",
+    "TaskFamily",
+    "TaskSet",
+]
+
+
+class DataError(ValueError):
+    """Raised when a data file is missing, unreadable or malformed.
+
+    The message is one sentence naming the file, what is wrong with it and how to fix it.
+    """
+
+
+def _check_pair(name: str, x: Any, y: Any) -> None:
+    """Validate one ``(inputs, targets)`` pair of a :class:`Task`."""
+    for label, t in ((f"{name}_x", x), (f"{name}_y", y)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"Task.{label} must be a torch.Tensor, got {type(t).__name__}.")
+        if not t.is_floating_point():
+            raise TypeError(f"Task.{label} must have a floating dtype, got {t.dtype}.")
+    if x.dim() != 2:
+        raise ValueError(f"Task.{name}_x must be 2-D [n, d], got shape {tuple(x.shape)}.")
+    if y.dim() != 2 or y.shape[1] != 1:
+        raise ValueError(f"Task.{name}_y must be 2-D [n, 1], got shape {tuple(y.shape)}.")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"Task.{name}_x has {x.shape[0]} rows but Task.{name}_y has {y.shape[0]}; "
+            "inputs and targets must have the same number of points."
+        )
+
+
+@dataclass(frozen=True)
+class Task:
+    """One regression task: support, query and test points.
+
+    Attributes:
+        support_x: Support inputs, ``[shots, d]``: what the inner loop adapts on.
+        support_y: Support targets, ``[shots, 1]``.
+        query_x: Query inputs, ``[queries, d]``: what the meta-loss is measured on.
+        query_y: Query targets, ``[queries, 1]``.
+        test_x: Held-out evaluation inputs, ``[n_test, d]``. ``n_test`` may differ between
+            tasks (collaborative filtering: all of a user's remaining ratings).
+        test_y: Held-out evaluation targets, ``[n_test, 1]``.
+
+    Raises:
+        TypeError: A field is not a floating-point tensor.
+        ValueError: Shapes are not 2-D, targets are not ``[n, 1]``, row counts of a pair
+            differ, or the input dimension, dtype or device differ between the three pairs.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+    def __post_init__(self) -> None:
+        pairs = (
+            ("support", self.support_x, self.support_y),
+            ("query", self.query_x, self.query_y),
+            ("test", self.test_x, self.test_y),
+        )
+        for name, x, y in pairs:
+            _check_pair(name, x, y)
+        dims = {name: x.shape[1] for name, x, _ in pairs}
+        if len(set(dims.values())) != 1:
+            raise ValueError(f"Task inputs must share one input dimension d, got {dims}.")
+        tensors = [getattr(self, f.name) for f in fields(self)]
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) != 1:
+            raise ValueError(f"Task tensors must share one dtype, got {sorted(map(str, dtypes))}.")
+        devices = {t.device for t in tensors}
+        if len(devices) != 1:
+            raise ValueError(
+                f"Task tensors must be on one device, got {sorted(map(str, devices))}."
+            )
+
+    @property
+    def input_dim(self) -> int:
+        """Input dimension ``d``."""
+        return int(self.support_x.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype shared by all tensors of the task."""
+        return self.support_x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device shared by all tensors of the task."""
+        return self.support_x.device
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Task:
+        """Return a copy with every tensor moved to ``device`` and/or cast to ``dtype``."""
+        return Task(
+            **{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)}
+        )
+
+
+class TaskSet:
+    """The tasks of one split (meta-training or meta-test) of a :class:`TaskFamily`.
+
+    All tasks share the number of support points (``shots``), of query points
+    (``queries``), the input dimension, dtype and device, so that any subset stacks into
+    one batch; the number of test points may differ between tasks.
+
+    Args:
+        tasks: The tasks, at least one.
+
+    Raises:
+        TypeError: An element is not a :class:`Task`.
+        ValueError: ``tasks`` is empty or the tasks disagree on shots, queries, input
+            dimension, dtype or device.
+
+    Example:
+        >>> sx, sy = torch.zeros(5, 2), torch.zeros(5, 1)
+        >>> ts = TaskSet([Task(sx, sy, sx, sy, sx, sy)] * 3)
+        >>> [tuple(t.shape) for t in ts.batch([0, 2])]
+        [(2, 5, 2), (2, 5, 1), (2, 5, 2), (2, 5, 1)]
+    """
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("TaskSet needs at least one task, got an empty sequence.")
+        for i, task in enumerate(tasks):
+            if not isinstance(task, Task):
+                raise TypeError(f"TaskSet element {i} must be a Task, got {type(task).__name__}.")
+        first = tasks[0]
+        ref = self._signature(first)
+        for i, task in enumerate(tasks[1:], start=1):
+            sig = self._signature(task)
+            if sig != ref:
+                raise ValueError(
+                    f"Task {i} has (shots, queries, d, dtype, device) = {sig} but task 0 has "
+                    f"{ref}; all tasks of a TaskSet must agree so that they can be batched."
+                )
+        self.tasks: list[Task] = tasks
+
+    @staticmethod
+    def _signature(task: Task) -> tuple[int, int, int, str, str]:
+        return (
+            int(task.support_x.shape[0]),
+            int(task.query_x.shape[0]),
+            task.input_dim,
+            str(task.dtype),
+            str(task.device),
+        )
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, index: int) -> Task:
+        return self.tasks[index]
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self.tasks)
+
+    def __repr__(self) -> str:
+        return (
+            f"TaskSet(n_tasks={len(self)}, shots={self.shots}, queries={self.queries}, "
+            f"input_dim={self.input_dim}, dtype={self.dtype})"
+        )
+
+    @property
+    def shots(self) -> int:
+        """Number of support points per task."""
+        return int(self.tasks[0].support_x.shape[0])
+
+    @property
+    def queries(self) -> int:
+        """Number of query points per task."""
+        return int(self.tasks[0].query_x.shape[0])
+
+    @property
+    def input_dim(self) -> int:
+        """Input dimension ``d``."""
+        return self.tasks[0].input_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of every tensor."""
+        return self.tasks[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of every tensor."""
+        return self.tasks[0].device
+
+    def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Stack the support and query sets of some tasks into one meta-batch.
+
+        Args:
+            indices: Task indices (a list, a range or a 1-D integer tensor), at least one.
+                Repeats are allowed.
+
+        Returns:
+            ``(support_x, support_y, query_x, query_y)`` of shapes ``[B, shots, d]``,
+            ``[B, shots, 1]``, ``[B, queries, d]``, ``[B, queries, 1]`` with
+            ``B = len(indices)``.
+
+        Raises:
+            ValueError: ``indices`` is empty.
+            IndexError: An index is out of range.
+        """
+        if isinstance(indices, Tensor):
+            indices = indices.tolist()
+        idx = [int(i) for i in indices]
+        if not idx:
+            raise ValueError("TaskSet.batch needs at least one index, got an empty sequence.")
+        n = len(self.tasks)
+        for i in idx:
+            if not -n <= i < n:
+                raise IndexError(f"Task index {i} is out of range for a TaskSet of {n} tasks.")
+        chosen = [self.tasks[i] for i in idx]
+        return (
+            torch.stack([t.support_x for t in chosen]),
+            torch.stack([t.support_y for t in chosen]),
+            torch.stack([t.query_x for t in chosen]),
+            torch.stack([t.query_y for t in chosen]),
+        )
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> TaskSet:
+        """Return a new TaskSet with every task moved to ``device`` and/or cast to ``dtype``."""
+        return TaskSet([t.to(device=device, dtype=dtype) for t in self.tasks])
+
+
+@dataclass(frozen=True)
+class TaskFamily:
+    """A meta-learning benchmark: meta-training and meta-test tasks plus facts about them.
+
+    Attributes:
+        name: Registered family name, e.g. ``"cosmixture"``.
+        input_dim: Input dimension ``d`` of every task.
+        train: Meta-training tasks.
+        test: Meta-test tasks.
+        info: JSON-serialisable facts: normalisation statistics, counts, the request's
+            arguments (see each builder for its keys).
+    """
+
+    name: str
+    input_dim: int
+    train: TaskSet
+    test: TaskSet
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            ts = getattr(self, split)
+            if not isinstance(ts, TaskSet):
+                raise TypeError(f"TaskFamily.{split} must be a TaskSet, got {type(ts).__name__}.")
+            if ts.input_dim != self.input_dim:
+                raise ValueError(
+                    f"TaskFamily.{split} has input_dim {ts.input_dim}, but the family "
+                    f"declares input_dim={self.input_dim}."
+                )
+
+
+@dataclass(frozen=True)
+class FamilyRequest:
+    """Validated arguments of :func:`amaml.tasks.make_family`, handed to a family builder.
+
+    Attributes:
+        shots: Support points per task.
+        queries: Query points per task.
+        n_train: Meta-training tasks; ``None`` means the family's default.
+        n_test: Meta-test tasks.
+        seed: Seed of every random choice (non-negative).
+        root: Data folder of file-based families; ``None`` means the cache folder.
+        download: Whether a file-based family may download its official archive.
+        dtype: Floating dtype of the returned tensors.
+    """
+
+    shots: int
+    queries: int
+    n_train: int | None
+    n_test: int
+    seed: int
+    root: Path | None
+    download: bool
+    dtype: torch.dtype
+
+    def as_info(self) -> dict[str, Any]:
+        """The request as JSON-serialisable facts (``root`` as a string)."""
+        return {
+            "shots": self.shots,
+            "queries": self.queries,
+            "n_test": self.n_test,
+            "seed": self.seed,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }

@@ -1,0 +1,151 @@
+"""The registry of task families and :func:`make_family`, the one entry point.
+
+A family is a name and a *builder*: a callable ``builder(name, request) -> TaskFamily``
+receiving the validated arguments of :func:`make_family` as a :class:`FamilyRequest`.
+Add a family with :func:`register_family`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .base import FamilyRequest, TaskFamily
+from .collaborative import build_collaborative
+from .synthetic import AbstractSyntheticFunction, Alpine, CosMixture, Sinusoid, build_synthetic
+
+__all__ = ["FamilyBuilder", "list_families", "make_family", "register_family"]
+
+FamilyBuilder = Callable[[str, FamilyRequest], TaskFamily]
+
+
+def _synthetic(fn: AbstractSyntheticFunction) -> FamilyBuilder:
+    def build(name: str, request: FamilyRequest) -> TaskFamily:
+        return build_synthetic(fn, name, request)
+
+    return build
+
+
+_FAMILIES: dict[str, FamilyBuilder] = {
+    "alpine": _synthetic(Alpine()),
+    "cosmixture": _synthetic(CosMixture()),
+    "sinusoid": _synthetic(Sinusoid()),
+    "jester-1": build_collaborative,
+    "movielens-100k": build_collaborative,
+    "movielens-1m": build_collaborative,
+}
+
+
+def list_families() -> list[str]:
+    """Names accepted by :func:`make_family`, sorted."""
+    return sorted(_FAMILIES)
+
+
+def register_family(name: str, builder: FamilyBuilder, *, overwrite: bool = False) -> None:
+    """Add a task family to the registry.
+
+    Args:
+        name: The family's name, a non-empty string.
+        builder: ``builder(name, request) -> TaskFamily``.
+        overwrite: Replace an existing family of that name instead of raising.
+
+    Raises:
+        TypeError: ``name`` is not a string or ``builder`` is not callable.
+        ValueError: ``name`` is empty, or taken and ``overwrite`` is False.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}.")
+    if not name:
+        raise ValueError("name must be a non-empty string.")
+    if not callable(builder):
+        raise TypeError(f"builder must be callable, got {type(builder).__name__}.")
+    if name in _FAMILIES and not overwrite:
+        raise ValueError(
+            f"Task family {name!r} is already registered; pass overwrite=True to replace it."
+        )
+    _FAMILIES[name] = builder
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+def make_family(
+    name: str,
+    *,
+    shots: int,
+    queries: int,
+    n_train: int | None = None,
+    n_test: int = 100,
+    seed: int = 0,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> TaskFamily:
+    """Build the meta-training and meta-test tasks of a registered family.
+
+    Everything is deterministic given ``seed``; no global random state is used or changed.
+
+    Args:
+        name: One of :func:`list_families`: ``"alpine"``, ``"cosmixture"``, ``"sinusoid"``
+            (synthetic) or ``"jester-1"``, ``"movielens-100k"``, ``"movielens-1m"``
+            (collaborative filtering, one task per user).
+        shots: Support points per task, >= 1.
+        queries: Query points per task, >= 1.
+        n_train: Meta-training tasks, >= 1. ``None``: 100 synthetic functions, or every
+            eligible user that is not a meta-test user.
+        n_test: Meta-test tasks (functions or users), >= 1.
+        seed: Non-negative seed of every random choice.
+        root: Data folder of collaborative families (the dataset's folder or one holding
+            it); ``None`` uses ``$AMAML_DATA`` or ``~/.cache/amaml``. Ignored by synthetic
+            families.
+        download: Fetch the official archive into ``root`` if the data is absent.
+        dtype: Floating dtype of every returned tensor.
+
+    Returns:
+        The :class:`TaskFamily`; its ``info`` records the normalisation and counts.
+
+    Raises:
+        ValueError: Unknown ``name`` or an argument out of range.
+        TypeError: An argument of the wrong type.
+        DataError: Missing or malformed data files (collaborative families).
+
+    Example:
+        >>> fam = make_family("sinusoid", shots=5, queries=10, n_train=4, n_test=2)
+        >>> [tuple(t.shape) for t in fam.train.batch([0, 3])]
+        [(2, 5, 1), (2, 5, 1), (2, 10, 1), (2, 10, 1)]
+    """
+    if not isinstance(name, str) or name not in _FAMILIES:
+        raise ValueError(f"Unknown task family {name!r}; expected one of {list_families()}.")
+    shots = _check_int("shots", shots, 1)
+    queries = _check_int("queries", queries, 1)
+    if n_train is not None:
+        n_train = _check_int("n_train", n_train, 1)
+    n_test = _check_int("n_test", n_test, 1)
+    seed = _check_int("seed", seed, 0)
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a str, os.PathLike or None, got {type(root).__name__}.")
+    if not isinstance(download, bool):
+        raise TypeError(f"download must be a bool, got {type(download).__name__}.")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}."
+        )
+    request = FamilyRequest(
+        shots=shots,
+        queries=queries,
+        n_train=n_train,
+        n_test=n_test,
+        seed=seed,
+        root=None if root is None else Path(os.fspath(root)).expanduser(),
+        download=download,
+        dtype=dtype,
+    )
+    return _FAMILIES[name](name, request)

@@ -1,0 +1,290 @@
+"""Synthetic meta-regression families: CosMixture, Alpine (Li et al. 2023) and Sinusoid.
+
+Each family is a distribution over functions ``y = f(x; params)`` on a box
+``[low, high]^d``. A task draws one function, then its support and query points once,
+uniformly on the box (a fixed data set per function, as in the A-MAML paper); its test
+points are a regular grid over the box (32 x 32 = 1024 points in 2-D, 1000 in 1-D).
+
+Inputs and targets are standardised with pooled statistics of the meta-training tasks'
+support and query points (per input dimension for x, one scalar for y), applied to every
+split, so the RMSE of standardised targets is the paper's nRMSE.
+
+Randomness: task ``i`` of a split draws from its own generator,
+``numpy.random.SeedSequence(seed, spawn_key=(split, i))``; so it does not depend on how many
+tasks are requested, nor on the other split.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import FamilyRequest, Task, TaskFamily, TaskSet
+
+__all__ = [
+    "DEFAULT_N_TRAIN",
+    "AbstractSyntheticFunction",
+    "Alpine",
+    "CosMixture",
+    "Sinusoid",
+    "build_synthetic",
+]
+
+#: Meta-training functions when ``n_train`` is not given (the paper's 100).
+DEFAULT_N_TRAIN = 100
+
+_TRAIN, _TEST = 0, 1
+
+FloatArray = np.ndarray
+
+
+def _check_range(name: str, rng: tuple[float, float]) -> None:
+    lo, hi = rng
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise ValueError(f"{name} must be a finite (low, high) with low <= high, got {rng!r}.")
+
+
+class AbstractSyntheticFunction(abc.ABC):
+    """A distribution over functions on the box ``[low, high]^input_dim``.
+
+    Subclasses are frozen dataclasses whose fields are the ranges of the function
+    parameters; they implement :meth:`sample_params` and :meth:`__call__`.
+    """
+
+    input_dim: int
+    low: float
+    high: float
+    grid_points: int  # test grid points per input dimension
+
+    @abc.abstractmethod
+    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
+        """Draw the parameters of one function.
+
+        Args:
+            rng: The task's generator.
+
+        Returns:
+            Parameter name -> float64 array (scalars as 0-d arrays).
+        """
+
+    @abc.abstractmethod
+    def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
+        """Evaluate the function.
+
+        Args:
+            x: Inputs ``[n, input_dim]``, float64.
+            params: As returned by :meth:`sample_params`.
+
+        Returns:
+            Targets ``[n]``, float64.
+        """
+
+    def sample_inputs(self, rng: np.random.Generator, n: int) -> FloatArray:
+        """Draw ``n`` points uniformly on the box, ``[n, input_dim]``."""
+        return rng.uniform(self.low, self.high, size=(n, self.input_dim))
+
+    def grid(self) -> FloatArray:
+        """The regular test grid, ``[grid_points ** input_dim, input_dim]``, endpoints included."""
+        axis = np.linspace(self.low, self.high, self.grid_points)
+        mesh = np.meshgrid(*([axis] * self.input_dim), indexing="ij")
+        return np.stack([m.reshape(-1) for m in mesh], axis=1)
+
+
+@dataclass(frozen=True)
+class CosMixture(AbstractSyntheticFunction):
+    """``y = -c * sum_i cos(w * pi * x_i + phi) - sum_i x_i**2`` on ``[-1, 1]^2``.
+
+    ``c ~ U[c_range]``, ``phi ~ U[phi_range]``, ``w ~ U[w_range]``, one of each per function
+    (the ranges of the authors' code; the paper's printed bounds differ).
+    """
+
+    c_range: tuple[float, float] = (0.1, 1.0)
+    phi_range: tuple[float, float] = (0.5, 2.0)
+    w_range: tuple[float, float] = (3.0, 6.0)
+    input_dim: int = 2
+    low: float = -1.0
+    high: float = 1.0
+    grid_points: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("c_range", "phi_range", "w_range"):
+            _check_range(name, getattr(self, name))
+
+    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
+        return {
+            "c": np.asarray(rng.uniform(*self.c_range)),
+            "phi": np.asarray(rng.uniform(*self.phi_range)),
+            "w": np.asarray(rng.uniform(*self.w_range)),
+        }
+
+    def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
+        c, phi, w = params["c"], params["phi"], params["w"]
+        return -c * np.cos(w * np.pi * x + phi).sum(axis=1) - (x**2).sum(axis=1)
+
+
+@dataclass(frozen=True)
+class Alpine(AbstractSyntheticFunction):
+    """``y = sum_i |x_i * sin(x_i + pi + s_i) + x_i / 10|`` on ``[-10, 10]^2``.
+
+    ``s_i = k_i * pi / 12`` with ``k_i ~ U[k_range]`` (continuous) drawn independently for
+    each input dimension.
+    """
+
+    k_range: tuple[float, float] = (-5.0, 5.0)
+    input_dim: int = 2
+    low: float = -10.0
+    high: float = 10.0
+    grid_points: int = 32
+
+    def __post_init__(self) -> None:
+        _check_range("k_range", self.k_range)
+
+    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
+        k = rng.uniform(*self.k_range, size=self.input_dim)
+        return {"s": k * np.pi / 12.0}
+
+    def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
+        s = params["s"]
+        return np.abs(x * np.sin(x + np.pi + s) + x / 10.0).sum(axis=1)
+
+
+@dataclass(frozen=True)
+class Sinusoid(AbstractSyntheticFunction):
+    """``y = A * sin(x - phase)`` on ``[-5, 5]`` (Finn et al. 2017).
+
+    ``A ~ U[amplitude_range]``, ``phase ~ U[phase_range]``.
+    """
+
+    amplitude_range: tuple[float, float] = (0.1, 5.0)
+    phase_range: tuple[float, float] = (0.0, math.pi)
+    input_dim: int = 1
+    low: float = -5.0
+    high: float = 5.0
+    grid_points: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_range("amplitude_range", self.amplitude_range)
+        _check_range("phase_range", self.phase_range)
+
+    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
+        return {
+            "amplitude": np.asarray(rng.uniform(*self.amplitude_range)),
+            "phase": np.asarray(rng.uniform(*self.phase_range)),
+        }
+
+    def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
+        return params["amplitude"] * np.sin(x[:, 0] - params["phase"])
+
+
+@dataclass(frozen=True)
+class _RawTask:
+    params: dict[str, FloatArray]
+    support_x: FloatArray
+    support_y: FloatArray
+    query_x: FloatArray
+    query_y: FloatArray
+    test_y: FloatArray
+
+
+def _draw_task(
+    fn: AbstractSyntheticFunction,
+    grid: FloatArray,
+    seed: int,
+    split: int,
+    index: int,
+    shots: int,
+    queries: int,
+) -> _RawTask:
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(split, index)))
+    params = fn.sample_params(rng)
+    support_x = fn.sample_inputs(rng, shots)
+    query_x = fn.sample_inputs(rng, queries)
+    return _RawTask(
+        params=params,
+        support_x=support_x,
+        support_y=fn(support_x, params),
+        query_x=query_x,
+        query_y=fn(query_x, params),
+        test_y=fn(grid, params),
+    )
+
+
+def _params_info(params: dict[str, FloatArray]) -> dict[str, Any]:
+    return {k: np.asarray(v).tolist() for k, v in params.items()}
+
+
+def build_synthetic(fn: AbstractSyntheticFunction, name: str, request: FamilyRequest) -> TaskFamily:
+    """Build a synthetic :class:`TaskFamily` from a function distribution.
+
+    Args:
+        fn: The function distribution, e.g. ``CosMixture()``.
+        name: Family name recorded in the result.
+        request: Validated arguments of :func:`amaml.tasks.make_family`; ``root`` and
+            ``download`` are ignored.
+
+    Returns:
+        The family. ``info`` holds ``x_mean``, ``x_std`` (per input dimension), ``y_mean``,
+        ``y_std`` (the standardisation: ``x_std = (x - x_mean) / x_std``), ``domain``,
+        ``n_train``, ``n_test``, ``n_test_points``, the request's arguments and each
+        task's function parameters (``params_train``, ``params_test``).
+    """
+    n_train = DEFAULT_N_TRAIN if request.n_train is None else request.n_train
+    grid = fn.grid()
+    draw = {
+        split: [
+            _draw_task(fn, grid, request.seed, split, i, request.shots, request.queries)
+            for i in range(count)
+        ]
+        for split, count in ((_TRAIN, n_train), (_TEST, request.n_test))
+    }
+    pooled_x = np.concatenate([a for t in draw[_TRAIN] for a in (t.support_x, t.query_x)])
+    pooled_y = np.concatenate([a for t in draw[_TRAIN] for a in (t.support_y, t.query_y)])
+    x_mean, x_std = pooled_x.mean(axis=0), pooled_x.std(axis=0)
+    y_mean, y_std = float(pooled_y.mean()), float(pooled_y.std())
+    # A constant coordinate or target (possible only for degenerate ranges) is left unscaled.
+    x_std = np.where(x_std > 0, x_std, 1.0)
+    y_std = y_std if y_std > 0 else 1.0
+
+    def tx(x: FloatArray) -> torch.Tensor:
+        return torch.from_numpy((x - x_mean) / x_std).to(request.dtype)
+
+    def ty(y: FloatArray) -> torch.Tensor:
+        return torch.from_numpy((y - y_mean) / y_std).to(request.dtype).unsqueeze(1)
+
+    grid_x = tx(grid)
+    splits = {}
+    for split, raw in draw.items():
+        splits[split] = TaskSet(
+            [
+                Task(
+                    support_x=tx(t.support_x),
+                    support_y=ty(t.support_y),
+                    query_x=tx(t.query_x),
+                    query_y=ty(t.query_y),
+                    test_x=grid_x,
+                    test_y=ty(t.test_y),
+                )
+                for t in raw
+            ]
+        )
+    info: dict[str, Any] = {
+        "family": name,
+        **request.as_info(),
+        "n_train": n_train,
+        "n_test_points": int(grid.shape[0]),
+        "domain": [fn.low, fn.high],
+        "x_mean": x_mean.tolist(),
+        "x_std": x_std.tolist(),
+        "y_mean": y_mean,
+        "y_std": y_std,
+        "params_train": [_params_info(t.params) for t in draw[_TRAIN]],
+        "params_test": [_params_info(t.params) for t in draw[_TEST]],
+    }
+    return TaskFamily(
+        name=name, input_dim=fn.input_dim, train=splits[_TRAIN], test=splits[_TEST], info=info
+    )
