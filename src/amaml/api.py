@@ -79,7 +79,7 @@ class _FlatModel:
             parts = []
             for n, shape in zip(self.names, self.shapes):
                 v = lr[n]
-                t = v if isinstance(v, Tensor) else torch.tensor(float(v))
+                t = v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=like.dtype)
                 t = t.to(like.dtype).to(like.device)
                 try:
                     parts.append(t.expand(shape).reshape(-1))
@@ -87,7 +87,7 @@ class _FlatModel:
                     raise ValueError(f"lr[{n!r}] of shape {tuple(t.shape)} does not broadcast "
                                      f"to the parameter's shape {tuple(shape)}.") from err
             return torch.cat(parts)
-        t = lr if isinstance(lr, Tensor) else torch.tensor(float(lr))
+        t = lr if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=like.dtype)
         if t.ndim != 0:
             raise ValueError("lr as a tensor must be a scalar; give a dict of per-parameter "
                              f"tensors for Meta-SGD style rates (got shape {tuple(t.shape)}).")

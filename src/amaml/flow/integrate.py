@@ -26,7 +26,8 @@ __all__ = ["gradient_flow"]
 
 
 def _as_tensor(value: Scalar, like: Tensor, name: str) -> Tensor:
-    t = value if isinstance(value, Tensor) else torch.tensor(float(value))
+    # Built directly in the target dtype: torch.tensor(0.01) would round it to float32 first.
+    t = value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=like.dtype)
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a float or a floating-point tensor; got dtype {t.dtype}.")
     return t.to(dtype=like.dtype, device=like.device)
