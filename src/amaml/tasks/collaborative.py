@@ -366,25 +366,50 @@ def _fix_signs(v: FloatArray) -> FloatArray:
 
 
 def _top_right_singular(
-    matrix: FloatArray, k: int, rng: np.random.Generator
+    rows: IntArray,
+    cols: IntArray,
+    values: FloatArray,
+    shape: tuple[int, int],
+    k: int,
+    seed: int,
 ) -> tuple[FloatArray, FloatArray]:
-    """Top-``k`` singular values and right singular vectors ``[n_cols, k]`` of ``matrix``.
+    """Top-``k`` singular values and right singular vectors ``[n_cols, k]`` of a sparse matrix.
 
-    Small matrices use LAPACK; large ones randomised subspace iteration (Halko, Martinsson
-    and Tropp 2011, Alg. 4.4) with 50 extra directions and 10 power iterations, which
-    recovers the leading 100 components of rating matrices to plotting accuracy in a
-    fraction of a full SVD's time.
+    The matrix has ``values`` at ``(rows, cols)`` and zeros elsewhere. When its smaller side
+    is at most :data:`EXACT_SVD_MAX` the SVD is exact, from the eigendecomposition of the
+    Gram matrix of that side (much faster than LAPACK's SVD on these shapes; singular values
+    below ``1e-7`` of the largest lose accuracy, and :func:`item_features` treats them as
+    zero). Otherwise randomised subspace iteration (Halko, Martinsson and Tropp 2011,
+    Alg. 4.4) with 50 extra directions and 10 power iterations on sparse products, seeded
+    by ``seed``, recovers the leading components (MovieLens-1M) in seconds.
     """
-    if min(matrix.shape) <= EXACT_SVD_MAX:
-        _, s, vt = np.linalg.svd(matrix, full_matrices=False)
-        return s[:k], vt[:k].T
-    width = min(k + 50, min(matrix.shape))
-    q, _ = np.linalg.qr(matrix @ rng.standard_normal((matrix.shape[1], width)))
+    n_rows, n_cols = shape
+    if min(shape) <= EXACT_SVD_MAX:
+        dense = torch.zeros(shape, dtype=torch.float64)
+        dense[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.from_numpy(values)
+        if n_rows <= n_cols:
+            w, u = torch.linalg.eigh(dense @ dense.T)
+            w, u = w.flip(0)[:k], u.flip(1)[:, :k]
+            s = w.clamp_min(0).sqrt()
+            v = (dense.T @ u) / torch.where(s > 0, s, 1.0)
+        else:
+            w, v = torch.linalg.eigh(dense.T @ dense)
+            w, v = w.flip(0)[:k], v.flip(1)[:, :k]
+            s = w.clamp_min(0).sqrt()
+        return s.numpy(), v.numpy()
+    idx = torch.from_numpy(np.stack([rows, cols]))
+    mat = torch.sparse_coo_tensor(idx, torch.from_numpy(values), shape).coalesce()
+    mat_t = torch.sparse_coo_tensor(idx.flip(0), torch.from_numpy(values), (n_cols, n_rows))
+    mat_t = mat_t.coalesce()
+    width = min(k + 50, n_rows, n_cols)
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(n_cols, width, dtype=torch.float64, generator=gen)
+    q, _ = torch.linalg.qr(torch.sparse.mm(mat, omega))
     for _ in range(10):
-        z, _ = np.linalg.qr(matrix.T @ q)
-        q, _ = np.linalg.qr(matrix @ z)
-    _, s, vt = np.linalg.svd(q.T @ matrix, full_matrices=False)
-    return s[:k], vt[:k].T
+        z, _ = torch.linalg.qr(torch.sparse.mm(mat_t, q))
+        q, _ = torch.linalg.qr(torch.sparse.mm(mat, z))
+    _, s, vt = torch.linalg.svd(torch.sparse.mm(mat_t, q).T, full_matrices=False)
+    return s[:k].numpy(), vt[:k].T.numpy()
 
 
 @dataclass(frozen=True)
@@ -432,11 +457,17 @@ def item_features(
     row_of = np.full(ratings.n_users, -1, dtype=np.int64)
     row_of[train_users] = np.arange(train_users.shape[0])
     keep = row_of[ratings.users] >= 0
-    matrix = np.zeros((train_users.shape[0], ratings.n_items))
-    matrix[row_of[ratings.users[keep]], ratings.items[keep]] = ratings.values[keep] - rating_mean
-    k = min(n_components, ratings.n_items, int(train_users.shape[0]))
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SKETCH,)))
-    s, v = _top_right_singular(matrix, k, rng)
+    shape = (int(train_users.shape[0]), ratings.n_items)
+    k = min(n_components, *shape)
+    sketch_seed = int(np.random.SeedSequence(seed, spawn_key=(_SKETCH,)).generate_state(1)[0])
+    s, v = _top_right_singular(
+        row_of[ratings.users[keep]],
+        ratings.items[keep],
+        ratings.values[keep] - rating_mean,
+        shape,
+        k,
+        sketch_seed,
+    )
     v = _fix_signs(v)
     rated = np.zeros(ratings.n_items, dtype=bool)
     rated[ratings.items[keep]] = True
@@ -444,7 +475,7 @@ def item_features(
     std = v[rated].std(axis=0)
     # Negligible singular values span noise, not data: those features are set to 0.
     scale = s[0] if s.size else 0.0
-    null = (s <= scale * 1e-9) | (std <= 1e-12)
+    null = (s <= scale * 1e-6) | (std <= 1e-12)
     std = np.where(null, 1.0, std)
     mean = np.where(null, 0.0, mean)
     feats = (v - mean) / std
