@@ -1,0 +1,304 @@
+"""The ``amaml`` command: ``amaml train``, ``amaml compare``, ``amaml eval``.
+
+Flags mirror :class:`amaml.experiments.config.TrainConfig` (``--meta-iters`` sets
+``meta_iters``). Bad values, missing data, a diverged inner loop or a damaged
+checkpoint print one line ``amaml: error: ...`` on stderr and exit with status 2;
+an interrupted run (SIGINT/SIGTERM) saves its checkpoint, says how to resume and exits
+with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _CliError(Exception):
+    """A user error detected by the CLI itself."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, ``amaml: error: ...``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"amaml: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_ERROR)
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"invalid --hidden {text!r}; give comma-separated widths such as 32,32") from err
+
+
+def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
+    """Flags of TrainConfig fields; all default to None so that explicit ones are known."""
+    from .experiments.config import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("task family")
+    g.add_argument("--family", help=f"task family (default {d.family}); one of "
+                   "alpine, cosmixture, sinusoid, jester-1, movielens-100k, movielens-1m")
+    g.add_argument("--shots", type=int, help=f"support points per task (default {d.shots})")
+    g.add_argument("--queries", type=int,
+                   help=f"query points per task (default {d.queries})")
+    g.add_argument("--n-train", type=int,
+                   help="meta-training tasks (default: 100 functions / all other users)")
+    g.add_argument("--n-test", type=int, help=f"meta-test tasks (default {d.n_test})")
+    g.add_argument("--data-dir", help="folder of the collaborative-filtering data "
+                   "(default $AMAML_DATA or ~/.cache/amaml)")
+    g.add_argument("--download", action="store_true", default=None,
+                   help="download missing data (official archives)")
+    g = p.add_argument_group("method")
+    if method:
+        g.add_argument("--method", help=f"algorithm (default {d.method}); one of amaml, maml, "
+                       "maml1, fomaml, reptile, imaml")
+    g.add_argument("--steps", type=int, help=f"inner steps N (default {d.steps})")
+    g.add_argument("--inner-lr", type=float,
+                   help=f"inner learning rate / solver step (default {d.inner_lr})")
+    g.add_argument("--solver", help=f"inner solver: euler, heun, rk4 (default {d.solver})")
+    g.add_argument("--memory", help="A-MAML memory strategy: store, checkpoint, backsolve "
+                   f"(default {d.memory})")
+    g.add_argument("--proximal", type=float,
+                   help=f"proximal weight mu >= 0 (default {d.proximal}; iMAML uses 1 if 0)")
+    g.add_argument("--maml-steps", type=int, help="MAML's inner steps (default steps // 10)")
+    g.add_argument("--hidden", type=_hidden, help="MLP hidden widths, e.g. 32,32 (default)")
+    g = p.add_argument_group("meta-training")
+    g.add_argument("--meta-iters", type=int,
+                   help=f"meta-iterations (default {d.meta_iters})")
+    g.add_argument("--meta-batch", type=int, help=f"tasks per meta-iteration "
+                   f"(default {d.meta_batch})")
+    g.add_argument("--meta-lr", type=float, help=f"Adam learning rate (default {d.meta_lr})")
+    g.add_argument("--seed", type=int, help=f"seed of everything (default {d.seed})")
+    g.add_argument("--log-every", type=int,
+                   help=f"metrics.jsonl line every k iterations (default {d.log_every})")
+    g.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every k "
+                   f"iterations; 0: only at the end and on a signal (default "
+                   f"{d.checkpoint_every})")
+    g.add_argument("--dtype", help=f"float32 or float64 (default {d.dtype})")
+    g.add_argument("--device", help=f"cpu or cuda (default {d.device})")
+    _add_eval_flags(p)
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    from .experiments.config import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-steps", type=int, help="adaptation steps at meta-test time "
+                   "(default: each method's own inner loop)")
+    g.add_argument("--finetune-epochs", type=int, help="length of the fine-tuning curve "
+                   f"(default {d.finetune_epochs})")
+    g.add_argument("--finetune-every", type=int,
+                   help=f"record the curve every k epochs (default {d.finetune_every})")
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1; more threads can be far slower on "
+                        "shared machines)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+_CONFIG_KEYS = (
+    "family", "method", "shots", "queries", "n_train", "n_test", "data_dir", "download",
+    "steps", "inner_lr", "solver", "memory", "proximal", "maml_steps", "hidden", "meta_iters",
+    "meta_batch", "meta_lr", "seed", "log_every", "checkpoint_every", "dtype", "device",
+    "eval_steps", "finetune_epochs", "finetune_every",
+)
+
+
+def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _CONFIG_KEYS
+            if getattr(args, k, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``amaml``."""
+    parser = _Parser(prog="amaml", description="Meta-learning with adjoint methods (A-MAML): "
+                     "meta-train, compare and evaluate initialisations.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"amaml {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,compare,eval}",
+                                parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser("train", help="meta-train one method and evaluate it",
+                       description="Meta-train an initialisation with one method, evaluate "
+                       "it on the meta-test tasks and write the run to --out.")
+    _add_config_flags(t, method=True)
+    t.add_argument("--out", help="run directory (config.json, metrics.json, metrics.jsonl, "
+                   "init.pt, checkpoint.pt, training_curve.png); default: write nothing")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="local processes for distributed meta-training (torchrun)")
+    _add_runtime_flags(t)
+
+    c = sub.add_parser("compare", help="meta-train several methods under one budget",
+                       description="Meta-train and evaluate several methods with the same "
+                       "tasks, initialisation and budget; writes results.json, results.md "
+                       "and finetune.png to --out, and each run to --out/<method>.")
+    c.add_argument("--methods", default="amaml,maml,maml1,fomaml,reptile,imaml",
+                   help="comma-separated methods (default: all six)")
+    _add_config_flags(c, method=False)
+    c.add_argument("--out", required=True, help="comparison directory")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted comparison (give the same flags)")
+    _add_runtime_flags(c)
+
+    e = sub.add_parser("eval", help="evaluate a saved initialisation",
+                       description="Evaluate a saved initialisation (init.pt or "
+                       "checkpoint.pt) on its meta-test tasks; prints JSON.")
+    e.add_argument("--checkpoint", required=True, help="init.pt or checkpoint.pt of a run")
+    e.add_argument("--n-test", type=int, help="meta-test tasks (default: the run's)")
+    e.add_argument("--data-dir", help="data folder (default: the run's)")
+    e.add_argument("--download", action="store_true", default=None,
+                   help="download missing data")
+    e.add_argument("--device", help="cpu or cuda (default: the run's)")
+    _add_eval_flags(e)
+    e.add_argument("--output", help="also write the result as JSON to this file")
+    _add_runtime_flags(e)
+    return parser
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress
+
+
+def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .experiments.config import TrainConfig
+    from .experiments.train import resume_config, train
+
+    if args.nproc < 1:
+        raise _CliError(f"--nproc must be >= 1; got {args.nproc}.")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.nproc, argv)
+    explicit = _explicit(args)
+    if args.resume:
+        if args.out is None:
+            raise _CliError("--resume needs --out DIR (the run to continue).")
+        config = resume_config(args.out, **explicit)
+    else:
+        config = TrainConfig(**explicit)
+    result = train(config, args.out, resume=args.resume, progress=_progress(args))
+    m = result.metrics
+    if m:
+        where = f"; outputs in {result.out_dir}" if result.out_dir is not None else ""
+        print(f"{m['method']} on {m['family']}: meta-test nRMSE {m['nrmse_mean']:.4f} "
+              f"± {m['nrmse_sem']:.4f} ({m['eval_steps']} adaptation steps){where}")
+    return 0
+
+
+def _launch(nproc: int, argv: Sequence[str]) -> int:
+    """Re-run this command under torchrun with ``nproc`` local processes."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "amaml", *rest]
+    return subprocess.call(cmd)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .experiments.compare import compare, format_table
+    from .experiments.config import TrainConfig
+
+    config = TrainConfig(**_explicit(args))
+    records = compare(config, args.methods, args.out, resume=args.resume,
+                      progress=_progress(args))
+    if records:
+        print(format_table(records, config), end="")
+        print(f"Results in {args.out}/results.json, results.md, finetune.png")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .experiments.checkpoint import CheckpointError, atomic_write_json, load_state_file
+    from .experiments.config import TrainConfig
+    from .experiments.train import build_algorithm, build_family, build_model, evaluate_run
+
+    state = load_state_file(args.checkpoint)
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{args.checkpoint!r} holds an invalid config ({err}).") from err
+    config = config.replace(**_explicit(args))
+    family = build_family(config)
+    model = build_model(config, family.input_dim)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{args.checkpoint!r} does not fit the model of its config "
+                              f"({type(err).__name__}).") from err
+    result = evaluate_run(config, model, family, build_algorithm(config))
+    summary = {"checkpoint": str(args.checkpoint), "family": config.family,
+               "method": config.method, "eval_steps": result["eval_steps"],
+               "n_tasks": result["n_tasks"], "nrmse_mean": result["nrmse_mean"],
+               "nrmse_sem": result["nrmse_sem"],
+               "finetune_final_nrmse": result["finetune"]["nrmse_mean"][-1]}
+    if args.output:
+        atomic_write_json(Path(args.output), {**summary, **result})
+    from .experiments.checkpoint import jsonable
+    print(json.dumps(jsonable(summary)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``amaml`` command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.threads < 1:
+        sys.stderr.write(f"amaml: error: --threads must be >= 1; got {args.threads}\n")
+        return EXIT_ERROR
+
+    import torch
+
+    from .experiments.train import TrainingInterrupted
+    from .flow import BacksolveError, DivergenceError
+
+    torch.set_num_threads(args.threads)
+    try:
+        if args.command == "train":
+            return _run_train(args, argv)
+        if args.command == "compare":
+            return _run_compare(args)
+        return _run_eval(args)
+    except TrainingInterrupted as stop:
+        sys.stderr.write(f"amaml: {stop}\n")
+        return EXIT_INTERRUPTED
+    except DivergenceError as err:
+        lr = getattr(args, "inner_lr", None)
+        hint = f" (e.g. --inner-lr {lr / 10:g})" if lr else " (try a smaller --inner-lr)"
+        _error(f"{err}{hint}")
+    except BacksolveError as err:
+        _error(f"{err} Use --memory checkpoint.")
+    except (ValueError, _CliError, OSError) as err:
+        _error(str(err))
+    except KeyboardInterrupt:
+        sys.stderr.write("amaml: interrupted\n")
+        return EXIT_INTERRUPTED
+    return EXIT_ERROR
+
+
+def _error(message: str) -> None:
+    one_line = " ".join(message.split())
+    sys.stderr.write(f"amaml: error: {one_line}\n")

@@ -1,0 +1,162 @@
+"""Compare meta-learning methods under one budget: ``amaml compare``.
+
+Every method gets the same tasks, the same initialisation, the same meta-batches and
+the same number of meta-iterations; all use ``steps`` inner steps except MAML
+(``maml_steps``, default ``steps // 10``) and MAML-1 (one step), as in the paper.
+Each method's run lives in ``out/<method>/`` (a normal ``amaml train`` directory, so it
+resumes the same way). ``out`` also receives::
+
+    results.json   list of records: method, steps, eval_steps, nrmse_mean, nrmse_sem,
+                   finetune_final_nrmse, finetune_best_nrmse, final_meta_loss, timings,
+                   the fine-tuning curve
+    results.md     the table (like the paper's Table 1)
+    finetune.png   meta-test nRMSE against fine-tuning epochs, one curve per method
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..algorithms import list_algorithms
+from .checkpoint import atomic_write_json, atomic_write_text
+from .config import TrainConfig
+from .distributed import DistInfo
+from .plots import plot_finetune
+from .train import CHECKPOINT_FILE, RunDirError, TrainingInterrupted, build_family, train
+
+__all__ = ["DEFAULT_METHODS", "compare", "format_table", "parse_methods"]
+
+#: The paper's methods, in its order.
+DEFAULT_METHODS = ("amaml", "maml", "maml1", "fomaml", "reptile", "imaml")
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """Validate a comma-separated list (or sequence) of method names.
+
+    Raises:
+        ValueError: Empty, unknown or repeated names.
+    """
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) \
+        else [str(m) for m in methods]
+    names = [m for m in names if m]
+    if not names:
+        raise ValueError(f"--methods is empty; give a comma-separated subset of "
+                         f"{list_algorithms()}.")
+    unknown = [m for m in names if m not in list_algorithms()]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown} in --methods; expected a comma-separated "
+                         f"subset of {list_algorithms()}.")
+    repeated = sorted({m for m in names if names.count(m) > 1})
+    if repeated:
+        raise ValueError(f"--methods repeats {repeated}; give each method once.")
+    return names
+
+
+def _record(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    t = metrics["timings"]
+    return {
+        "method": metrics["method"], "family": metrics["family"], "shots": metrics["shots"],
+        "queries": metrics["queries"], "steps": metrics["steps"],
+        "eval_steps": metrics["eval_steps"], "nrmse_mean": metrics["nrmse_mean"],
+        "nrmse_sem": metrics["nrmse_sem"],
+        "finetune_final_nrmse": metrics["finetune_final_nrmse"],
+        "finetune_best_nrmse": metrics["finetune_best_nrmse"],
+        "final_meta_loss": metrics["final_meta_loss"], "meta_iters": metrics["meta_iters"],
+        "train_s": t["train_s"], "s_per_meta_iter": t["s_per_meta_iter"],
+        "finetune": metrics["finetune"], "run_dir": str(run_dir),
+    }
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "diverged" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def format_table(records: list[dict[str, Any]], config: TrainConfig) -> str:
+    """A markdown table of a comparison (best nRMSE in bold)."""
+    epochs = config.finetune_epochs
+    best = min((r["nrmse_mean"] for r in records if r["nrmse_mean"] is not None), default=None)
+    best_ft = min((r["finetune_final_nrmse"] for r in records
+                   if r["finetune_final_nrmse"] is not None), default=None)
+    lines = [
+        f"### {config.family}, {config.shots}shot-{config.queries}val",
+        "",
+        f"meta-iterations {config.meta_iters}, meta-batch {config.meta_batch}, meta-lr "
+        f"{config.meta_lr} (Adam), inner lr {config.inner_lr}, seed {config.seed}, "
+        f"{config.n_test} meta-test tasks.",
+        "",
+        "| method | inner steps (train / eval) | nRMSE after adaptation | "
+        f"nRMSE after {epochs} fine-tuning epochs | s / meta-iter |",
+        "|---|---|---|---|---|",
+    ]
+    for r in records:
+        a = f"{_fmt(r['nrmse_mean'])} ± {_fmt(r['nrmse_sem'])}"
+        if r["nrmse_mean"] is not None and r["nrmse_mean"] == best:
+            a = f"**{a}**"
+        f = _fmt(r["finetune_final_nrmse"])
+        if r["finetune_final_nrmse"] is not None and r["finetune_final_nrmse"] == best_ft:
+            f = f"**{f}**"
+        lines.append(f"| {r['method']} | {r['steps']} / {r['eval_steps']} | {a} | {f} | "
+                     f"{r['s_per_meta_iter']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(config: TrainConfig, methods: Sequence[str], out: str | os.PathLike[str], *,
+            resume: bool = False, progress: bool = True,
+            dist_info: DistInfo | None = None) -> list[dict[str, Any]]:
+    """Meta-train and evaluate several methods under ``config``'s budget.
+
+    Args:
+        config: Shared settings (its ``method`` is replaced by each of ``methods``).
+        methods: Method names.
+        out: Comparison directory; each method's run goes to ``out/<method>``.
+        resume: Continue interrupted runs and skip finished ones.
+        progress: Show a bar over methods and one per run.
+        dist_info: Process group (single process when ``None`` and no torchrun).
+
+    Returns:
+        The records written to ``results.json``.
+
+    Raises:
+        RunDirError: ``out`` already holds a comparison (without ``resume``).
+        Everything :func:`amaml.experiments.train.train` raises.
+    """
+    from tqdm.auto import tqdm
+
+    names = parse_methods(methods)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"--out {str(out_dir)!r} exists and is not a directory.")
+    if not resume:
+        taken = [f for f in ("results.json", *(f"{m}/{CHECKPOINT_FILE}" for m in names))
+                 if (out_dir / f).exists()]
+        if taken:
+            raise RunDirError(f"--out {str(out_dir)!r} already holds a comparison "
+                              f"({', '.join(taken)}); pass --resume to continue it, or choose "
+                              "another --out.")
+    family = build_family(config)
+    records = []
+    bar = tqdm(names, desc="methods", unit="method", disable=not progress, position=0)
+    for name in bar:
+        bar.set_postfix(method=name)
+        run_dir = out_dir / name
+        cfg = config.replace(method=name)
+        try:
+            result = train(cfg, run_dir, resume=resume and (run_dir / CHECKPOINT_FILE).exists(),
+                           family=family, progress=progress, progress_position=1,
+                           dist_info=dist_info)
+        except TrainingInterrupted as stop:
+            raise TrainingInterrupted(stop.out_dir, stop.iteration, stop.signal_name,
+                                      resume_hint=f"amaml compare ... --out {out_dir} --resume "
+                                                  "(same flags)") from stop
+        if result.metrics:
+            records.append(_record(result.metrics, run_dir))
+    bar.close()
+    if records:
+        atomic_write_json(out_dir / "results.json", records)
+        atomic_write_text(out_dir / "results.md", format_table(records, config))
+        plot_finetune({r["method"]: r["finetune"] for r in records}, out_dir / "finetune.png",
+                      title=f"{config.family}, {config.shots}shot-{config.queries}val")
+    return records

@@ -1,0 +1,214 @@
+"""Configuration of a meta-training run: one frozen, validated dataclass.
+
+Every field has a command-line flag of the same name (``meta_iters`` is
+``--meta-iters``); error messages name both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..algorithms import list_algorithms
+from ..flow import MEMORIES, SOLVERS
+from ..tasks import list_families
+
+__all__ = ["DTYPES", "RESUME_MUTABLE", "TrainConfig"]
+
+#: Accepted ``dtype`` names.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+#: Fields that may differ between a checkpoint and the config that resumes it: where the
+#: data lives and how often to checkpoint change nothing in the computation.
+RESUME_MUTABLE: frozenset[str] = frozenset({"data_dir", "download", "checkpoint_every"})
+
+
+def _flag(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def _int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{_flag(name)} must be an int; got {value!r}.")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{_flag(name)} must be {bound}; got {value}.")
+
+
+def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{_flag(name)} must be a number; got {value!r}.")
+    ok = value >= 0 if allow_zero else value > 0
+    if not (ok and math.isfinite(value)):
+        raise ValueError(f"{_flag(name)} must be a finite number {'>= 0' if allow_zero else '> 0'}"
+                         f"; got {value!r}.")
+
+
+def _choice(name: str, value: Any, allowed: list[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Unknown {name} {value!r} for --{name.replace('_', '-')}; "
+                         f"expected one of {allowed}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a meta-training run (and its evaluation).
+
+    The defaults are the paper's synthetic setting (A-MAML on CosMixture, 50 shots,
+    50 queries, inner learning rate 0.01, meta-batch 5, MLP 2-32-32-1 tanh) with a
+    budget small enough that ``amaml train`` finishes in a few minutes on two CPU cores;
+    the paper's own budgets are far larger.
+
+    Attributes:
+        family: Task family, one of :func:`amaml.tasks.list_families`.
+        method: Algorithm, one of :func:`amaml.algorithms.list_algorithms`.
+        shots: Support points per task (1 .. 100000).
+        queries: Query points per task (1 .. 100000).
+        steps: Inner steps N of meta-training (1 .. 100000); MAML uses ``maml_steps``.
+        inner_lr: Inner learning rate (the solver's step size) > 0.
+        meta_iters: Meta-iterations (optimiser steps), >= 1.
+        meta_batch: Tasks per meta-iteration, >= 1 (and <= the meta-training tasks).
+        meta_lr: Adam's learning rate > 0.
+        seed: Seed of the tasks, the initialisation and the meta-batch draws, >= 0.
+        solver: Inner-loop solver name (``euler``, ``heun``, ``rk4``).
+        memory: A-MAML's memory strategy (``store``, ``checkpoint``, ``backsolve``).
+        proximal: Proximal weight mu >= 0 (iMAML uses 1.0 when 0).
+        maml_steps: MAML's inner steps; ``None`` means ``max(1, steps // 10)``.
+        hidden: Hidden layer widths of the MLP.
+        data_dir: Data folder of the collaborative-filtering families (``None``: cache).
+        download: Whether missing data may be downloaded.
+        n_train: Meta-training tasks (``None``: the family's default).
+        n_test: Meta-test tasks >= 1.
+        eval_steps: Adaptation steps at meta-test time; ``None`` means the method's own
+            inner loop (A-MAML ``steps``, MAML ``maml_steps``, MAML-1 one step, ...).
+        finetune_epochs: Length E of the fine-tuning curve (plain gradient descent), >= 0.
+        finetune_every: Record the curve every k epochs, >= 1.
+        log_every: Append a line to ``metrics.jsonl`` every this many iterations, >= 1.
+        checkpoint_every: Save a resumable checkpoint every this many iterations (0: only
+            at the end and on SIGINT/SIGTERM).
+        dtype: ``float32`` or ``float64``.
+        device: ``cpu``, ``cuda`` or ``cuda:K``.
+    """
+
+    family: str = "cosmixture"
+    method: str = "amaml"
+    shots: int = 50
+    queries: int = 50
+    steps: int = 100
+    inner_lr: float = 0.01
+    meta_iters: int = 200
+    meta_batch: int = 5
+    meta_lr: float = 1e-3
+    seed: int = 0
+    solver: str = "euler"
+    memory: str = "checkpoint"
+    proximal: float = 0.0
+    maml_steps: int | None = None
+    hidden: tuple[int, ...] = (32, 32)
+    data_dir: str | None = None
+    download: bool = False
+    n_train: int | None = None
+    n_test: int = 100
+    eval_steps: int | None = None
+    finetune_epochs: int = 200
+    finetune_every: int = 10
+    log_every: int = 1
+    checkpoint_every: int = 50
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _choice("family", self.family, list_families())
+        _choice("method", self.method, list_algorithms())
+        _choice("solver", self.solver, sorted(SOLVERS))
+        _choice("memory", self.memory, sorted(MEMORIES))
+        _choice("dtype", self.dtype, sorted(DTYPES))
+        _int("shots", self.shots, 1, 100_000)
+        _int("queries", self.queries, 1, 100_000)
+        _int("steps", self.steps, 1, 100_000)
+        _int("meta_iters", self.meta_iters, 1)
+        _int("meta_batch", self.meta_batch, 1)
+        _int("seed", self.seed, 0)
+        _int("n_test", self.n_test, 1)
+        _int("finetune_epochs", self.finetune_epochs, 0)
+        _int("finetune_every", self.finetune_every, 1)
+        _int("log_every", self.log_every, 1)
+        _int("checkpoint_every", self.checkpoint_every, 0)
+        for name in ("maml_steps", "eval_steps"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), 1, 100_000)
+        if self.n_train is not None:
+            _int("n_train", self.n_train, 1)
+            if self.meta_batch > self.n_train:
+                raise ValueError(f"{_flag('meta_batch')} ({self.meta_batch}) must not exceed "
+                                 f"{_flag('n_train')} ({self.n_train}).")
+        _positive("inner_lr", self.inner_lr)
+        _positive("meta_lr", self.meta_lr)
+        _positive("proximal", self.proximal, allow_zero=True)
+        if not isinstance(self.hidden, tuple) or any(
+                isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.hidden):
+            raise ValueError(f"{_flag('hidden')} must be a tuple of ints >= 1; "
+                             f"got {self.hidden!r}.")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ValueError(f"{_flag('data_dir')} must be a path string; got {self.data_dir!r}.")
+        if not isinstance(self.download, bool):
+            raise ValueError(f"{_flag('download')} must be a bool; got {self.download!r}.")
+        if not isinstance(self.device, str):
+            raise ValueError(f"{_flag('device')} must be a string; got {self.device!r}.")
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"{_flag('device')}: {self.device!r} is not a torch device; use "
+                             "'cpu' or 'cuda'.") from err
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{_flag('device')} is {self.device!r} but CUDA is not available; "
+                             "use --device cpu.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a ``torch.dtype``."""
+        return DTYPES[self.dtype]
+
+    @property
+    def effective_maml_steps(self) -> int:
+        """MAML's inner steps: ``maml_steps`` or ``max(1, steps // 10)``."""
+        return self.maml_steps if self.maml_steps is not None else max(1, self.steps // 10)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable fields (``hidden`` as a list)."""
+        out = dataclasses.asdict(self)
+        out["hidden"] = list(self.hidden)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Rebuild a config from :meth:`to_dict`'s output; unknown keys are refused.
+
+        Raises:
+            ValueError: Unknown keys or invalid values.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"A config must be a dict; got {type(data).__name__}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"Unknown config fields {unknown}; expected a subset of "
+                             f"{sorted(names)}.")
+        kwargs = dict(data)
+        if "hidden" in kwargs and isinstance(kwargs["hidden"], list):
+            kwargs["hidden"] = tuple(kwargs["hidden"])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def differences(self, other: TrainConfig, *, ignore: frozenset[str] = frozenset()
+                    ) -> dict[str, tuple[Any, Any]]:
+        """Fields (not in ``ignore``) whose values differ: name -> (self's, other's)."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]}
