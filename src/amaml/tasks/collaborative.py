@@ -279,17 +279,17 @@ def read_jester(paths: Sequence[str | os.PathLike[str]]) -> Ratings:
                 f"{path} has {table.shape[1]} column(s); a Jester row is [n_rated, ratings...] "
                 "with at least one rating column: is this the right file?"
             )
-        if tables and table.shape[1] != tables[0].shape[1]:
+        if tables and table.shape[1] != tables[0].shape[1] + 1:
             raise DataError(
                 f"{path} has {table.shape[1]} columns but {files[0]} has "
-                f"{tables[0].shape[1]}; all Jester files must share one layout."
+                f"{tables[0].shape[1] + 1}; all Jester files must share one layout."
             )
         ratings = table[:, 1:]
         bad = (ratings != JESTER_MISSING) & (np.abs(ratings) > 10.0)
         if bad.any():
             k, c = (int(v[0]) for v in np.nonzero(bad))
             raise DataError(
-                f"{path} row {k + 1} column {c + 2} holds {ratings[k, c]!r}, outside [-10, 10] "
+                f"{path} row {k + 1} column {c + 2} holds {ratings[k, c]:g}, outside [-10, 10] "
                 "and not the missing marker 99: is this a Jester dataset 1 file?"
             )
         tables.append(ratings)
@@ -398,8 +398,9 @@ def _top_right_singular(
             s = w.clamp_min(0).sqrt()
         return s.numpy(), v.numpy()
     idx = torch.from_numpy(np.stack([rows, cols]))
-    mat = torch.sparse_coo_tensor(idx, torch.from_numpy(values), shape).coalesce()
-    mat_t = torch.sparse_coo_tensor(idx.flip(0), torch.from_numpy(values), (n_cols, n_rows))
+    vals = torch.from_numpy(values)
+    mat = torch.sparse_coo_tensor(idx, vals, shape, check_invariants=True).coalesce()
+    mat_t = torch.sparse_coo_tensor(idx.flip(0), vals, (n_cols, n_rows), check_invariants=True)
     mat_t = mat_t.coalesce()
     width = min(k + 50, n_rows, n_cols)
     gen = torch.Generator().manual_seed(seed)
