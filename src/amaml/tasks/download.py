@@ -170,7 +170,10 @@ def _fetch(archive: Archive, dest: Path, timeout: float) -> None:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
                     shutil.copyfileobj(response, out, _CHUNK)
             except (urllib.error.URLError, OSError, ValueError) as exc:
-                reason = getattr(exc, "reason", None) or exc
+                if isinstance(exc, urllib.error.HTTPError):
+                    reason: object = f"HTTP {exc.code} {exc.reason}"
+                else:
+                    reason = getattr(exc, "reason", None) or exc
                 raise DataError(
                     f"Could not download {archive.filename} from {url} ({reason}); check the "
                     f"network, or fetch the official archive {archive.url} yourself and "
