@@ -1,0 +1,250 @@
+"""Closed forms, convergence orders, memory held, gradcheck and finite differences."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import amaml
+from amaml.flow import (
+    RK4,
+    Backsolve,
+    Checkpoint,
+    DiscreteAdjoint,
+    Euler,
+    Heun,
+    Store,
+    SweepStats,
+    adjoint_sweep,
+    gradient_flow,
+)
+from amaml.flow.adjoint import FlowSpec, forward_kept
+from amaml.flow.hvp import Objective
+from helpers import DT, amaml_meta_grad, mlp, regression_data, rel_err
+
+
+def _quadratic(P: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=DT))
+    H = Q @ torch.diag(torch.linspace(0.5, 3.0, P, dtype=DT)) @ Q.T
+    a = torch.randn(P, generator=g, dtype=DT)  # minimiser of the support loss
+    b = torch.randn(P, generator=g, dtype=DT)  # minimiser of the query loss
+    theta = torch.randn(P, generator=g, dtype=DT)
+
+    def loss(u: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (u - a) @ H @ (u - a)
+
+    return H, a, b, theta, loss
+
+
+def _closed_form_meta_grad(H, a, b, theta, T):
+    """u(T) = a + e^{-HT}(theta - a); d/dtheta 0.5||u(T) - b||^2 = e^{-HT}(u(T) - b)."""
+    E = torch.linalg.matrix_exp(-H * T)
+    uT = a + E @ (theta - a)
+    return uT, E @ (uT - b)
+
+
+def _meta_grad_quadratic(solver, dt, memory=Store(), T=1.0):
+    H, a, b, theta, loss = _quadratic()
+    th = theta.clone().requires_grad_()
+    uT = gradient_flow(loss, th, dt=dt, t1=T, solver=solver, adjoint=DiscreteAdjoint(memory))
+    (0.5 * (uT - b).square().sum()).backward()
+    return uT.detach(), th.grad
+
+
+@pytest.mark.parametrize("solver", [Euler(), Heun(), RK4()])
+def test_quadratic_closed_form(solver) -> None:
+    H, a, b, theta, _ = _quadratic()
+    uT_exact, g_exact = _closed_form_meta_grad(H, a, b, theta, 1.0)
+    uT, g = _meta_grad_quadratic(solver, 1 / 256)
+    # discretisation error C * dt**order with C ~ 1 here: 4e-3 for Euler at dt = 1/256
+    tol = 5 * (1 / 256) ** solver.order
+    assert rel_err(uT, uT_exact) < tol
+    assert rel_err(g, g_exact) < tol
+
+
+@pytest.mark.parametrize("solver", [Euler(), Heun(), RK4()])
+def test_meta_grad_convergence_order(solver) -> None:
+    H, a, b, theta, _ = _quadratic()
+    _, g_exact = _closed_form_meta_grad(H, a, b, theta, 1.0)
+    dts = [2.0**-k for k in range(3, 7)]
+    errs = [rel_err(_meta_grad_quadratic(solver, dt)[1], g_exact) for dt in dts]
+    slope = np.polyfit(np.log(dts), np.log(errs), 1)[0]
+    assert abs(slope - solver.order) < 0.3  # asymptotic fit over 4 points; loose on purpose
+
+
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2)])
+def test_backsolve_converges_to_exact_gradient(solver: str, order: int) -> None:
+    """At fixed horizon T, backsolve's error against the exact discrete gradient on the
+    paper's MLP shrinks at least like lr**order (measured: slope 1.0 for Euler, 3.0 for
+    Heun, whose leading error terms cancel)."""
+    model = mlp()
+    x, y, xq, yq = regression_data()
+    T = 0.2
+    lrs = [0.01, 0.005, 0.0025, 0.00125]
+    errs = []
+    for lr in lrs:
+        steps = round(T / lr)
+        exact = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=steps, lr=lr,
+                                solver=solver, memory="store")
+        approx = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=steps, lr=lr,
+                                 solver=solver, memory="backsolve")
+        errs.append(rel_err(approx, exact))
+    slope = np.polyfit(np.log(lrs), np.log(errs), 1)[0]
+    assert slope > order - 0.3
+    assert errs[-1] < 0.01
+
+
+@pytest.mark.parametrize("solver", [Euler(), Heun(), RK4()])
+def test_backsolve_order_against_closed_form(solver) -> None:
+    """On the quadratic, backsolve's meta-gradient converges to e^{-HT} grad at the solver's order."""
+    H, a, b, theta, _ = _quadratic()
+    _, g_exact = _closed_form_meta_grad(H, a, b, theta, 1.0)
+    dts = [2.0**-k for k in range(3, 7)]
+    errs = [rel_err(_meta_grad_quadratic(solver, dt, memory=Backsolve(tol=1.0))[1], g_exact)
+            for dt in dts]
+    slope = np.polyfit(np.log(dts), np.log(errs), 1)[0]
+    assert abs(slope - solver.order) < 0.3  # asymptotic fit; loose on purpose
+
+
+def test_backsolve_blow_up_is_detected() -> None:
+    """Gradient flow run backward diverges on a long horizon: a clear error, not a wrong gradient."""
+    model = mlp()
+    x, y, xq, yq = regression_data()
+    with pytest.raises(amaml.BacksolveError, match="checkpoint"):
+        amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=200, lr=0.05, memory="backsolve")
+
+
+def _saved_states(memory: str, steps: int) -> float:
+    """Numbers kept alive between forward and backward by adapt, in units of P.
+
+    The pack hook also sees the short-lived graphs of each inner gradient; only the
+    packed tensors still referenced once adapt has returned are what the backward keeps.
+    """
+    import gc
+    import weakref
+
+    model = mlp(hidden=8)
+    x, y, _, _ = regression_data()
+    P = sum(p.numel() for p in model.parameters())
+
+    class _Box:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+
+    boxes: list[weakref.ref] = []
+
+    def pack(t: torch.Tensor) -> _Box:
+        box = _Box(t)
+        boxes.append(weakref.ref(box))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        params = amaml.adapt(model, F.mse_loss, (x, y), steps=steps, lr=0.01, memory=memory)
+    gc.collect()
+    alive = [r() for r in boxes]
+    held = sum(b.t.numel() for b in alive if b is not None) / P
+    del params
+    return held
+
+
+@pytest.mark.parametrize("steps", [100, 400, 900])
+def test_checkpoint_keeps_sqrt_states(steps: int) -> None:
+    held = _saved_states("checkpoint", steps)
+    # sqrt(N) checkpoints, plus theta itself and the (small) support data
+    assert held <= math.sqrt(steps) + 3
+    assert _saved_states("store", steps) >= steps + 1
+    assert _saved_states("backsolve", steps) <= 3
+
+
+@pytest.mark.parametrize("steps", [100, 400, 1000])
+def test_checkpoint_peak_states_during_backward(steps: int) -> None:
+    """Checkpoints plus one recomputed segment: at most about 2 sqrt(N) states."""
+    model = mlp(hidden=8)
+    x, y, _, _ = regression_data()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(u, xb, yb):
+        ps = {n: t.view(s) for n, t, s in zip(names, u.split(sizes), shapes)}
+        return F.mse_loss(torch.func.functional_call(model, ps, (xb,)), yb)
+
+    stats = SweepStats()
+    spec = FlowSpec(Objective(loss), Euler(), DiscreteAdjoint(Checkpoint()), steps, False)
+    eta = torch.tensor(0.01, dtype=DT)
+    u_end, kept = forward_kept(spec, theta, eta, None, (x, y))
+    adjoint_sweep(spec, kept, torch.ones_like(u_end), theta, eta, None, (x, y), stats=stats)
+    assert stats.peak_states <= 2 * math.ceil(math.sqrt(steps))
+    assert stats.recomputed_steps < steps  # one extra forward pass at most
+
+
+@pytest.mark.parametrize("adjoint", [DiscreteAdjoint(Store()), DiscreteAdjoint(Checkpoint(every=2)),
+                                     DiscreteAdjoint(Backsolve(tol=1.0))])
+@pytest.mark.parametrize("solver", [Euler(), RK4()])
+def test_gradcheck_flow_function(adjoint, solver) -> None:
+    """torch.autograd.gradcheck of the custom Function w.r.t. theta, lr and mu."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(5, 4, generator=g, dtype=DT)
+    c = torch.randn(5, generator=g, dtype=DT)
+
+    def loss(u, A_, c_):
+        return torch.log(torch.cosh(A_ @ u - c_)).sum() + 0.1 * (u**4).sum()
+
+    def f(theta, lr, mu):
+        return gradient_flow(loss, theta, dt=lr, n_steps=5, data=(A, c), solver=solver,
+                             adjoint=adjoint, mu=mu)
+
+    theta = torch.randn(4, generator=g, dtype=DT, requires_grad=True)
+    lr = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    mu = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    if isinstance(adjoint.memory, Backsolve):
+        # backsolve is approximate by design: compare it with the exact adjoint instead
+        exact = torch.autograd.grad(gradient_flow(loss, theta, dt=lr, n_steps=5, data=(A, c),
+                                                  solver=solver, mu=mu).sum(), theta)[0]
+        approx = torch.autograd.grad(f(theta, lr, mu).sum(), theta)[0]
+        assert rel_err(approx, exact) < 0.05
+        return
+    assert torch.autograd.gradcheck(f, (theta, lr, mu), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_meta_gradient_finite_differences() -> None:
+    """Central differences of J(theta) = query loss after adaptation, tiny model."""
+    model = mlp(hidden=4)
+    x, y, xq, yq = regression_data(n=10)
+    got = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=50, lr=0.05, solver="rk4",
+                          memory="checkpoint")
+    params = list(model.parameters())
+    eps = 1e-5
+    fd = []
+    with torch.no_grad():
+        for p in params:
+            flat = p.view(-1)
+            for i in range(flat.numel()):
+                vals = []
+                for s in (eps, -eps):
+                    flat[i] += s
+                    pa = amaml.adapt(model, F.mse_loss, (x, y), steps=50, lr=0.05, solver="rk4")
+                    vals.append(F.mse_loss(torch.func.functional_call(model, pa, (xq,)), yq))
+                    flat[i] -= s
+                fd.append((vals[0] - vals[1]) / (2 * eps))
+    fd_t = torch.stack(fd)
+    # central differences: truncation O(eps^2) ~ 1e-10, round-off ~ 1e-16/eps ~ 1e-11
+    assert rel_err(got, fd_t) < 1e-7
+
+
+def test_conjugate_gradient_batched() -> None:
+    from amaml.flow import conjugate_gradient
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(3, 5, 5, generator=g, dtype=DT)
+    A = M @ M.transpose(1, 2) + torch.eye(5, dtype=DT)
+    b = torch.randn(3, 5, generator=g, dtype=DT)
+    x = conjugate_gradient(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), b, max_iter=20,
+                           tol=1e-14, batched=True)
+    assert torch.allclose(x, torch.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
