@@ -42,7 +42,8 @@ class MLP(nn.Module):
         sizes = [input_dim, *widths, 1]
         self.layers = nn.ModuleList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            layer = nn.Linear(fan_in, fan_out, dtype=dtype, device=device)
+            # skip_init: nn.Linear's own initialisation would draw from the global RNG.
+            layer = nn.utils.skip_init(nn.Linear, fan_in, fan_out, dtype=dtype, device=device)
             bound = 1.0 / math.sqrt(fan_in)
             with torch.no_grad():
                 for p in (layer.weight, layer.bias):
