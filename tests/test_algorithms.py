@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import mlp, regression_data, rel_err, unrolled_meta_grad
 
 from amaml.algorithms import list_algorithms, make_algorithm
-from helpers import mlp, regression_data, rel_err, unrolled_meta_grad
 
 
 def _grads(model) -> torch.Tensor:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DT, mlp, regression_data
 
 import amaml
 from amaml.algorithms import make_algorithm
-from helpers import DT, mlp, regression_data
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import mlp, regression_data, rel_err
 
 from amaml.algorithms import make_algorithm
 from amaml.experiments.distributed import (
@@ -18,7 +19,6 @@ from amaml.experiments.distributed import (
     init_distributed,
     shard_indices,
 )
-from helpers import mlp, regression_data, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")

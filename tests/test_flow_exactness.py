@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import (
     DT,
     amaml_meta_grad,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DT, amaml_meta_grad, mlp, regression_data, rel_err
 
 import amaml
 from amaml.flow import (
@@ -24,7 +25,6 @@ from amaml.flow import (
 )
 from amaml.flow.adjoint import FlowSpec, forward_kept
 from amaml.flow.hvp import Objective
-from helpers import DT, amaml_meta_grad, mlp, regression_data, rel_err
 
 
 def _quadratic(P: int = 6, seed: int = 1):
@@ -101,7 +101,7 @@ def test_backsolve_converges_to_exact_gradient(solver: str, order: int) -> None:
 
 @pytest.mark.parametrize("solver", [Euler(), Heun(), RK4()])
 def test_backsolve_order_against_closed_form(solver) -> None:
-    """On the quadratic, backsolve's meta-gradient converges to e^{-HT} grad at the solver's order."""
+    """On the quadratic, backsolve converges to e^{-HT} grad at the solver's order."""
     H, a, b, theta, _ = _quadratic()
     _, g_exact = _closed_form_meta_grad(H, a, b, theta, 1.0)
     dts = [2.0**-k for k in range(3, 7)]
@@ -112,7 +112,7 @@ def test_backsolve_order_against_closed_form(solver) -> None:
 
 
 def test_backsolve_blow_up_is_detected() -> None:
-    """Gradient flow run backward diverges on a long horizon: a clear error, not a wrong gradient."""
+    """Gradient flow run backward diverges on a long horizon: an error, not a wrong gradient."""
     model = mlp()
     x, y, xq, yq = regression_data()
     with pytest.raises(amaml.BacksolveError, match="checkpoint"):
@@ -184,7 +184,8 @@ def test_checkpoint_peak_states_during_backward(steps: int) -> None:
     assert stats.recomputed_steps < steps  # one extra forward pass at most
 
 
-@pytest.mark.parametrize("adjoint", [DiscreteAdjoint(Store()), DiscreteAdjoint(Checkpoint(every=2)),
+@pytest.mark.parametrize("adjoint", [DiscreteAdjoint(Store()),
+                                     DiscreteAdjoint(Checkpoint(every=2)),
                                      DiscreteAdjoint(Backsolve(tol=1.0))])
 @pytest.mark.parametrize("solver", [Euler(), RK4()])
 def test_gradcheck_flow_function(adjoint, solver) -> None:

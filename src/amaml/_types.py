@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Union
 
-import torch
 from torch import Tensor
 
 __all__ = ["Params", "LossFn", "FlatLoss", "Batch", "LearningRate", "Scalar"]
@@ -19,6 +17,6 @@ FlatLoss = Callable[..., Tensor]
 #: A support or query set ``(x, y)``.
 Batch = tuple[Tensor, Tensor]
 #: A scalar learning rate, a tensor (scalar or ``(P,)``), or per-parameter tensors by name.
-LearningRate = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
+LearningRate = float | Tensor | Mapping[str, float | Tensor]
 #: A float or a 0-d tensor.
-Scalar = Union[float, torch.Tensor]
+Scalar = float | Tensor

@@ -247,5 +247,5 @@ def adapt_batch(
 
 
 def functional_call_batch(model: nn.Module, params: Params, x: Tensor) -> Tensor:
-    """Evaluate ``model`` with per-task parameters ``[B, ...]`` on inputs ``x`` of ``[B, n, ...]``."""
+    """Evaluate ``model`` with per-task parameters ``[B, ...]`` on inputs ``[B, n, ...]``."""
     return torch.func.vmap(lambda p, xb: torch.func.functional_call(model, p, (xb,)))(params, x)

@@ -189,7 +189,9 @@ class Implicit(AbstractAdjoint):
 
     def __post_init__(self) -> None:
         if not isinstance(self.cg_steps, int) or self.cg_steps < 1:
-            raise ValueError(f"Implicit(cg_steps=...) must be a positive int; got {self.cg_steps!r}.")
+            raise ValueError(
+                f"Implicit(cg_steps=...) must be a positive int; got {self.cg_steps!r}."
+            )
 
 
 # ----------------------------------------------------------------------------- integration
