@@ -283,6 +283,7 @@ def test_missing_data_names_paths_and_download(tmp_path: Path) -> None:
         ("\n\n", r"u\.data is empty"),
         ("1\t2\t3\t4\n1\t2\t5\t5\n", r"rates item 2 by user 1 more than once"),
         ("1.5\t2\t3\t4\n", r"non-integer user or item id"),
+        ("1\t2\t3\t4\n\n1\t3\tx\t4\n", r"line 3 has a non-numeric field 'x'"),
     ],
 )
 def test_bad_movielens_file(tmp_path: Path, content: str, match: str) -> None:

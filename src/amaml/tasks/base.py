@@ -86,18 +86,19 @@ class Task:
         )
         for name, x, y in pairs:
             _check_pair(name, x, y)
-        dims = {name: x.shape[1] for name, x, _ in pairs}
-        if len(set(dims.values())) != 1:
+        d = self.support_x.shape[1]
+        if self.query_x.shape[1] != d or self.test_x.shape[1] != d:
+            dims = {name: int(x.shape[1]) for name, x, _ in pairs}
             raise ValueError(f"Task inputs must share one input dimension d, got {dims}.")
-        tensors = [getattr(self, f.name) for f in fields(self)]
-        dtypes = {t.dtype for t in tensors}
-        if len(dtypes) != 1:
-            raise ValueError(f"Task tensors must share one dtype, got {sorted(map(str, dtypes))}.")
-        devices = {t.device for t in tensors}
-        if len(devices) != 1:
-            raise ValueError(
-                f"Task tensors must be on one device, got {sorted(map(str, devices))}."
-            )
+        tensors = [t for _, x, y in pairs for t in (x, y)]
+        dtype = self.support_x.dtype
+        if any(t.dtype != dtype for t in tensors):
+            dtypes = sorted({str(t.dtype) for t in tensors})
+            raise ValueError(f"Task tensors must share one dtype, got {dtypes}.")
+        device = self.support_x.device
+        if any(t.device != device for t in tensors):
+            devices = sorted({str(t.device) for t in tensors})
+            raise ValueError(f"Task tensors must be on one device, got {devices}.")
 
     @property
     def input_dim(self) -> int:
