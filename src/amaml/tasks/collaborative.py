@@ -370,9 +370,7 @@ def find_data_files(name: str, root: str | os.PathLike[str]) -> tuple[list[Path]
     if name in _SINGLE_FILES:
         sub, fname = _SINGLE_FILES[name]
         tried = [base / fname, base / sub / fname]
-        return [next(p for p in tried if p.is_file())] if any(
-            p.is_file() for p in tried
-        ) else [], tried
+        return [p for p in tried if p.is_file()][:1], tried
     if name == "jester-1":
         tried = [base / "jester-data-*.xls|csv", base / "jester-1" / "jester-data-*.xls|csv"]
         for folder in (base, base / "jester-1"):

@@ -231,7 +231,8 @@ def build_synthetic(fn: AbstractSyntheticFunction, name: str, request: FamilyReq
         The family. ``info`` holds ``x_mean``, ``x_std`` (per input dimension), ``y_mean``,
         ``y_std`` (the standardisation: ``x_std = (x - x_mean) / x_std``), ``domain``,
         ``n_train``, ``n_test``, ``n_test_points``, the request's arguments and each
-        task's function parameters (``params_train``, ``params_test``).
+        task's function parameters (``params_train``, ``params_test``). Every task's
+        ``test_x`` is the same tensor (the standardised grid): do not modify it in place.
     """
     n_train = DEFAULT_N_TRAIN if request.n_train is None else request.n_train
     grid = fn.grid()
