@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_nrmse_handles_ragged_test_sets() -> None:
     assert curve["epochs"] == [0, 2, 3] and curve["nrmse_mean"][0] == 1.5
 
 
-def test_train_writes_run_directory(tmp_path: torch.types.FileLike) -> None:
+def test_train_writes_run_directory(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = train(tiny(), out, progress=False)
     names = {p.name for p in out.iterdir()}
@@ -122,7 +123,7 @@ def test_maml_uses_its_own_steps_in_evaluation() -> None:
     assert r1.metrics["steps"] == 1 and r1.metrics["eval_steps"] == 5
 
 
-def test_compare_writes_results(tmp_path: torch.types.FileLike) -> None:
+def test_compare_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     records = compare(tiny(meta_iters=2), "amaml,maml,reptile", out, progress=False)
     assert [r["method"] for r in records] == ["amaml", "maml", "reptile"]

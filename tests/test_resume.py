@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,11 +72,17 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path: Path) -> None:
     assert len(state["history"]) == state["iteration"]
 
 
-@pytest.fixture
-def finished_run(tmp_path: Path) -> Path:
-    out = tmp_path / "done"
+@pytest.fixture(scope="module")
+def _finished_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("template") / "done"
     train(CONFIG.replace(meta_iters=2), out, progress=False)
     return out
+
+
+@pytest.fixture
+def finished_run(_finished_template: Path, tmp_path: Path) -> Path:
+    # A fresh copy per test: the tests damage it.
+    return Path(shutil.copytree(_finished_template, tmp_path / "done"))
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:

@@ -98,9 +98,9 @@ class TrainConfig:
     method: str = "amaml"
     shots: int = 50
     queries: int = 50
-    steps: int = 100
+    steps: int = 50
     inner_lr: float = 0.01
-    meta_iters: int = 200
+    meta_iters: int = 300
     meta_batch: int = 5
     meta_lr: float = 1e-3
     seed: int = 0

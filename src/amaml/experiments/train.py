@@ -231,6 +231,10 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], path: Path) -> 
     return config
 
 
+def _logged(history: list[dict[str, Any]], every: int) -> list[dict[str, Any]]:
+    return [h for h in history if h["iteration"] % every == 0]
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(jsonable(r)) + "\n" for r in rows))
 
@@ -314,7 +318,7 @@ def train(config: TrainConfig, out: str | os.PathLike[str] | None = None, *,
                 "torch_version": torch.__version__, "world_size": info.world_size,
                 "family_info": family.info})
             created.insert(0, out_dir / "config.json")
-        _write_jsonl(out_dir / "metrics.jsonl", [h for h in history if "meta_loss" in h])
+        _write_jsonl(out_dir / "metrics.jsonl", _logged(history, config.log_every))
         created.insert(0, out_dir / "metrics.jsonl")
 
     def save(iteration: int, finished: bool, train_s: float) -> None:
@@ -350,7 +354,7 @@ def train(config: TrainConfig, out: str | os.PathLike[str] | None = None, *,
         save_checkpoint(out_dir / INIT_FILE, {
             "config": config.to_dict(), "model": model.state_dict(),
             "input_dim": family.input_dim, "amaml_version": __version__}, kind=INIT_FORMAT)
-        _write_jsonl(out_dir / "metrics.jsonl", [h for h in history if "meta_loss" in h])
+        _write_jsonl(out_dir / "metrics.jsonl", _logged(history, config.log_every))
         plot_training_curve([h["iteration"] for h in history],
                             [h["meta_loss"] for h in history], out_dir / "training_curve.png",
                             title=f"{config.method} on {config.family}")
