@@ -639,6 +639,7 @@ def build_collaborative(name: str, request: FamilyRequest) -> TaskFamily:
         urls = ", ".join(a.url for a in ARCHIVES.get(name, ()))
         raise DataError(
             f"No {name} data found (tried {', '.join(map(str, tried))}); pass download=True "
+            "(--download on the command line) "
             f"to fetch the official archive ({urls}) into {root}, or extract it there yourself."
         )
     ratings = _READERS[name](files)
