@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -130,3 +131,27 @@ def test_nproc_launches_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "--nproc" not in cmd[cmd.index("amaml"):]
     torch.set_num_threads(1)
     assert os.environ.get("WORLD_SIZE") is None
+
+
+def test_non_finite_meta_loss_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # The package re-exports the function ``train``, which shadows the module's name.
+    train_module = importlib.import_module("amaml.experiments.train")
+
+    real = train_module.build_algorithm
+
+    class _NaN:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def meta_step(self, *args: object, **kwargs: object) -> torch.Tensor:
+            return self.inner.meta_step(*args, **kwargs) * float("nan")  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(train_module, "build_algorithm", lambda c: _NaN(real(c)))
+    out = tmp_path / "nan"
+    assert main(["train", *TINY, "--out", str(out)]) == 2
+    assert "meta-iteration 1" in _error_line(capsys)
+    assert not out.exists()

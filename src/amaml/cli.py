@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from .experiments.train import TrainingInterrupted
+    from .experiments.train import MetaLossError, TrainingInterrupted
     from .flow import BacksolveError, DivergenceError
 
     torch.set_num_threads(args.threads)
@@ -289,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr = getattr(args, "inner_lr", None)
         hint = f" (e.g. --inner-lr {lr / 10:g})" if lr else " (try a smaller --inner-lr)"
         _error(f"{err}{hint}")
+    except MetaLossError as err:
+        _error(str(err))
     except BacksolveError as err:
         _error(f"{err} Use --memory checkpoint.")
     except (ValueError, _CliError, OSError) as err:

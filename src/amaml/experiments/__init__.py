@@ -14,6 +14,7 @@ from .distributed import DistInfo, init_distributed
 from .evaluate import evaluate_adaptation, finetune_curve
 from .models import MLP, make_model
 from .train import (
+    MetaLossError,
     RunDirError,
     TrainingInterrupted,
     TrainResult,
@@ -26,7 +27,8 @@ from .train import (
 )
 
 __all__ = [
-    "DEFAULT_METHODS", "MLP", "CheckpointError", "DistInfo", "RunDirError", "TrainConfig",
+    "DEFAULT_METHODS", "MLP", "CheckpointError", "DistInfo", "MetaLossError", "RunDirError",
+    "TrainConfig",
     "TrainResult", "TrainingInterrupted", "build_algorithm", "build_family", "build_model",
     "compare", "evaluate_adaptation", "evaluate_run", "finetune_curve", "format_table",
     "init_distributed", "load_checkpoint", "load_state_file", "make_model", "parse_methods",

@@ -67,7 +67,8 @@ from .models import make_model
 from .plots import plot_training_curve
 
 __all__ = [
-    "CHECKPOINT_FILE", "INIT_FILE", "RunDirError", "TrainResult", "TrainingInterrupted",
+    "CHECKPOINT_FILE", "INIT_FILE", "MetaLossError", "RunDirError", "TrainResult",
+    "TrainingInterrupted",
     "build_algorithm", "build_family", "build_model", "evaluate_run", "loss_fn", "resume_config",
     "train",
 ]
@@ -103,6 +104,20 @@ class TrainingInterrupted(Exception):
                  else "nothing saved (no --out)")
         super().__init__(f"Interrupted by {signal_name} after meta-iteration {iteration}; "
                          f"{where}")
+
+
+class MetaLossError(FloatingPointError):
+    """The meta-loss became non-finite (the meta-step or the inner loop is too large).
+
+    Attributes:
+        iteration: The meta-iteration (1-based) whose meta-loss was not finite.
+    """
+
+    def __init__(self, iteration: int, value: float) -> None:
+        self.iteration = iteration
+        super().__init__(f"The meta-loss became {value} at meta-iteration {iteration}; use a "
+                         "smaller --meta-lr or --inner-lr (the initialisation was not updated "
+                         "with it).")
 
 
 @dataclass(frozen=True)
@@ -318,6 +333,8 @@ def train(config: TrainConfig, out: str | os.PathLike[str] | None = None, *,
                 "torch_version": torch.__version__, "world_size": info.world_size,
                 "family_info": family.info})
             created.insert(0, out_dir / "config.json")
+        for stale in out_dir.glob(".*.tmp*"):  # left by a writer killed mid-write
+            stale.unlink()
         _write_jsonl(out_dir / "metrics.jsonl", _logged(history, config.log_every))
         created.insert(0, out_dir / "metrics.jsonl")
 
@@ -385,8 +402,10 @@ def _loop(config: TrainConfig, model: nn.Module, algorithm: AbstractAlgorithm,
             losses = algorithm.meta_step(model, loss_fn, batch, scale=1.0 / config.meta_batch)
             all_reduce_grads(model, info)
             total = all_reduce_sum(losses.detach().double().sum().reshape(1).cpu(), info)
-            optimizer.step()
             meta_loss = float(total) / config.meta_batch
+            if not math.isfinite(meta_loss):  # stop before Adam spreads it into theta
+                raise MetaLossError(it + 1, meta_loss)
+            optimizer.step()
             running = meta_loss if running is None or not math.isfinite(running) \
                 else 0.9 * running + 0.1 * meta_loss
             elapsed = prior_s + time.perf_counter() - t0
