@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .hvp import Objective, conjugate_gradient, make_field
-from .solvers import AbstractSolver, Euler
+from .solvers import AbstractSolver
 
 __all__ = [
     "AbstractAdjoint",
@@ -321,55 +321,6 @@ def _param_names(th: Tensor, et: Tensor, m: Tensor | None) -> list[str]:
     return names
 
 
-def _euler_vjp(
-    spec: FlowSpec,
-    u: Tensor,
-    lam: Tensor,
-    theta: Tensor,
-    eta: Tensor,
-    mu: Tensor | None,
-    data: Sequence[Tensor],
-    need: tuple[bool, bool, bool],
-    bars: dict[str, Tensor],
-) -> Tensor:
-    """:func:`_step_vjp` for Euler, ``Phi(u) = u - eta (g(u) + mu (u - theta))``, by hand.
-
-    With ``v = eta lam``: ``(dPhi/du)^T lam = lam - H(u) v - mu v``,
-    ``(dPhi/dtheta)^T lam = mu v``, ``(dPhi/dmu)^T lam = -<u - theta, v>`` and
-    ``(dPhi/deta)^T lam = -(g + mu (u - theta)) lam`` (summed to the shape of ``eta``).
-    One gradient with graph and one double backward, without differentiating the
-    generic Runge-Kutta step: the same numbers to round-off, fewer autograd nodes.
-    """
-    objective = spec.objective
-    batched = objective.batched
-    v = eta.detach() * lam
-    with torch.enable_grad():
-        u = u.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(objective.total(u, data), u, create_graph=True)
-        (hv,) = torch.autograd.grad(g, u, v)
-    u = u.detach()
-    lam_out = lam - hv
-    if mu is not None:
-        mu_d = mu.detach()
-        lam_out = lam_out - mu_d * v
-        if need[0]:
-            t_bar = mu_d * v
-            _accumulate(bars, ["theta"], [t_bar.sum(0) if batched else t_bar])
-        if need[2]:
-            _accumulate(bars, ["mu"], [-((u - theta.detach()) * v).sum()])
-    if need[1]:
-        drift = g.detach()
-        if mu is not None:
-            drift = drift + mu.detach() * (u - theta.detach())
-        e_bar = -(drift * lam)
-        if eta.ndim == 0:
-            e_bar = e_bar.sum()
-        elif batched:
-            e_bar = e_bar.sum(0)
-        _accumulate(bars, ["eta"], [e_bar])
-    return lam_out
-
-
 def _step_vjp(
     spec: FlowSpec,
     u: Tensor,
@@ -382,8 +333,6 @@ def _step_vjp(
     bars: dict[str, Tensor],
 ) -> Tensor:
     """``(dPhi/du)^T lam``; adds ``(dPhi/dp)^T lam`` for the needed parameters to ``bars``."""
-    if type(spec.solver) is Euler:
-        return _euler_vjp(spec, u, lam, theta, eta, mu, data, need, bars)
     th, et, m, params = _leaves(theta, eta, mu, need)
     with torch.enable_grad():
         u = u.detach().requires_grad_(True)
