@@ -302,11 +302,13 @@ def main(argv: list[str] | None = None) -> None:
         run_guarded(make_method(m, wl, 2, args.lr))
     records: list[dict[str, object]] = []
     last: dict[str, tuple[int, float]] = {}
+    unstable: set[str] = set()  # a longer horizon is no more stable: not run again
     for n in ns:
         active, skipped = [], []
         for m in methods:
             est = last[m][1] * n / last[m][0] if m in last else 0.0
-            (skipped if m != REFERENCE and est > args.time_cap else active).append(m)
+            (skipped if m != REFERENCE and (est > args.time_cap or m in unstable)
+             else active).append(m)
         fns = {m: make_method(m, wl, n, args.lr) for m in active}
         status = {m: "ok" for m in active}
         samples: dict[str, list[float]] = {m: [] for m in active}
@@ -340,9 +342,11 @@ def main(argv: list[str] | None = None) -> None:
         for m in methods:
             rec: dict[str, object] = {"method": m, "n_steps": n}
             if m in skipped:
-                rec["status"] = "skipped (time cap)"
+                rec["status"] = "unstable (at smaller N)" if m in unstable else "skipped (time cap)"
             else:
                 rec["status"] = status[m]
+                if status[m] == "unstable":
+                    unstable.add(m)
                 rec["samples_s"] = samples[m]
                 if samples[m] and status[m] == "ok":
                     rec["time_s"] = statistics.median(samples[m])
