@@ -149,3 +149,38 @@ def test_compare_writes_results(tmp_path: Path) -> None:
 def test_parse_methods_errors(methods: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         parse_methods(methods)
+
+
+def test_nonfinite_meta_gradient_is_refused_before_the_update(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN in the meta-gradient (finite meta-loss) stops training before Adam spreads it."""
+    import sys
+
+    train_mod = sys.modules["amaml.experiments.train"]  # the package re-exports train()
+    real = train_mod.build_algorithm
+    seen: list[torch.Tensor] = []
+
+    class Poisoned:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def meta_step(self, model: torch.nn.Module, *args: object,
+                      **kwargs: object) -> torch.Tensor:
+            losses = self.inner.meta_step(model, *args, **kwargs)  # type: ignore[attr-defined]
+            if len(seen) == 2:  # the third meta-iteration
+                next(model.parameters()).grad[0, 0] = float("nan")
+            seen.append(next(model.parameters()).detach().clone())
+            return losses
+
+    def poisoned(config: TrainConfig) -> object:
+        return Poisoned(real(config))
+
+    monkeypatch.setattr(train_mod, "build_algorithm", poisoned)
+    with pytest.raises(train_mod.MetaLossError,
+                       match=r"meta-gradient of 'layers\.0\.weight'.*meta-iteration 3"):
+        train(tiny(), tmp_path / "run", progress=False)
+    assert torch.isfinite(seen[-1]).all()
+    assert not (tmp_path / "run" / "metrics.json").exists()

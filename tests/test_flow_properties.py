@@ -249,3 +249,21 @@ def test_conjugate_gradient_batched() -> None:
     x = conjugate_gradient(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), b, max_iter=20,
                            tol=1e-14, batched=True)
     assert torch.allclose(x, torch.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
+
+
+def test_conjugate_gradient_stops_at_negative_curvature() -> None:
+    """An indefinite system (iMAML's I + H/mu for a non-convex loss) must not blow up: the
+    system that meets negative curvature stops at its last iterate, the others still solve."""
+    from amaml.flow import conjugate_gradient
+
+    spd = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=DT))
+    indefinite = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=DT))
+    A = torch.stack([spd, indefinite])
+    b = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], dtype=DT)  # b[1] along the -2 axis
+    x = conjugate_gradient(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), b, max_iter=10,
+                           tol=1e-14, batched=True)
+    assert torch.isfinite(x).all()
+    assert torch.allclose(x[0], torch.linalg.solve(spd, b[0]), rtol=1e-12)
+    assert torch.equal(x[1], torch.zeros(3, dtype=DT))  # first direction has p^T A p < 0
+    x1 = conjugate_gradient(lambda v: indefinite @ v, b[1], max_iter=10, tol=1e-14)
+    assert torch.equal(x1, torch.zeros(3, dtype=DT))

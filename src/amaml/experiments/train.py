@@ -106,6 +106,17 @@ class TrainingInterrupted(Exception):
                          f"{where}")
 
 
+def _nonfinite_grad(model: nn.Module) -> str | None:
+    """The name of the first parameter whose ``.grad`` holds a NaN or an infinity, if any."""
+    grads = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not grads:
+        return None
+    flags = torch.stack([torch.isfinite(g).all() for _, g in grads])
+    if bool(flags.all()):
+        return None
+    return grads[int((~flags).nonzero()[0])][0]
+
+
 class MetaLossError(FloatingPointError):
     """The meta-loss became non-finite (the meta-step or the inner loop is too large).
 
@@ -113,9 +124,9 @@ class MetaLossError(FloatingPointError):
         iteration: The meta-iteration (1-based) whose meta-loss was not finite.
     """
 
-    def __init__(self, iteration: int, value: float) -> None:
+    def __init__(self, iteration: int, value: float, what: str = "meta-loss") -> None:
         self.iteration = iteration
-        super().__init__(f"The meta-loss became {value} at meta-iteration {iteration}; use a "
+        super().__init__(f"The {what} became {value} at meta-iteration {iteration}; use a "
                          "smaller --meta-lr or --inner-lr (the initialisation was not updated "
                          "with it).")
 
@@ -405,6 +416,9 @@ def _loop(config: TrainConfig, model: nn.Module, algorithm: AbstractAlgorithm,
             meta_loss = float(total) / config.meta_batch
             if not math.isfinite(meta_loss):  # stop before Adam spreads it into theta
                 raise MetaLossError(it + 1, meta_loss)
+            bad = _nonfinite_grad(model)
+            if bad is not None:
+                raise MetaLossError(it + 1, float("nan"), what=f"meta-gradient of {bad!r}")
             optimizer.step()
             running = meta_loss if running is None or not math.isfinite(running) \
                 else 0.9 * running + 0.1 * meta_loss

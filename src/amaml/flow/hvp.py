@@ -128,24 +128,31 @@ def conjugate_gradient(
         batched: Treat the leading dimension as independent systems (own step sizes).
 
     Returns:
-        The approximate solution, same shape as ``b``, starting from ``x = 0``.
+        The approximate solution, same shape as ``b``, starting from ``x = 0``. A system
+        that meets a direction of non-positive curvature stops at its current iterate.
     """
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
     rs = _dot(r, r, batched)
-    stop = (tol * tol) * rs.clamp_min(torch.finfo(b.dtype).tiny)
+    tiny = torch.finfo(b.dtype).tiny
+    stop = (tol * tol) * rs.clamp_min(tiny)
+    live = rs > stop  # systems still iterating
     for _ in range(max_iter):
-        if bool((rs <= stop).all()):
+        if not bool(live.any()):
             break
         ap = matvec(p)
         pap = _dot(p, ap, batched)
-        # Converged systems have rs == 0: keep their step at zero instead of 0/0.
-        alpha = torch.where(rs > stop, rs / pap.clamp_min(torch.finfo(b.dtype).tiny), 0.0)
+        # A direction of non-positive curvature (A not positive definite, e.g. a non-convex
+        # inner loss with a weak proximal term) ends that system's iteration at the current
+        # iterate, as truncated CG does; dividing by pap there would blow up.
+        live = live & (pap > 0)
+        alpha = torch.where(live, rs / pap.clamp_min(tiny), 0.0)
         x = x + alpha * p
         r = r - alpha * ap
         rs_new = _dot(r, r, batched)
-        beta = torch.where(rs > stop, rs_new / rs.clamp_min(torch.finfo(b.dtype).tiny), 0.0)
+        beta = torch.where(live, rs_new / rs.clamp_min(tiny), 0.0)
         p = r + beta * p
-        rs = rs_new
+        rs = torch.where(live, rs_new, rs)
+        live = live & (rs > stop)
     return x
