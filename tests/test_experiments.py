@@ -133,6 +133,11 @@ def test_compare_writes_results(tmp_path: Path) -> None:
     assert {r["method"]: r["steps"] for r in saved} == {"amaml": 3, "maml": 1, "reptile": 3}
     table = (out / "results.md").read_text()
     assert "| amaml |" in table and "| reptile |" in table
+    assert "paired difference to amaml" in table
+    diffs = [a - b for a, b in zip(saved[2]["nrmse_per_task"], saved[0]["nrmse_per_task"])]
+    mean, sem = summarise(diffs)
+    assert f"| reptile | 3 / 3 | {saved[2]['nrmse_mean']:.4f} ± {saved[2]['nrmse_sem']:.4f} | " \
+        f"{mean:+.4f} ± {sem:.4f} |" in table
     assert (out / "finetune.png").stat().st_size > 0
     # Identical initialisation for every method: the epoch-0 point of the fine-tuning
     # curve differs only through meta-training, so it is finite for all.
@@ -184,3 +189,13 @@ def test_nonfinite_meta_gradient_is_refused_before_the_update(
         train(tiny(), tmp_path / "run", progress=False)
     assert torch.isfinite(seen[-1]).all()
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_paired_difference() -> None:
+    from amaml.experiments.compare import paired_difference
+
+    mean, sem = paired_difference([1.0, 2.0, 4.0], [0.5, 2.0, 3.0])  # diffs .5, 0, 1
+    assert math.isclose(mean, 0.5) and math.isclose(sem, 0.5 / math.sqrt(3))
+    assert paired_difference([1.0], [1.0, 2.0]) is None
+    assert paired_difference(None, [1.0]) is None
+    assert paired_difference([float("nan")], [1.0]) is None

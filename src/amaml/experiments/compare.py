@@ -15,6 +15,7 @@ resumes the same way). ``out`` also receives::
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,10 +25,11 @@ from ..algorithms import list_algorithms
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import TrainConfig
 from .distributed import DistInfo
+from .evaluate import summarise
 from .plots import plot_finetune
 from .train import CHECKPOINT_FILE, RunDirError, TrainingInterrupted, build_family, train
 
-__all__ = ["DEFAULT_METHODS", "compare", "format_table", "parse_methods"]
+__all__ = ["DEFAULT_METHODS", "compare", "format_table", "paired_difference", "parse_methods"]
 
 #: The paper's methods, in its order.
 DEFAULT_METHODS = ("amaml", "maml", "maml1", "fomaml", "reptile", "imaml")
@@ -61,7 +63,7 @@ def _record(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "method": metrics["method"], "family": metrics["family"], "shots": metrics["shots"],
         "queries": metrics["queries"], "steps": metrics["steps"],
         "eval_steps": metrics["eval_steps"], "nrmse_mean": metrics["nrmse_mean"],
-        "nrmse_sem": metrics["nrmse_sem"],
+        "nrmse_sem": metrics["nrmse_sem"], "nrmse_per_task": metrics.get("nrmse_per_task"),
         "finetune_final_nrmse": metrics["finetune_final_nrmse"],
         "finetune_best_nrmse": metrics["finetune_best_nrmse"],
         "final_meta_loss": metrics["final_meta_loss"], "meta_iters": metrics["meta_iters"],
@@ -74,8 +76,29 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "diverged" if x is None or x != x else f"{x:.{digits}f}"
 
 
+def paired_difference(values: Sequence[float] | None,
+                      reference: Sequence[float] | None) -> tuple[float, float] | None:
+    """Mean and standard error of ``values - reference`` over the same meta-test tasks.
+
+    Every method is evaluated on the same tasks, so the spread between tasks (large for
+    the synthetic families) cancels in the difference; ``None`` where either is missing,
+    of other lengths, or not finite.
+    """
+    if not values or not reference or len(values) != len(reference):
+        return None
+    diffs = [a - b for a, b in zip(values, reference, strict=True)]
+    if not all(math.isfinite(d) for d in diffs):
+        return None
+    return summarise(diffs)
+
+
 def format_table(records: list[dict[str, Any]], config: TrainConfig) -> str:
-    """A markdown table of a comparison (best nRMSE in bold)."""
+    """A markdown table of a comparison (best nRMSE in bold).
+
+    Its last columns give each method's nRMSE minus the first method's, task by task
+    (mean ± standard error of the paired differences): a negative value means lower error
+    than the first method; within about two standard errors of zero, no clear difference.
+    """
     epochs = config.finetune_epochs
     best = min((r["nrmse_mean"] for r in records if r["nrmse_mean"] is not None), default=None)
     best_ft = min((r["finetune_final_nrmse"] for r in records
@@ -88,9 +111,11 @@ def format_table(records: list[dict[str, Any]], config: TrainConfig) -> str:
         f"{config.n_test} meta-test tasks.",
         "",
         "| method | inner steps (train / eval) | nRMSE after adaptation | "
+        f"paired difference to {records[0]['method'] if records else '-'} | "
         f"nRMSE after {epochs} fine-tuning epochs | s / meta-iter |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
+    reference = records[0].get("nrmse_per_task") if records else None
     for r in records:
         a = f"{_fmt(r['nrmse_mean'])} ± {_fmt(r['nrmse_sem'])}"
         if r["nrmse_mean"] is not None and r["nrmse_mean"] == best:
@@ -98,7 +123,12 @@ def format_table(records: list[dict[str, Any]], config: TrainConfig) -> str:
         f = _fmt(r["finetune_final_nrmse"])
         if r["finetune_final_nrmse"] is not None and r["finetune_final_nrmse"] == best_ft:
             f = f"**{f}**"
-        lines.append(f"| {r['method']} | {r['steps']} / {r['eval_steps']} | {a} | {f} | "
+        d = "-" if r is records[0] else "n/a"
+        pair = None if r is records[0] else paired_difference(r.get("nrmse_per_task"),
+                                                              reference)
+        if pair is not None:
+            d = f"{pair[0]:+.4f} ± {pair[1]:.4f}"
+        lines.append(f"| {r['method']} | {r['steps']} / {r['eval_steps']} | {a} | {d} | {f} | "
                      f"{r['s_per_meta_iter']:.3f} |")
     return "\n".join(lines) + "\n"
 
