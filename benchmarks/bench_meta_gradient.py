@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per N (at most)")
     p.add_argument("--budget", type=float, default=120.0,
                    help="seconds of timed rounds per N; fewer rounds when one is longer")
-    p.add_argument("--time-cap", type=float, default=150.0,
+    p.add_argument("--time-cap", type=float, default=300.0,
                    help="skip a method at N when its extrapolated time exceeds this (s)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--compare-tasks", type=int, default=25)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import amaml_meta_grad, mlp, regression_data, rel_err
 
 pytestmark = [pytest.mark.cuda,
