@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .compiled import StepFunctions
 from .hvp import Objective, conjugate_gradient, make_field
 from .solvers import AbstractSolver
 
@@ -167,9 +168,19 @@ class FirstOrder(AbstractAdjoint):
 
 @dataclass(frozen=True)
 class DiscreteAdjoint(AbstractAdjoint):
-    """The exact adjoint of the discrete solver (A-MAML), under a memory strategy."""
+    """The exact adjoint of the discrete solver (A-MAML), under a memory strategy.
+
+    Args:
+        memory: How the states are kept: :class:`Store`, :class:`Checkpoint` (default)
+            or :class:`Backsolve`.
+        compile: Run each solver step and its vector-Jacobian product as functions
+            compiled by :func:`torch.compile` (see :mod:`amaml.flow.compiled`): the same
+            gradient, several times faster on small models, after a one-off compilation
+            of tens of seconds per model, loss and data shape.
+    """
 
     memory: AbstractMemory = field(default_factory=Checkpoint)
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,6 +217,7 @@ class FlowSpec:
     adjoint: AbstractAdjoint
     n_steps: int
     has_mu: bool
+    compiled: StepFunctions | None = None
 
 
 @dataclass
@@ -272,6 +284,8 @@ def integrate(
     kept: list[Tensor] = []
     every = _check_every(spec.n_steps)
     last_ok, last_ok_k = u, start
+    fast = None if create_graph else spec.compiled
+    consts = (theta.detach(), eta.detach(), None if mu is None else mu.detach())
     for k in range(start, stop):
         if keep_every is not None and (k - start) % keep_every == 0:
             if out is not None:
@@ -279,7 +293,11 @@ def integrate(
                 row.copy_(u)
                 u = row
             kept.append(u)
-        u = spec.solver.step(field_fn, u)
+        u_next = None if fast is None else fast.step(u, *consts, data)
+        if u_next is None:
+            fast = None
+            u_next = spec.solver.step(field_fn, u)
+        u = u_next
         if (k + 1 - start) % every == 0 or k + 1 == stop:
             if not bool(torch.isfinite(u).all()):
                 replay = make_field(spec.objective, data, theta.detach(), eta.detach(),
@@ -333,6 +351,13 @@ def _step_vjp(
     bars: dict[str, Tensor],
 ) -> Tensor:
     """``(dPhi/du)^T lam``; adds ``(dPhi/dp)^T lam`` for the needed parameters to ``bars``."""
+    if spec.compiled is not None:
+        res = spec.compiled.vjp(u.detach(), lam, theta.detach(), eta.detach(),
+                                None if mu is None else mu.detach(), data, need)
+        if res is not None:
+            lam_u, pbars = res
+            _accumulate(bars, list(pbars), list(pbars.values()))
+            return lam_u
     th, et, m, params = _leaves(theta, eta, mu, need)
     with torch.enable_grad():
         u = u.detach().requires_grad_(True)

@@ -19,6 +19,7 @@ from .adjoint import (
     flow_function,
     integrate,
 )
+from .compiled import step_functions
 from .hvp import Objective
 from .solvers import AbstractSolver, Euler
 
@@ -115,7 +116,10 @@ def gradient_flow(
     if batched and (not data or data[0].ndim < 1):
         raise ValueError("batched=True needs data tensors with a leading task dimension.")
 
-    spec = FlowSpec(Objective(loss, batched), solver, adjoint, n_steps, has_mu)
+    compiled = None
+    if isinstance(adjoint, DiscreteAdjoint) and adjoint.compile:
+        compiled = step_functions(loss, solver, batched, has_mu)
+    spec = FlowSpec(Objective(loss, batched), solver, adjoint, n_steps, has_mu, compiled)
     mu_arg = mu_t if has_mu else None
     if isinstance(adjoint, Unrolled):
         u_end, _ = integrate(spec, theta, eta, mu_arg, data, create_graph=torch.is_grad_enabled())

@@ -1,0 +1,75 @@
+"""The compiled solver steps (``compile=True``): the same meta-gradient as unrolled autograd.
+
+Each test compiles a step and its VJP once (tens of seconds on CPU), so the cases are few
+and each covers much: proximal term, learnable lr and mu, store and checkpoint (which
+reuse the same compiled code), Heun, a batch of tasks, and the eager fallback.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DT, amaml_meta_grad, mlp, regression_data, rel_err, unrolled_meta_grad
+
+import amaml
+from amaml.flow import compiled
+
+TOL = 1e-10
+
+
+def test_compiled_euler_proximal_learnable_lr_store_and_checkpoint() -> None:
+    model = mlp(hidden=8)
+    x, y, xq, yq = regression_data()
+    lr = torch.tensor(0.03, dtype=DT, requires_grad=True)
+    mu = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    ref = unrolled_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=200, lr=lr, mu=mu,
+                             extra=(lr, mu))
+    for memory in ("store", "checkpoint"):
+        got = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=200, lr=lr, proximal=mu,
+                              memory=memory, compile=True, extra=(lr, mu))
+        assert rel_err(got, ref) < TOL, memory
+        assert torch.allclose(got[-2:], ref[-2:], rtol=TOL, atol=0), memory
+
+
+def test_compiled_heun_batch_equals_eager() -> None:
+    model = mlp(hidden=8)
+    xs, ys, xq, yq = regression_data(batch=3)
+
+    def meta_grad(**kw: object) -> torch.Tensor:
+        model.zero_grad()
+        params = amaml.adapt_batch(model, F.mse_loss, (xs, ys), steps=60, lr=0.02,
+                                   solver="heun", memory="checkpoint", **kw)
+        torch.func.vmap(F.mse_loss)(amaml.functional_call_batch(model, params, xq),
+                                    yq).sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    eager = meta_grad()
+    assert rel_err(meta_grad(compile=True), eager) < TOL
+    # and task by task against unrolled autograd
+    looped = sum(unrolled_meta_grad(model, F.mse_loss, xs[i], ys[i], xq[i], yq[i], steps=60,
+                                    lr=0.02, solver="heun") for i in range(3))
+    assert rel_err(eager, looped) < TOL
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(fn: object, **kwargs: object) -> object:
+        def run(*args: object) -> object:
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(compiled.torch, "compile", broken)
+    model = mlp(hidden=8)
+    x, y, xq, yq = regression_data()
+    ref = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=30, lr=0.05, memory="store")
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+        got = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=30, lr=0.05,
+                              memory="store", compile=True)
+    assert torch.equal(got, ref)
+
+
+def test_compile_must_be_a_bool() -> None:
+    model = mlp(hidden=8)
+    x, y, _, _ = regression_data()
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        amaml.adapt(model, F.mse_loss, (x, y), steps=2, lr=0.1, compile="yes")  # type: ignore[arg-type]
