@@ -14,6 +14,9 @@ Methods:
                  as "unstable" (expected on long horizons).
     unrolled     ``amaml.adapt(adjoint=amaml.Unrolled())``: second-order MAML.
     batch        ``amaml.adapt_batch`` on the whole meta-batch (checkpoint memory).
+    *+compile    the same with ``compile=True`` (steps and their VJPs compiled with
+                 ``torch.compile``); ``forward+compile`` is the plain loop with each
+                 gradient step compiled, for context (the reference stays ``forward``).
 
 Per-task methods back-propagate each task's query loss in turn (gradients
 accumulate in ``.grad``), as a meta-training loop would; ``batch`` holds the whole
@@ -56,7 +59,8 @@ from _workload import PeakMemory, Workload, machine_info, make_workload, sync, t
 
 import amaml
 
-METHODS = ("forward", "store", "checkpoint", "backsolve", "unrolled", "batch")
+METHODS = ("forward", "store", "checkpoint", "backsolve", "unrolled", "batch",
+           "forward+compile", "store+compile", "checkpoint+compile", "batch+compile")
 REFERENCE = "forward"
 MIB = 2.0**20
 
@@ -110,6 +114,34 @@ def _forward_only_module(wl: Workload, n_steps: int, lr: float) -> Callable[[], 
     return run
 
 
+def _forward_only_compiled(wl: Workload, n_steps: int, lr: float) -> Callable[[], None]:
+    """The plain loop with each gradient step compiled (context for the compiled methods)."""
+    names = [n for n, _ in wl.model.named_parameters()]
+    theta = {n: p.detach() for n, p in wl.model.named_parameters()}
+
+    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(torch.func.functional_call(wl.model, params, (x,)), y)
+
+    grad = torch.func.grad(loss)
+
+    def gd_step(params: dict[str, torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor) -> dict[str, torch.Tensor]:
+        g = grad(params, x, y)
+        return {n: params[n] - lr * g[n] for n in names}
+
+    step = torch.compile(gd_step, dynamic=False)
+
+    def run() -> None:
+        with torch.no_grad():
+            for b in range(wl.n_tasks):
+                params = dict(theta)
+                for _ in range(n_steps):
+                    params = step(params, wl.xs[b], wl.ys[b])
+                loss(params, wl.xq[b], wl.yq[b])
+
+    return run
+
+
 def _per_task(wl: Workload, n_steps: int, lr: float, **kw: object) -> Callable[[], None]:
     model = wl.model
 
@@ -144,6 +176,12 @@ def make_method(name: str, wl: Workload, n_steps: int, lr: float) -> Callable[[]
         return _forward_only_module(wl, n_steps, lr)
     if name == "forward-fcall":
         return _forward_only(wl, n_steps, lr)
+    if name == "forward+compile":
+        return _forward_only_compiled(wl, n_steps, lr)
+    if name in ("store+compile", "checkpoint+compile"):
+        return _per_task(wl, n_steps, lr, memory=name.split("+")[0], compile=True)
+    if name == "batch+compile":
+        return _batched(wl, n_steps, lr, memory="checkpoint", compile=True)
     if name in ("store", "checkpoint", "backsolve"):
         return _per_task(wl, n_steps, lr, memory=name)
     if name == "unrolled":
@@ -240,7 +278,9 @@ def compare_batch(args: argparse.Namespace) -> dict[str, object]:
     wl = make_workload(args.compare_tasks, args.shots, args.queries, args.seed + 1, args.device)
     n = args.compare_steps
     fns = {"separate": _per_task(wl, n, args.lr, memory="checkpoint"),
-           "batch": _batched(wl, n, args.lr, memory="checkpoint")}
+           "batch": _batched(wl, n, args.lr, memory="checkpoint"),
+           "separate+compile": _per_task(wl, n, args.lr, memory="checkpoint", compile=True),
+           "batch+compile": _batched(wl, n, args.lr, memory="checkpoint", compile=True)}
     for fn in fns.values():
         _per_task(wl, 2, args.lr)()
         fn()
@@ -251,10 +291,18 @@ def compare_batch(args: argparse.Namespace) -> dict[str, object]:
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {"tasks": args.compare_tasks, "n_steps": n, "separate_s": med["separate"],
            "batch_s": med["batch"], "speedup": med["separate"] / med["batch"],
+           "separate_compiled_s": med["separate+compile"],
+           "batch_compiled_s": med["batch+compile"],
+           "speedup_compiled": med["separate+compile"] / med["batch+compile"],
+           "speedup_batch_compiled_vs_separate": med["separate"] / med["batch+compile"],
            "samples": times}
     print(f"\nadapt_batch, {args.compare_tasks} tasks, N={n}: {med['batch']:.3g} s; "
           f"{args.compare_tasks} separate adapt calls: {med['separate']:.3g} s; "
           f"speed-up {out['speedup']:.1f}x", flush=True)
+    print(f"compiled: adapt_batch {med['batch+compile']:.3g} s; separate "
+          f"{med['separate+compile']:.3g} s; speed-up {out['speedup_compiled']:.1f}x "
+          f"({out['speedup_batch_compiled_vs_separate']:.1f}x against separate eager calls)",
+          flush=True)
     return out
 
 

@@ -74,6 +74,10 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
                    f"(default {d.memory})")
     g.add_argument("--proximal", type=float,
                    help=f"proximal weight mu >= 0 (default {d.proximal}; iMAML uses 1 if 0)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="compile A-MAML's solver steps with torch.compile: same gradients, "
+                        "several times faster per step after a one-off compilation of tens "
+                        "of seconds")
     g.add_argument("--maml-steps", type=int, help="MAML's inner steps (default steps // 10)")
     g.add_argument("--hidden", type=_hidden, help="MLP hidden widths, e.g. 32,32 (default)")
     g = p.add_argument_group("meta-training")
@@ -115,7 +119,8 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
 
 _CONFIG_KEYS = (
     "family", "method", "shots", "queries", "n_train", "n_test", "data_dir", "download",
-    "steps", "inner_lr", "solver", "memory", "proximal", "maml_steps", "hidden", "meta_iters",
+    "steps", "inner_lr", "solver", "memory", "proximal", "compile", "maml_steps", "hidden",
+    "meta_iters",
     "meta_batch", "meta_lr", "seed", "log_every", "checkpoint_every", "dtype", "device",
     "eval_steps", "finetune_epochs", "finetune_every",
 )

@@ -22,9 +22,9 @@ __all__ = [
 
 
 def _amaml(n_steps: int, inner_lr: float, solver: AbstractSolver, memory: AbstractMemory,
-           proximal: float, **_: Any) -> AbstractAlgorithm:
-    return GradientMetaLearner("amaml", n_steps, inner_lr, solver, DiscreteAdjoint(memory),
-                               proximal)
+           proximal: float, compile: bool = False, **_: Any) -> AbstractAlgorithm:
+    return GradientMetaLearner("amaml", n_steps, inner_lr, solver,
+                               DiscreteAdjoint(memory, compile=compile), proximal)
 
 
 def _maml(n_steps: int, inner_lr: float, solver: AbstractSolver, proximal: float,
@@ -55,7 +55,8 @@ def _reptile(n_steps: int, inner_lr: float, solver: AbstractSolver,
     return Reptile(n_steps, inner_lr, solver)
 
 
-#: name -> builder(n_steps, inner_lr, solver, memory, proximal, maml_steps, cg_steps).
+#: name -> builder(n_steps, inner_lr, solver, memory, proximal, maml_steps, cg_steps,
+#: compile).
 ALGORITHMS: dict[str, Callable[..., AbstractAlgorithm]] = {
     "amaml": _amaml,
     "maml": _maml,
@@ -81,6 +82,7 @@ def make_algorithm(
     proximal: float = 0.0,
     maml_steps: int | None = None,
     cg_steps: int = 20,
+    compile: bool = False,
 ) -> AbstractAlgorithm:
     """Build an algorithm by name.
 
@@ -93,6 +95,8 @@ def make_algorithm(
         proximal: Proximal weight (iMAML uses 1.0 when this is 0).
         maml_steps: Steps of ``maml`` (default ``n_steps // 10``, the paper's protocol).
         cg_steps: Conjugate-gradient iterations of iMAML.
+        compile: A-MAML's solver steps compiled with ``torch.compile`` (see
+            :class:`amaml.flow.DiscreteAdjoint`).
     """
     if name not in ALGORITHMS:
         raise ValueError(f"Unknown method {name!r}; expected one of {list_algorithms()}.")
@@ -102,4 +106,4 @@ def make_algorithm(
         raise ValueError(f"maml_steps must be an int >= 1; got {maml_steps!r}.")
     return ALGORITHMS[name](n_steps=n_steps, inner_lr=inner_lr, solver=resolve_solver(solver),
                             memory=resolve_memory(memory), proximal=proximal,
-                            maml_steps=maml_steps, cg_steps=cg_steps)
+                            maml_steps=maml_steps, cg_steps=cg_steps, compile=compile)

@@ -174,7 +174,7 @@ def build_algorithm(config: TrainConfig) -> AbstractAlgorithm:
     """The algorithm of a config (MAML with ``effective_maml_steps``)."""
     return make_algorithm(config.method, n_steps=config.steps, inner_lr=config.inner_lr,
                           solver=config.solver, memory=config.memory, proximal=config.proximal,
-                          maml_steps=config.effective_maml_steps)
+                          maml_steps=config.effective_maml_steps, compile=config.compile)
 
 
 def _batch_generator(config: TrainConfig) -> torch.Generator:
@@ -275,7 +275,8 @@ def train(config: TrainConfig, out: str | os.PathLike[str] | None = None, *,
         config: The run's settings.
         out: Run directory (created); ``None`` writes nothing and cannot be resumed.
         resume: Continue the run saved in ``out``. The config must equal the
-            checkpoint's except for ``data_dir``, ``download`` and ``checkpoint_every``.
+            checkpoint's except for ``data_dir``, ``download``, ``checkpoint_every`` and
+            ``compile``.
             Resuming a finished run returns its saved metrics without recomputing.
         family: Prebuilt tasks of this config (saves rebuilding them, e.g. in a comparison).
         progress: Show a tqdm bar (rank 0 only).
