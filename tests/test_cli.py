@@ -25,7 +25,7 @@ def test_python_m_amaml_help() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     for flag in ("--family", "--method", "--inner-lr", "--meta-iters", "--resume", "--nproc",
-                 "--checkpoint-every", "--maml-steps", "--download"):
+                 "--checkpoint-every", "--maml-steps", "--download", "--compile"):
         assert flag in proc.stdout
 
 
@@ -52,6 +52,20 @@ def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--eval-steps", "1",
                  "--finetune-epochs", "0"]) == 0
     assert json.loads(capsys.readouterr().out.strip())["eval_steps"] == 1
+
+
+def test_train_compile_matches_eager(tmp_path: Path) -> None:
+    """--compile changes the speed, not the result (float32 round-off only)."""
+    assert main(["train", *TINY, "--out", str(tmp_path / "eager")]) == 0
+    assert main(["train", *TINY, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    config = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert config["compile"] is True
+    a = torch.load(tmp_path / "eager" / "init.pt", weights_only=False)
+    b = torch.load(tmp_path / "compiled" / "init.pt", weights_only=False)
+    sa, sb = a["model"], b["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), k
 
 
 def test_compare_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

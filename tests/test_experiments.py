@@ -199,3 +199,16 @@ def test_paired_difference() -> None:
     assert paired_difference([1.0], [1.0, 2.0]) is None
     assert paired_difference(None, [1.0]) is None
     assert paired_difference([float("nan")], [1.0]) is None
+
+
+def test_compile_flag_reaches_the_adjoint() -> None:
+    import sys
+
+    train_mod = sys.modules["amaml.experiments.train"]
+    assert train_mod.build_algorithm(tiny(compile=True)).adjoint.compile is True
+    assert train_mod.build_algorithm(tiny()).adjoint.compile is False
+    with pytest.raises(ValueError, match=r"compile \(--compile\) must be a bool"):
+        tiny(compile="yes")
+    # a speed option, not the maths: a run may be resumed with or without it
+    from amaml.experiments.config import RESUME_MUTABLE
+    assert "compile" in RESUME_MUTABLE
