@@ -17,6 +17,7 @@ from .flow import (
     FirstOrder,
     Heun,
     Implicit,
+    Revolve,
     Store,
     Unrolled,
     gradient_flow,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backsolve", "BacksolveError", "Checkpoint", "DiscreteAdjoint", "DivergenceError", "Euler",
+    "Revolve",
     "FirstOrder", "Heun", "Implicit", "RK4", "Store", "Unrolled", "__version__", "adapt",
     "adapt_batch", "functional_call_batch", "gradient_flow",
 ]

@@ -70,7 +70,8 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
     g.add_argument("--inner-lr", type=float,
                    help=f"inner learning rate / solver step (default {d.inner_lr})")
     g.add_argument("--solver", help=f"inner solver: euler, heun, rk4 (default {d.solver})")
-    g.add_argument("--memory", help="A-MAML memory strategy: store, checkpoint, backsolve "
+    g.add_argument("--memory", help="A-MAML memory strategy: store, checkpoint, revolve, "
+                   "backsolve "
                    f"(default {d.memory})")
     g.add_argument("--proximal", type=float,
                    help=f"proximal weight mu >= 0 (default {d.proximal}; iMAML uses 1 if 0)")

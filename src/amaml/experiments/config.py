@@ -76,7 +76,8 @@ class TrainConfig:
         meta_lr: Adam's learning rate > 0.
         seed: Seed of the tasks, the initialisation and the meta-batch draws, >= 0.
         solver: Inner-loop solver name (``euler``, ``heun``, ``rk4``).
-        memory: A-MAML's memory strategy (``store``, ``checkpoint``, ``backsolve``).
+        memory: A-MAML's memory strategy (``store``, ``checkpoint``, ``revolve``,
+            ``backsolve``).
         proximal: Proximal weight mu >= 0 (iMAML uses 1.0 when 0).
         compile: Compile A-MAML's solver steps with ``torch.compile`` (same gradients to
             round-off, several times faster per step; tens of seconds to compile).

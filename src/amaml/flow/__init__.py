@@ -11,6 +11,7 @@ from .adjoint import (
     DivergenceError,
     FirstOrder,
     Implicit,
+    Revolve,
     Store,
     SweepStats,
     Unrolled,
@@ -22,6 +23,7 @@ from .solvers import RK4, SOLVERS, AbstractSolver, Euler, Heun
 
 __all__ = [
     "AbstractAdjoint", "AbstractMemory", "AbstractSolver", "Backsolve", "BacksolveError",
+    "Revolve",
     "Checkpoint", "DiscreteAdjoint", "DivergenceError", "Euler", "FirstOrder", "Heun",
     "Implicit", "MEMORIES", "Objective", "RK4", "SOLVERS", "Store", "SweepStats", "Unrolled",
     "adjoint_sweep", "conjugate_gradient", "gradient_flow",

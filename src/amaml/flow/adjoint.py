@@ -52,6 +52,7 @@ __all__ = [
     "FirstOrder",
     "FlowSpec",
     "Implicit",
+    "Revolve",
     "Store",
     "SweepStats",
     "Unrolled",
@@ -120,6 +121,37 @@ class Checkpoint(AbstractMemory):
 
 
 @dataclass(frozen=True)
+class Revolve(AbstractMemory):
+    """Binomial checkpointing: at most ``snapshots + 1`` states, whatever ``N``.
+
+    The schedule of Griewank's *revolve*: with ``s`` snapshots, ``N`` steps are reversed
+    with each step recomputed at most ``t`` times, where ``t`` is the smallest integer with
+    ``C(s + t, s) >= N`` (20 snapshots: ``t = 2`` for 100 steps, 3 for 1000, 4 for 10000).
+    Memory stays constant as ``N`` grows; time grows by the recomputations. Exact.
+
+    Args:
+        snapshots: States held besides the one being differentiated, >= 1.
+    """
+
+    snapshots: int = 20
+    name: str = field(default="revolve", init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.snapshots, int) or isinstance(self.snapshots, bool) \
+                or self.snapshots < 1:
+            raise ValueError(f"Revolve(snapshots=...) must be an int >= 1; got "
+                             f"{self.snapshots!r}.")
+
+    @staticmethod
+    def repetitions(snapshots: int, n_steps: int) -> int:
+        """The smallest ``t`` with ``C(snapshots + t, snapshots) >= n_steps``."""
+        t = 0
+        while math.comb(snapshots + t, snapshots) < n_steps:
+            t += 1
+        return t
+
+
+@dataclass(frozen=True)
 class Backsolve(AbstractMemory):
     """Keep only ``u_N``; integrate the state backward together with ``lam``.
 
@@ -145,6 +177,7 @@ class Backsolve(AbstractMemory):
 MEMORIES: dict[str, type[AbstractMemory]] = {
     "store": Store,
     "checkpoint": Checkpoint,
+    "revolve": Revolve,
     "backsolve": Backsolve,
 }
 
@@ -403,6 +436,44 @@ def _sweep_checkpointed(
     return lam
 
 
+def _sweep_revolve(
+    spec: FlowSpec, memory: Revolve, u0: Tensor, lam: Tensor, theta: Tensor, eta: Tensor,
+    mu: Tensor | None, data: Sequence[Tensor], need: tuple[bool, bool, bool],
+    bars: dict[str, Tensor], stats: SweepStats,
+) -> Tensor:
+    held = [1]  # states alive now: u0 (the caller's), then one per open recursion level
+
+    def advance(u: Tensor, start: int, stop: int) -> Tensor:
+        if stop == start:
+            return u
+        stats.recomputed_steps += stop - start
+        u_stop, _ = integrate(spec, theta, eta, mu, data, u0=u, start=start, stop=stop)
+        return u_stop
+
+    def reverse(a: int, u_a: Tensor, b: int, free: int, lam: Tensor) -> Tensor:
+        # Reverse steps a .. b-1 holding u_a, with ``free`` more states allowed.
+        while b - a > 1 and free == 0:  # no room: recompute each state from u_a
+            held[0] += 1
+            stats.peak_states = max(stats.peak_states, held[0])
+            lam = _step_vjp(spec, advance(u_a, a, b - 1), lam, theta, eta, mu, data, need, bars)
+            held[0] -= 1
+            b -= 1
+        if b - a == 1:
+            return _step_vjp(spec, u_a, lam, theta, eta, mu, data, need, bars)
+        t = Revolve.repetitions(free, b - a)
+        m = a + max(1, min(b - a - 1, math.comb(free + t - 1, free)))
+        held[0] += 1
+        stats.peak_states = max(stats.peak_states, held[0])
+        u_m = advance(u_a, a, m)
+        lam = reverse(m, u_m, b, free - 1, lam)
+        del u_m
+        held[0] -= 1
+        return reverse(a, u_a, m, free, lam)
+
+    stats.peak_states = max(stats.peak_states, 1)
+    return reverse(0, u0, spec.n_steps, memory.snapshots, lam)
+
+
 def _sweep_backsolve(
     spec: FlowSpec, memory: Backsolve, u_end: Tensor, lam: Tensor, theta: Tensor,
     eta: Tensor, mu: Tensor | None, data: Sequence[Tensor], need: tuple[bool, bool, bool],
@@ -501,6 +572,9 @@ def adjoint_sweep(
         elif isinstance(memory, Checkpoint):
             lam0 = _sweep_checkpointed(spec, memory, kept, lam, theta, eta, mu, data, need,
                                        bars, stats)
+        elif isinstance(memory, Revolve):
+            lam0 = _sweep_revolve(spec, memory, kept[0], lam, theta, eta, mu, data, need,
+                                  bars, stats)
         elif isinstance(memory, Backsolve):
             lam0 = _sweep_backsolve(spec, memory, kept[0], lam, theta, eta, mu, data, need,
                                     bars, stats)
@@ -541,6 +615,9 @@ def forward_kept(
         ckpts = u0.new_empty((-(-spec.n_steps // every), *u0.shape))
         u_end, _ = integrate(spec, theta, eta, mu, data, keep_every=every, u0=u0, out=ckpts)
         return u_end, ckpts
+    if isinstance(memory, Revolve):  # keep u_0 only; the sweep recomputes the rest
+        u_end, _ = integrate(spec, theta, eta, mu, data, u0=u0)
+        return u_end, u0.detach().clone().unsqueeze(0)
     u_end, _ = integrate(spec, theta, eta, mu, data, u0=u0)
     return u_end, torch.stack([u_end])
 
