@@ -10,6 +10,7 @@ Methods:
                  module forward, ``autograd.grad``, in-place ``_foreach_add_``).
     store        ``amaml.adapt(memory="store")`` + query loss + ``backward()``.
     checkpoint   ``amaml.adapt(memory="checkpoint")`` (the default).
+    revolve      ``amaml.adapt(memory="revolve")``: binomial checkpointing, 20 snapshots.
     backsolve    ``amaml.adapt(memory="backsolve")``; ``BacksolveError`` is recorded
                  as "unstable" (expected on long horizons).
     unrolled     ``amaml.adapt(adjoint=amaml.Unrolled())``: second-order MAML.
@@ -59,8 +60,9 @@ from _workload import PeakMemory, Workload, machine_info, make_workload, sync, t
 
 import amaml
 
-METHODS = ("forward", "store", "checkpoint", "backsolve", "unrolled", "batch",
-           "forward+compile", "store+compile", "checkpoint+compile", "batch+compile")
+METHODS = ("forward", "store", "checkpoint", "revolve", "backsolve", "unrolled", "batch",
+           "forward+compile", "store+compile", "checkpoint+compile", "revolve+compile",
+           "batch+compile")
 REFERENCE = "forward"
 MIB = 2.0**20
 
@@ -178,11 +180,11 @@ def make_method(name: str, wl: Workload, n_steps: int, lr: float) -> Callable[[]
         return _forward_only(wl, n_steps, lr)
     if name == "forward+compile":
         return _forward_only_compiled(wl, n_steps, lr)
-    if name in ("store+compile", "checkpoint+compile"):
+    if name in ("store+compile", "checkpoint+compile", "revolve+compile"):
         return _per_task(wl, n_steps, lr, memory=name.split("+")[0], compile=True)
     if name == "batch+compile":
         return _batched(wl, n_steps, lr, memory="checkpoint", compile=True)
-    if name in ("store", "checkpoint", "backsolve"):
+    if name in ("store", "checkpoint", "revolve", "backsolve"):
         return _per_task(wl, n_steps, lr, memory=name)
     if name == "unrolled":
         return _per_task(wl, n_steps, lr, adjoint=amaml.Unrolled())

@@ -200,7 +200,9 @@ def adapt(
             (Meta-SGD). Tensors requiring grad get their meta-gradient too.
         solver: ``"euler"``, ``"heun"``, ``"rk4"`` or an ``AbstractSolver``.
         memory: ``"store"`` (all states), ``"checkpoint"`` (O(sqrt(steps)) states, one
-            extra forward pass; exact) or ``"backsolve"`` (O(1) states; approximate).
+            extra forward pass; exact), ``"revolve"`` (binomial checkpointing: 21 states
+            whatever ``steps``, a few extra forward passes; exact; ``Revolve(snapshots=k)``
+            sets the budget) or ``"backsolve"`` (O(1) states; approximate).
         proximal: Proximal weight ``mu >= 0`` pulling ``u`` toward ``theta``.
         adjoint: Overrides ``memory``: e.g. ``Unrolled()`` (MAML), ``FirstOrder()``,
             ``Implicit()`` (iMAML, needs ``proximal > 0``).
