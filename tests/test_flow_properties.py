@@ -161,10 +161,9 @@ def test_checkpoint_keeps_sqrt_states(steps: int) -> None:
     assert _saved_states("backsolve", steps) <= 3
 
 
-@pytest.mark.parametrize("steps", [100, 400, 1000])
-def test_checkpoint_peak_states_during_backward(steps: int) -> None:
-    """Checkpoints plus one recomputed segment: at most about 2 sqrt(N) states."""
-    model = mlp(hidden=8)
+def _flat_mlp_flow(memory, steps: int, hidden: int = 8):
+    torch.manual_seed(11)  # the same model and data for every memory strategy
+    model = mlp(hidden=hidden)
     x, y, _, _ = regression_data()
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
@@ -175,11 +174,18 @@ def test_checkpoint_peak_states_during_backward(steps: int) -> None:
         ps = {n: t.view(s) for n, t, s in zip(names, u.split(sizes), shapes)}
         return F.mse_loss(torch.func.functional_call(model, ps, (xb,)), yb)
 
+    spec = FlowSpec(Objective(loss), Euler(), DiscreteAdjoint(memory), steps, False)
+    return spec, theta, (x, y)
+
+
+@pytest.mark.parametrize("steps", [100, 400, 1000])
+def test_checkpoint_peak_states_during_backward(steps: int) -> None:
+    """Checkpoints plus one recomputed segment: at most about 2 sqrt(N) states."""
     stats = SweepStats()
-    spec = FlowSpec(Objective(loss), Euler(), DiscreteAdjoint(Checkpoint()), steps, False)
+    spec, theta, data = _flat_mlp_flow(Checkpoint(), steps)
     eta = torch.tensor(0.01, dtype=DT)
-    u_end, kept = forward_kept(spec, theta, eta, None, (x, y))
-    adjoint_sweep(spec, kept, torch.ones_like(u_end), theta, eta, None, (x, y), stats=stats)
+    u_end, kept = forward_kept(spec, theta, eta, None, data)
+    adjoint_sweep(spec, kept, torch.ones_like(u_end), theta, eta, None, data, stats=stats)
     assert stats.peak_states <= 2 * math.ceil(math.sqrt(steps))
     assert stats.recomputed_steps < steps  # one extra forward pass at most
 
@@ -270,23 +276,6 @@ def test_conjugate_gradient_stops_at_negative_curvature() -> None:
 
 
 # ----------------------------------------------------------------------------- revolve
-
-
-def _flat_mlp_flow(memory, steps: int, hidden: int = 8):
-    torch.manual_seed(11)  # the same model and data for every memory strategy
-    model = mlp(hidden=hidden)
-    x, y, _, _ = regression_data()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(u, xb, yb):
-        ps = {n: t.view(s) for n, t, s in zip(names, u.split(sizes), shapes)}
-        return F.mse_loss(torch.func.functional_call(model, ps, (xb,)), yb)
-
-    spec = FlowSpec(Objective(loss), Euler(), DiscreteAdjoint(memory), steps, False)
-    return spec, theta, (x, y)
 
 
 def _sweep(memory, steps: int):
