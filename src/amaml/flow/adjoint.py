@@ -442,6 +442,9 @@ def _sweep_revolve(
     bars: dict[str, Tensor], stats: SweepStats,
 ) -> Tensor:
     held = [1]  # states alive now: u0 (the caller's), then one per open recursion level
+    # The cotangent lives in one box, not in the recursion's frames: a frame that passed
+    # ``lam`` down would otherwise keep that stale vector alive until it returns.
+    box = [lam]
 
     def advance(u: Tensor, start: int, stop: int) -> Tensor:
         if stop == start:
@@ -450,28 +453,32 @@ def _sweep_revolve(
         u_stop, _ = integrate(spec, theta, eta, mu, data, u0=u, start=start, stop=stop)
         return u_stop
 
-    def reverse(a: int, u_a: Tensor, b: int, free: int, lam: Tensor) -> Tensor:
+    def vjp(u: Tensor) -> None:
+        box[0] = _step_vjp(spec, u, box[0], theta, eta, mu, data, need, bars)
+
+    def reverse(a: int, u_a: Tensor, b: int, free: int) -> None:
         # Reverse steps a .. b-1 holding u_a, with ``free`` more states allowed.
         while b - a > 1 and free == 0:  # no room: recompute each state from u_a
             held[0] += 1
             stats.peak_states = max(stats.peak_states, held[0])
-            lam = _step_vjp(spec, advance(u_a, a, b - 1), lam, theta, eta, mu, data, need, bars)
+            vjp(advance(u_a, a, b - 1))
             held[0] -= 1
             b -= 1
         if b - a == 1:
-            return _step_vjp(spec, u_a, lam, theta, eta, mu, data, need, bars)
+            vjp(u_a)
+            return
         t = Revolve.repetitions(free, b - a)
         m = a + max(1, min(b - a - 1, math.comb(free + t - 1, free)))
         held[0] += 1
         stats.peak_states = max(stats.peak_states, held[0])
-        u_m = advance(u_a, a, m)
-        lam = reverse(m, u_m, b, free - 1, lam)
-        del u_m
+        reverse(m, advance(u_a, a, m), b, free - 1)  # u_m dies when this returns
         held[0] -= 1
-        return reverse(a, u_a, m, free, lam)
+        reverse(a, u_a, m, free)
 
     stats.peak_states = max(stats.peak_states, 1)
-    return reverse(0, u0, spec.n_steps, memory.snapshots, lam)
+    del lam
+    reverse(0, u0, spec.n_steps, memory.snapshots)
+    return box[0]
 
 
 def _sweep_backsolve(
