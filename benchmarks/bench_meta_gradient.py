@@ -336,12 +336,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="JSON output path")
     p.add_argument("--plot", default="benchmarks/results/meta_gradient.png",
                    help="PNG output path ('' for none)")
+    p.add_argument("--replot", nargs="+", metavar="JSON",
+                   help="only redraw --plot from saved result files (merged)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--worker-steps", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
+        return
+    if args.replot:
+        replot(args.replot, Path(args.plot))
         return
 
     torch.set_num_threads(args.threads)
@@ -440,32 +445,61 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.plot}")
 
 
+_COLOURS = {"forward": "black", "store": "tab:orange", "checkpoint": "tab:green",
+            "revolve": "tab:olive", "backsolve": "tab:red", "unrolled": "tab:purple",
+            "batch": "tab:blue"}
+
+
 def plot(records: list[dict[str, object]], methods: list[str], path: Path) -> None:
-    """Time and memory against N, log-log, one line per method (the paper's figure)."""
+    """Time and memory against N, log-log, one line per method (the paper's figure).
+
+    A method keeps its colour in both panels; its ``+compile`` variant is dashed.
+    Zero memory growth (below what RSS resolves) cannot be drawn on a log axis.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, key, label in ((axes[0], "time_s", "seconds per meta-gradient"),
                            (axes[1], "peak_mib", "peak memory growth (MiB)")):
         for m in methods:
             pts = [(r["n_steps"], r[key]) for r in records
                    if r["method"] == m and r.get("status") == "ok" and r.get(key)]
+            base = m.split("+")[0]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o", label=m)
+                ax.plot(xs, ys, marker="o", label=m, color=_COLOURS.get(base),
+                        linestyle="--" if m.endswith("+compile") else "-")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("inner steps N")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.83, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(files: list[str], path: Path) -> None:
+    """Redraw the figure from saved JSON results (records merged; the first file wins)."""
+    records: list[dict[str, object]] = []
+    seen: set[tuple[object, object]] = set()
+    methods: list[str] = []
+    for f in files:
+        for r in json.loads(Path(f).read_text())["records"]:
+            k = (r["method"], r["n_steps"])
+            if k not in seen:
+                seen.add(k)
+                records.append(r)
+                if r["method"] not in methods:
+                    methods.append(str(r["method"]))
+    plot(records, methods, path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
