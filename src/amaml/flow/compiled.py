@@ -27,6 +27,13 @@ from .solvers import AbstractSolver
 __all__ = ["StepFunctions", "step_functions"]
 
 Need = tuple[bool, bool, bool]
+_NAMES = ("theta", "eta", "mu")
+
+
+def _slots(need: Need, has_mu: bool) -> list[int]:
+    """Which of ``(theta, eta, mu)`` get a cotangent: the needed ones that enter the step
+    (``theta`` enters only through the proximal term ``mu (u - theta)``)."""
+    return [i for i in range(3) if need[i] and (has_mu or i == 1)]
 
 
 class StepFunctions:
@@ -63,13 +70,11 @@ class StepFunctions:
 
     def _make_vjp(self, need: Need) -> Callable[..., tuple[Tensor, ...]]:
         step = self._step_eager
-        has_mu = self.has_mu
+        slots = _slots(need, self.has_mu)
 
         def step_vjp(u: Tensor, lam: Tensor, theta: Tensor, eta: Tensor, mu: Tensor | None,
                      *data: Tensor) -> tuple[Tensor, ...]:
             fixed: list[Tensor | None] = [theta, eta, mu]
-            slots = [i for i in range(3) if need[i] and (i != 2 or has_mu)
-                     and (i != 0 or has_mu)]  # theta enters the step only through mu
 
             def phi(v: Tensor, *ps: Tensor) -> Tensor:
                 args: list[Tensor | None] = list(fixed)
@@ -89,7 +94,8 @@ class StepFunctions:
     def _fallback(self, err: Exception) -> None:
         self.failed = True
         warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); amaml uses the "
-                      "eager (uncompiled) solver steps instead.", RuntimeWarning, stacklevel=3)
+                      "eager (uncompiled) solver steps instead (an error of the model or loss "
+                      "itself will be raised again there).", RuntimeWarning, stacklevel=3)
 
     def step(self, u: Tensor, theta: Tensor, eta: Tensor, mu: Tensor | None,
              data: Sequence[Tensor]) -> Tensor | None:
@@ -100,7 +106,7 @@ class StepFunctions:
             with torch.no_grad():
                 return self._step(u, theta, eta, mu, *data)
         except Exception as err:  # noqa: BLE001 - any backend failure falls back to eager
-            if isinstance(err, (KeyboardInterrupt, torch.cuda.OutOfMemoryError)):
+            if isinstance(err, torch.cuda.OutOfMemoryError):
                 raise
             self._fallback(err)
             return None
@@ -118,13 +124,12 @@ class StepFunctions:
             with torch.no_grad():
                 out = fn(u, lam, theta, eta, mu, *data)
         except Exception as err:  # noqa: BLE001
-            if isinstance(err, (KeyboardInterrupt, torch.cuda.OutOfMemoryError)):
+            if isinstance(err, torch.cuda.OutOfMemoryError):
                 raise
             self._fallback(err)
             return None
-        names = [n for i, n in enumerate(("theta", "eta", "mu"))
-                 if need[i] and (i != 2 or self.has_mu) and (i != 0 or self.has_mu)]
-        return out[0], dict(zip(names, out[1:]))
+        names = [_NAMES[i] for i in _slots(need, self.has_mu)]
+        return out[0], dict(zip(names, out[1:], strict=True))
 
 
 def step_functions(loss: FlatLoss, solver: AbstractSolver, batched: bool,
