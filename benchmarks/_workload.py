@@ -118,6 +118,21 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _malloc_trim() -> None:
+    """``malloc_trim(0)`` where glibc provides it: freed heap pages go back to the system.
+
+    Without it a run can reuse memory freed earlier in the process (e.g. by
+    ``torch.compile`` during the warm-up) without the resident size growing, and its
+    peak reads as zero.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory growth of one region, in bytes.
 
@@ -144,6 +159,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated()
             self.method = "cuda.max_memory_allocated"
             return self
+        _malloc_trim()  # hand freed heap back, so that reusing it shows as growth
         self._reset = False
         try:
             with open("/proc/self/clear_refs", "w") as fh:
