@@ -29,7 +29,7 @@ def test_python_m_amaml_help() -> None:
         assert flag in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["compare", "eval"])
+@pytest.mark.parametrize("command", ["compare", "eval", "summarize"])
 def test_subcommand_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])

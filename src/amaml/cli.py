@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "meta-train, compare and evaluate initialisations.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"amaml {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,compare,eval}",
+    sub = parser.add_subparsers(dest="command", metavar="{train,compare,eval,summarize}",
                                 parser_class=_Parser)
     sub.required = True
 
@@ -178,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(e)
     e.add_argument("--output", help="also write the result as JSON to this file")
     _add_runtime_flags(e)
+
+    s = sub.add_parser("summarize", help="summarise comparisons of several seeds",
+                       description="Summarise `amaml compare` runs of one setting that "
+                       "differ only in --seed: each method's nRMSE per seed and mean over "
+                       "seeds, its paired difference to the reference method, and in how "
+                       "many seeds it was lowest. Prints the table; --out also writes "
+                       "summary.json, summary.md and seeds.png.")
+    s.add_argument("dirs", nargs="+", metavar="DIR", help="--out directories of compare runs")
+    s.add_argument("--reference", help="method to take differences against (default: the "
+                   "first compared)")
+    s.add_argument("--out", help="directory for summary.json, summary.md, seeds.png")
+    _add_runtime_flags(s)
     return parser
 
 
@@ -268,6 +280,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_summarize(args: argparse.Namespace) -> int:
+    from .experiments.summary import format_summary, summarize_seeds, write_summary
+
+    summary = summarize_seeds(args.dirs, reference=args.reference)
+    if args.out:
+        print(write_summary(summary, args.out), end="")
+        print(f"Summary in {args.out}/summary.json, summary.md, seeds.png")
+    else:
+        print(format_summary(summary), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``amaml`` command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -287,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_train(args, argv)
         if args.command == "compare":
             return _run_compare(args)
+        if args.command == "summarize":
+            return _run_summarize(args)
         return _run_eval(args)
     except TrainingInterrupted as stop:
         sys.stderr.write(f"amaml: {stop}\n")

@@ -1,6 +1,6 @@
 """Experiments of the paper: meta-training, evaluation, comparison, checkpoints, plots.
 
-The command line (``amaml train | compare | eval``) sits on top of these functions::
+The command line (``amaml train | compare | eval | summarize``) sits on top of these functions::
 
     from amaml.experiments import TrainConfig, train
     result = train(TrainConfig(method="amaml", steps=100, meta_iters=200), "runs/a")
@@ -13,6 +13,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, init_distributed
 from .evaluate import evaluate_adaptation, finetune_curve
 from .models import MLP, make_model
+from .summary import format_summary, summarize_seeds, write_summary
 from .train import (
     MetaLossError,
     RunDirError,
@@ -32,5 +33,5 @@ __all__ = [
     "TrainResult", "TrainingInterrupted", "build_algorithm", "build_family", "build_model",
     "compare", "evaluate_adaptation", "evaluate_run", "finetune_curve", "format_table",
     "init_distributed", "load_checkpoint", "load_state_file", "make_model", "parse_methods",
-    "resume_config", "train",
+    "resume_config", "summarize_seeds", "format_summary", "train", "write_summary",
 ]

@@ -1,4 +1,4 @@
-"""Figures of a run (training curve) and of a comparison (fine-tuning curves).
+"""Figures of a run (training curve), a comparison (fine-tuning curves) and of seeds.
 
 Matplotlib's non-interactive Agg backend is used; figures are written atomically.
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 from .checkpoint import atomic_write
 
-__all__ = ["plot_finetune", "plot_training_curve"]
+__all__ = ["plot_finetune", "plot_seed_differences", "plot_training_curve"]
 
 
 def _figure() -> Any:
@@ -74,5 +74,38 @@ def plot_finetune(curves: Mapping[str, Mapping[str, Sequence[Any]]],
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_seed_differences(summary: Mapping[str, Any], path: str | os.PathLike[str], *,
+                          title: str = "") -> None:
+    """Each method's paired nRMSE difference to the reference, one point per seed.
+
+    A bar marks the mean over seeds and two standard errors (over seeds) either side;
+    left of zero is lower error than the reference.
+
+    Args:
+        summary: What :func:`amaml.experiments.summary.summarize_seeds` returns.
+        path: PNG file.
+        title: Figure title.
+    """
+    plt = _figure()
+    rows = [e for e in summary["methods"] if e["diff_per_seed"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.5 * max(1, len(rows))))
+    for i, e in enumerate(rows):
+        y = len(rows) - 1 - i
+        pts = [v for v in e["diff_per_seed"] if v is not None]
+        ax.scatter(pts, [y] * len(pts), s=18, color="tab:blue", alpha=0.7, zorder=3)
+        if e["diff_mean"] is not None:
+            err = 0.0 if e["diff_sem"] is None else 2 * e["diff_sem"]
+            ax.errorbar([e["diff_mean"]], [y], xerr=[err], fmt="D", color="black", ms=5,
+                        capsize=4, zorder=4)
+    ax.axvline(0.0, color="grey", lw=1)
+    ax.set_yticks(range(len(rows)), [e["method"] for e in reversed(rows)])
+    ax.set_xlabel(f"nRMSE minus {summary['reference']}'s, per seed (points); "
+                  "mean ± 2 s.e. (diamond)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
     plt.close(fig)

@@ -1,0 +1,230 @@
+"""Several seeds of one comparison, summarised: ``amaml summarize DIR [DIR ...]``.
+
+One ``amaml compare`` run is one draw of the whole experiment: the seed picks the
+meta-training and meta-test tasks, the initialisation and the meta-batches. Differences
+between methods that are small against the spread between seeds are not findings. This
+module reads the ``results.json`` of several comparisons of the same setting (differing
+only in ``--seed``) and reports, for each method:
+
+- its mean nRMSE in each seed, their mean over seeds and its standard error over seeds;
+- its paired difference to the reference method (the first one), task by task within each
+  seed, then averaged over seeds with a standard error over seeds;
+- in how many seeds it had the lowest mean nRMSE.
+
+Output: ``summary.json``, ``summary.md`` and ``seeds.png`` (the per-seed paired
+differences, with their mean and two standard errors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_json, atomic_write_text
+from .compare import paired_difference
+from .evaluate import summarise
+
+__all__ = ["SETTING_KEYS", "format_summary", "load_comparison", "summarize_seeds",
+           "write_summary"]
+
+#: Config keys that must agree between the comparisons summarised (all but the seed
+#: and settings that change speed or bookkeeping, not results).
+SETTING_KEYS = ("family", "shots", "queries", "steps", "inner_lr", "meta_iters", "meta_batch",
+                "meta_lr", "solver", "memory", "proximal", "maml_steps", "hidden", "n_train",
+                "n_test", "eval_steps", "finetune_epochs", "finetune_every", "dtype")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"{str(path)!r} does not exist: is {str(path.parent)!r} the --out "
+                         f"directory of a finished `amaml compare`? ({what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not readable JSON ({type(err).__name__}: "
+                         f"{err}).") from None
+
+
+def load_comparison(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read one comparison directory: its records and each method's run config.
+
+    Returns:
+        ``{"dir", "seed", "records": [...], "configs": {method: config}}``.
+
+    Raises:
+        ValueError: No such directory, no or malformed ``results.json``, a method's
+            ``config.json`` missing, or methods whose seeds differ.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise ValueError(f"{str(d)!r} is not a directory; give the --out directories of "
+                         f"`amaml compare` runs.")
+    records = _read_json(d / "results.json", "results.json missing")
+    if (not isinstance(records, list) or not records
+            or not all(isinstance(r, dict) and isinstance(r.get("method"), str)
+                       and "nrmse_mean" in r for r in records)):
+        raise ValueError(f"{str(d / 'results.json')!r} is not a list of method records "
+                         f"(method, nrmse_mean, ...) as `amaml compare` writes.")
+    configs: dict[str, dict[str, Any]] = {}
+    for r in records:
+        cfg = _read_json(d / r["method"] / "config.json", f"run of {r['method']!r}")
+        if not isinstance(cfg, dict) or "seed" not in cfg:
+            raise ValueError(f"{str(d / r['method'] / 'config.json')!r} has no seed.")
+        configs[r["method"]] = cfg
+    seeds = {int(c["seed"]) for c in configs.values()}
+    if len(seeds) != 1:
+        raise ValueError(f"{str(d)!r} mixes seeds {sorted(seeds)} between its methods.")
+    return {"dir": str(d), "seed": seeds.pop(), "records": records, "configs": configs}
+
+
+def _check_same_setting(runs: list[dict[str, Any]]) -> None:
+    first = runs[0]
+    methods = [r["method"] for r in first["records"]]
+    for run in runs[1:]:
+        other = [r["method"] for r in run["records"]]
+        if other != methods:
+            raise ValueError(f"{run['dir']!r} compares {other}, {first['dir']!r} {methods}: "
+                             f"summarise comparisons of the same methods.")
+        for m in methods:
+            a, b = first["configs"][m], run["configs"][m]
+            for key in SETTING_KEYS:
+                if a.get(key) != b.get(key):
+                    raise ValueError(
+                        f"{run['dir']!r} and {first['dir']!r} differ in {key} ({b.get(key)!r} "
+                        f"vs {a.get(key)!r}, method {m}); only --seed may differ between the "
+                        f"comparisons summarised.")
+    seen: dict[int, str] = {}
+    for run in runs:
+        if run["seed"] in seen:
+            raise ValueError(f"{run['dir']!r} and {seen[run['seed']]!r} both have seed "
+                             f"{run['seed']}: each comparison should be another seed.")
+        seen[run["seed"]] = run["dir"]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _mean_sem(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean, sem = summarise(values)
+    return mean, (sem if len(values) > 1 else None)
+
+
+def summarize_seeds(directories: Sequence[str | os.PathLike[str]], *,
+                    reference: str | None = None) -> dict[str, Any]:
+    """Summarise comparisons of one setting that differ only in their seed.
+
+    Args:
+        directories: ``--out`` directories of ``amaml compare`` runs.
+        reference: Method the paired differences are taken against (default: the
+            first method of the comparisons).
+
+    Returns:
+        ``{"setting", "seeds", "dirs", "reference", "methods": [...]}``; each method's
+        entry has ``nrmse_per_seed``, ``nrmse_mean``, ``nrmse_sem`` (over seeds; ``None``
+        for one seed), ``diff_per_seed``, ``diff_mean``, ``diff_sem`` and ``lowest_in``
+        (number of seeds in which its mean nRMSE was the lowest). A diverged method has
+        ``None`` where it has no finite value.
+
+    Raises:
+        ValueError: No directories, unreadable ones, settings that differ in more than
+            the seed, a seed given twice, or an unknown ``reference``.
+    """
+    if not directories:
+        raise ValueError("Give at least one `amaml compare` --out directory.")
+    runs = sorted((load_comparison(d) for d in directories), key=lambda r: r["seed"])
+    _check_same_setting(runs)
+    methods = [r["method"] for r in runs[0]["records"]]
+    ref = methods[0] if reference is None else reference
+    if ref not in methods:
+        raise ValueError(f"--reference {ref!r} is not among the methods compared {methods}.")
+    by_seed = [{r["method"]: r for r in run["records"]} for run in runs]
+    lowest: dict[str, int] = dict.fromkeys(methods, 0)
+    for recs in by_seed:
+        finite = {m: r["nrmse_mean"] for m, r in recs.items() if _finite(r["nrmse_mean"])}
+        if finite:
+            best = min(finite.values())
+            for m, v in finite.items():
+                lowest[m] += v == best
+    entries = []
+    for m in methods:
+        per_seed = [recs[m]["nrmse_mean"] if _finite(recs[m]["nrmse_mean"]) else None
+                    for recs in by_seed]
+        diffs: list[float | None] = []
+        for recs in by_seed:
+            pair = None if m == ref else paired_difference(recs[m].get("nrmse_per_task"),
+                                                           recs[ref].get("nrmse_per_task"))
+            diffs.append(None if pair is None else pair[0])
+        mean, sem = _mean_sem([v for v in per_seed if v is not None]) \
+            if all(v is not None for v in per_seed) else (None, None)
+        dmean, dsem = _mean_sem([v for v in diffs if v is not None]) \
+            if m != ref and all(v is not None for v in diffs) else (None, None)
+        entries.append({"method": m, "steps": runs[0]["configs"][m].get("steps"),
+                        "nrmse_per_seed": per_seed, "nrmse_mean": mean, "nrmse_sem": sem,
+                        "diff_per_seed": None if m == ref else diffs, "diff_mean": dmean,
+                        "diff_sem": dsem, "lowest_in": lowest[m]})
+    cfg = runs[0]["configs"][ref]
+    return {"setting": {k: cfg.get(k) for k in SETTING_KEYS},
+            "seeds": [r["seed"] for r in runs], "dirs": [r["dir"] for r in runs],
+            "reference": ref, "methods": entries}
+
+
+def _f(x: float | None, fmt: str = ".4f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a markdown table (lowest mean over seeds in bold)."""
+    s, seeds, ref = summary["setting"], summary["seeds"], summary["reference"]
+    n = len(seeds)
+    means = [e["nrmse_mean"] for e in summary["methods"] if e["nrmse_mean"] is not None]
+    best = min(means, default=None)
+    seed_cols = " / ".join(str(k) for k in seeds)
+    lines = [
+        f"### {s['family']}, {s['shots']}shot-{s['queries']}val, {n} seed{'s' * (n != 1)}",
+        "",
+        f"meta-iterations {s['meta_iters']}, meta-batch {s['meta_batch']}, meta-lr "
+        f"{s['meta_lr']}, inner lr {s['inner_lr']}, seeds {', '.join(map(str, seeds))}; "
+        f"± is the standard error over seeds.",
+        "",
+        f"| method | inner steps | nRMSE, seeds {seed_cols} | mean over seeds | paired "
+        f"difference to {ref}, seeds {seed_cols} | mean over seeds | lowest in |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in summary["methods"]:
+        per = " / ".join(_f(v) for v in e["nrmse_per_seed"])
+        mean = _f(e["nrmse_mean"]) + ("" if e["nrmse_sem"] is None
+                                      else f" ± {_f(e['nrmse_sem'])}")
+        if best is not None and e["nrmse_mean"] == best:
+            mean = f"**{mean}**"
+        if e["diff_per_seed"] is None:
+            dper, dmean = "-", "-"
+        else:
+            dper = " / ".join(_f(v, "+.4f") for v in e["diff_per_seed"])
+            dmean = _f(e["diff_mean"], "+.4f") + ("" if e["diff_sem"] is None
+                                                  else f" ± {_f(e['diff_sem'])}")
+        lines.append(f"| {e['method']} | {e['steps']} | {per} | {mean} | {dper} | {dmean} | "
+                     f"{e['lowest_in']} of {n} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: dict[str, Any], out: str | os.PathLike[str]) -> str:
+    """Write ``summary.json``, ``summary.md`` and ``seeds.png`` into ``out``; the table."""
+    from .plots import plot_seed_differences
+
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    table = format_summary(summary)
+    atomic_write_json(d / "summary.json", summary)
+    atomic_write_text(d / "summary.md", table)
+    s = summary["setting"]
+    plot_seed_differences(summary, d / "seeds.png",
+                          title=f"{s['family']}, {s['shots']}shot-{s['queries']}val")
+    return table
