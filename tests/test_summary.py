@@ -27,13 +27,15 @@ def _fake_compare(root: Path, seed: int, per_task: dict[str, list[float]],
     records = []
     for method, values in per_task.items():
         cfg = {"family": "cosmixture", "method": method, "shots": 50, "queries": 50,
-               "steps": 5 if method == "maml" else 50, "inner_lr": 0.01, "meta_iters": 200,
+               "steps": 50, "inner_lr": 0.01, "meta_iters": 200,
                "meta_batch": 5, "meta_lr": 0.001, "seed": seed, "solver": "euler",
                "memory": "store", "proximal": 0.0, "hidden": [32, 32], "n_test": 3,
                "dtype": "float32", **overrides}
         (d / method).mkdir(parents=True)
         (d / method / "config.json").write_text(json.dumps(cfg))
-        records.append({"method": method, "nrmse_mean": sum(values) / len(values),
+        steps = 5 if method == "maml" else 50  # MAML runs steps / 10, as compare records it
+        records.append({"method": method, "steps": steps, "eval_steps": steps,
+                        "nrmse_mean": sum(values) / len(values),
                         "nrmse_sem": 0.1, "nrmse_per_task": values})
     (d / "results.json").write_text(json.dumps(records))
     return d
@@ -62,7 +64,7 @@ def test_summary_values_against_hand_computation(tmp_path: Path) -> None:
     assert (by["amaml"]["lowest_in"], by["maml"]["lowest_in"], by["reptile"]["lowest_in"]) \
         == (2, 1, 0)
     table = format_summary(summary)
-    assert "| maml | 5 | 0.7200 / 0.5900 / 0.6567 |" in table
+    assert "| maml | 5 / 5 | 0.7200 / 0.5900 / 0.6567 |" in table
     assert "2 of 3" in table and "seeds 3 / 7 / 11" in table
 
 
@@ -73,7 +75,7 @@ def test_summary_reference_and_single_seed(tmp_path: Path) -> None:
     assert by["maml"]["diff_per_seed"] is None
     assert by["amaml"]["diff_mean"] == pytest.approx(-0.02, abs=1e-12)
     assert by["amaml"]["diff_sem"] is None and by["amaml"]["nrmse_sem"] is None  # one seed
-    assert "| amaml | 50 | 0.7000 | **0.7000** | -0.0200 | -0.0200 | 1 of 1 |" in \
+    assert "| amaml | 50 / 50 | 0.7000 | **0.7000** | -0.0200 | -0.0200 | 1 of 1 |" in \
         format_summary(summary)
 
 

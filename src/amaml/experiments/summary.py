@@ -129,8 +129,9 @@ def summarize_seeds(directories: Sequence[str | os.PathLike[str]], *,
     Returns:
         ``{"setting", "seeds", "dirs", "reference", "methods": [...]}``; each method's
         entry has ``nrmse_per_seed``, ``nrmse_mean``, ``nrmse_sem`` (over seeds; ``None``
-        for one seed), ``diff_per_seed``, ``diff_mean``, ``diff_sem`` and ``lowest_in``
-        (number of seeds in which its mean nRMSE was the lowest). A diverged method has
+        for one seed), ``diff_per_seed``, ``diff_mean``, ``diff_sem``, ``lowest_in``
+        (number of seeds in which its mean nRMSE was the lowest) and ``steps`` (inner
+        steps in training / evaluation, as ``compare`` records them). A diverged method has
         ``None`` where it has no finite value.
 
     Raises:
@@ -166,7 +167,9 @@ def summarize_seeds(directories: Sequence[str | os.PathLike[str]], *,
             if all(v is not None for v in per_seed) else (None, None)
         dmean, dsem = _mean_sem([v for v in diffs if v is not None]) \
             if m != ref and all(v is not None for v in diffs) else (None, None)
-        entries.append({"method": m, "steps": runs[0]["configs"][m].get("steps"),
+        first = by_seed[0][m]
+        steps = f"{first.get('steps', '?')} / {first.get('eval_steps', '?')}"
+        entries.append({"method": m, "steps": steps,
                         "nrmse_per_seed": per_seed, "nrmse_mean": mean, "nrmse_sem": sem,
                         "diff_per_seed": None if m == ref else diffs, "diff_mean": dmean,
                         "diff_sem": dsem, "lowest_in": lowest[m]})
@@ -194,8 +197,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{s['meta_lr']}, inner lr {s['inner_lr']}, seeds {', '.join(map(str, seeds))}; "
         f"± is the standard error over seeds.",
         "",
-        f"| method | inner steps | nRMSE, seeds {seed_cols} | mean over seeds | paired "
-        f"difference to {ref}, seeds {seed_cols} | mean over seeds | lowest in |",
+        f"| method | inner steps (train / eval) | nRMSE, seeds {seed_cols} | mean over seeds "
+        f"| paired difference to {ref}, seeds {seed_cols} | mean over seeds | lowest in |",
         "|---|---|---|---|---|---|---|",
     ]
     for e in summary["methods"]:
