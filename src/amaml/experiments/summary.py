@@ -229,5 +229,6 @@ def write_summary(summary: dict[str, Any], out: str | os.PathLike[str]) -> str:
     atomic_write_text(d / "summary.md", table)
     s = summary["setting"]
     plot_seed_differences(summary, d / "seeds.png",
-                          title=f"{s['family']}, {s['shots']}shot-{s['queries']}val")
+                          title=f"{s['family']}, {s['shots']}shot-{s['queries']}val, "
+                          f"{s['meta_iters']} meta-iterations, {len(summary['seeds'])} seeds")
     return table
