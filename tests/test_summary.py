@@ -115,32 +115,57 @@ def test_summary_refuses_same_seed_twice_and_bad_json(tmp_path: Path) -> None:
         summarize_seeds([a], reference="sgd")
 
 
-def test_summarize_cli_on_real_comparisons(tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_seeds_then_summarize(tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
     tiny = ["--family", "cosmixture", "--shots", "5", "--queries", "5", "--steps", "3",
             "--meta-iters", "2", "--meta-batch", "2", "--n-train", "6", "--n-test", "4",
             "--finetune-epochs", "1", "--hidden", "8", "--no-progress",
             "--methods", "amaml,maml1"]
-    dirs = [str(tmp_path / f"s{s}") for s in (0, 1)]
-    for s, d in zip((0, 1), dirs):
-        assert main(["compare", *tiny, "--seed", str(s), "--out", d]) == 0
-    capsys.readouterr()
-    out = tmp_path / "summary"
-    assert main(["summarize", *dirs, "--out", str(out)]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", *tiny, "--seeds", "1,0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| maml1 |" in printed and "2 seeds" in printed
+    dirs = [out / "seed0", out / "seed1"]
+    for s, d in zip((0, 1), dirs):
+        config = json.loads((d / "amaml" / "config.json").read_text())
+        assert config["seed"] == s
     saved = json.loads((out / "summary.json").read_text())
     assert saved["seeds"] == [0, 1]
     for s, d in zip((0, 1), dirs):
-        records = {r["method"]: r for r in json.loads((Path(d) / "results.json").read_text())}
+        records = {r["method"]: r for r in json.loads((d / "results.json").read_text())}
         by = {e["method"]: e for e in saved["methods"]}
         assert by["maml1"]["nrmse_per_seed"][s] == pytest.approx(
             records["maml1"]["nrmse_mean"], rel=1e-12)
     assert (out / "summary.md").read_text() in printed
     assert (out / "seeds.png").stat().st_size > 0
+    # summarize on the same directories gives the same table.
+    assert main(["summarize", *map(str, dirs), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "summary.md").read_text() == (out / "summary.md").read_text()
+    capsys.readouterr()
+    # Running it again without --resume is refused before anything is trained.
+    assert main(["compare", *tiny, "--seeds", "0,1", "--out", str(out)]) == 2
+    assert "already hold" in capsys.readouterr().err
+    # --resume skips the finished runs and rewrites the same summary.
+    assert main(["compare", *tiny, "--seeds", "0,1", "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["methods"] == saved["methods"]
     # A missing directory: one line, exit status 2, nothing written.
-    assert main(["summarize", dirs[0], str(tmp_path / "missing"), "--out",
+    capsys.readouterr()
+    assert main(["summarize", str(dirs[0]), str(tmp_path / "missing"), "--out",
                  str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a directory" in err[0]
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--seeds", "0,x"], "comma-separated integers"),
+    (["--seeds", "2,2"], "repeats"),
+    (["--seeds", ","], "empty"),
+    (["--seeds", "0,1", "--seed", "3"], "either --seed or --seeds"),
+])
+def test_compare_bad_seeds(tmp_path: Path, extra: list[str], match: str,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--no-progress", *extra, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not (tmp_path / "o").exists()

@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default="amaml,maml,maml1,fomaml,reptile,imaml",
                    help="comma-separated methods (default: all six)")
     _add_config_flags(c, method=False)
+    c.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2,3,4): one comparison "
+                   "per seed in --out/seed<S>, summarised in --out (summary.md, seeds.png); "
+                   "instead of --seed")
     c.add_argument("--out", required=True, help="comparison directory")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted comparison (give the same flags)")
@@ -241,6 +244,19 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .experiments.config import TrainConfig
 
     config = TrainConfig(**_explicit(args))
+    if args.seeds is not None:
+        from .experiments.compare import compare_seeds, parse_seeds
+        from .experiments.summary import format_summary
+
+        if args.seed is not None:
+            raise _CliError("give either --seed or --seeds, not both.")
+        seeds = parse_seeds(args.seeds)
+        summary = compare_seeds(config, args.methods, seeds, args.out, resume=args.resume,
+                                progress=_progress(args))
+        print(format_summary(summary), end="")
+        print(f"Summary in {args.out}/summary.json, summary.md, seeds.png; each seed's "
+              f"comparison in {args.out}/seed<S>/")
+        return 0
     records = compare(config, args.methods, args.out, resume=args.resume,
                       progress=_progress(args))
     if records:

@@ -29,7 +29,8 @@ from .evaluate import summarise
 from .plots import plot_finetune
 from .train import CHECKPOINT_FILE, RunDirError, TrainingInterrupted, build_family, train
 
-__all__ = ["DEFAULT_METHODS", "compare", "format_table", "paired_difference", "parse_methods"]
+__all__ = ["DEFAULT_METHODS", "compare", "compare_seeds", "format_table", "paired_difference",
+           "parse_methods", "parse_seeds"]
 
 #: The paper's methods, in its order.
 DEFAULT_METHODS = ("amaml", "maml", "maml1", "fomaml", "reptile", "imaml")
@@ -190,3 +191,63 @@ def compare(config: TrainConfig, methods: Sequence[str], out: str | os.PathLike[
         plot_finetune({r["method"]: r["finetune"] for r in records}, out_dir / "finetune.png",
                       title=f"{config.family}, {config.shots}shot-{config.queries}val")
     return records
+
+
+def parse_seeds(seeds: str | Sequence[int]) -> list[int]:
+    """Validate a comma-separated list (or sequence) of seeds: integers, each once.
+
+    Raises:
+        ValueError: Empty, non-integer, negative or repeated seeds.
+    """
+    if isinstance(seeds, str):
+        parts = [p.strip() for p in seeds.split(",") if p.strip()]
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got "
+                             f"{seeds!r}.") from None
+    else:
+        values = [int(v) for v in seeds]
+    if not values:
+        raise ValueError("--seeds is empty; give comma-separated integers, e.g. 0,1,2.")
+    if any(v < 0 for v in values):
+        raise ValueError(f"--seeds must be >= 0; got {values}.")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"--seeds repeats {repeated}; give each seed once.")
+    return values
+
+
+def compare_seeds(config: TrainConfig, methods: Sequence[str], seeds: Sequence[int],
+                  out: str | os.PathLike[str], *, resume: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+    """:func:`compare` once per seed (``out/seed<S>``), then their summary in ``out``.
+
+    Returns:
+        What :func:`amaml.experiments.summary.summarize_seeds` returns; ``out`` also
+        receives ``summary.json``, ``summary.md`` and ``seeds.png``.
+
+    Raises:
+        RunDirError: A seed's directory already holds a comparison (without ``resume``),
+            checked for every seed before any training starts.
+        Everything :func:`compare` raises.
+    """
+    from .summary import summarize_seeds, write_summary
+
+    values = parse_seeds(seeds)
+    names = parse_methods(methods)
+    out_dir = Path(out)
+    dirs = [out_dir / f"seed{s}" for s in values]
+    if not resume:
+        taken = [str(d) for d in dirs if (d / "results.json").exists()
+                 or any((d / m / CHECKPOINT_FILE).exists() for m in names)]
+        if taken:
+            raise RunDirError(f"{', '.join(taken)} already hold(s) a comparison; pass --resume "
+                              "to continue, or choose another --out.")
+    for seed, d in zip(values, dirs):
+        if progress:
+            print(f"seed {seed} ({values.index(seed) + 1} of {len(values)}): {d}", flush=True)
+        compare(config.replace(seed=seed), names, d, resume=resume, progress=progress)
+    summary = summarize_seeds(dirs)
+    write_summary(summary, out_dir)
+    return summary
