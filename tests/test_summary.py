@@ -169,3 +169,19 @@ def test_compare_bad_seeds(tmp_path: Path, extra: list[str], match: str,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_seeds_interrupt_names_the_whole_command(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from amaml.experiments import compare as compare_module
+    from amaml.experiments.config import TrainConfig
+    from amaml.experiments.train import TrainingInterrupted
+
+    def interrupted(config: TrainConfig, methods: Any, out: Path, **kw: Any) -> None:
+        raise TrainingInterrupted(Path(out) / "amaml", 7, "SIGTERM")
+
+    monkeypatch.setattr(compare_module, "compare", interrupted)
+    with pytest.raises(TrainingInterrupted, match=r"--seeds 0,1 --out .*cmp --resume") as exc:
+        compare_module.compare_seeds(TrainConfig(), ["amaml"], "0,1", tmp_path / "cmp",
+                                     progress=False)
+    assert exc.value.iteration == 7 and exc.value.signal_name == "SIGTERM"

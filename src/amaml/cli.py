@@ -245,14 +245,13 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     config = TrainConfig(**_explicit(args))
     if args.seeds is not None:
-        from .experiments.compare import compare_seeds, parse_seeds
+        from .experiments.compare import compare_seeds
         from .experiments.summary import format_summary
 
         if args.seed is not None:
             raise _CliError("give either --seed or --seeds, not both.")
-        seeds = parse_seeds(args.seeds)
-        summary = compare_seeds(config, args.methods, seeds, args.out, resume=args.resume,
-                                progress=_progress(args))
+        summary = compare_seeds(config, args.methods, args.seeds, args.out,
+                                resume=args.resume, progress=_progress(args))
         print(format_summary(summary), end="")
         print(f"Summary in {args.out}/summary.json, summary.md, seeds.png; each seed's "
               f"comparison in {args.out}/seed<S>/")

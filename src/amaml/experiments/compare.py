@@ -247,7 +247,13 @@ def compare_seeds(config: TrainConfig, methods: Sequence[str], seeds: Sequence[i
     for seed, d in zip(values, dirs):
         if progress:
             print(f"seed {seed} ({values.index(seed) + 1} of {len(values)}): {d}", flush=True)
-        compare(config.replace(seed=seed), names, d, resume=resume, progress=progress)
+        try:
+            compare(config.replace(seed=seed), names, d, resume=resume, progress=progress)
+        except TrainingInterrupted as stop:
+            raise TrainingInterrupted(
+                stop.out_dir, stop.iteration, stop.signal_name,
+                resume_hint=f"amaml compare ... --seeds {','.join(map(str, values))} "
+                            f"--out {out_dir} --resume (same flags)") from stop
     summary = summarize_seeds(dirs)
     write_summary(summary, out_dir)
     return summary
