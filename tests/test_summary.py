@@ -173,9 +173,12 @@ def test_compare_bad_seeds(tmp_path: Path, extra: list[str], match: str,
 
 def test_compare_seeds_interrupt_names_the_whole_command(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from amaml.experiments import compare as compare_module
+    import importlib
+
     from amaml.experiments.config import TrainConfig
     from amaml.experiments.train import TrainingInterrupted
+
+    compare_module = importlib.import_module("amaml.experiments.compare")  # not the function
 
     def interrupted(config: TrainConfig, methods: Any, out: Path, **kw: Any) -> None:
         raise TrainingInterrupted(Path(out) / "amaml", 7, "SIGTERM")
