@@ -18,6 +18,8 @@ Methods:
     *+compile    the same with ``compile=True`` (steps and their VJPs compiled with
                  ``torch.compile``); ``forward+compile`` is the plain loop with each
                  gradient step compiled, for context (the reference stays ``forward``).
+    *+cudagraphs ``compile="reduce-overhead"`` (CUDA graphs; store, checkpoint, batch):
+                 not run by default, for GPUs (``--methods`` names them).
 
 Per-task methods back-propagate each task's query loss in turn (gradients
 accumulate in ``.grad``), as a meta-training loop would; ``batch`` holds the whole
@@ -63,6 +65,8 @@ import amaml
 METHODS = ("forward", "store", "checkpoint", "revolve", "backsolve", "unrolled", "batch",
            "forward+compile", "store+compile", "checkpoint+compile", "revolve+compile",
            "batch+compile")
+#: Not run by default: CUDA graphs (``compile="reduce-overhead"``) only pay on a GPU.
+EXTRA = ("forward-fcall", "store+cudagraphs", "checkpoint+cudagraphs", "batch+cudagraphs")
 REFERENCE = "forward"
 MIB = 2.0**20
 
@@ -184,13 +188,18 @@ def make_method(name: str, wl: Workload, n_steps: int, lr: float) -> Callable[[]
         return _per_task(wl, n_steps, lr, memory=name.split("+")[0], compile=True)
     if name == "batch+compile":
         return _batched(wl, n_steps, lr, memory="checkpoint", compile=True)
+    if name in ("store+cudagraphs", "checkpoint+cudagraphs"):
+        return _per_task(wl, n_steps, lr, memory=name.split("+")[0],
+                         compile="reduce-overhead")
+    if name == "batch+cudagraphs":
+        return _batched(wl, n_steps, lr, memory="checkpoint", compile="reduce-overhead")
     if name in ("store", "checkpoint", "revolve", "backsolve"):
         return _per_task(wl, n_steps, lr, memory=name)
     if name == "unrolled":
         return _per_task(wl, n_steps, lr, adjoint=amaml.Unrolled())
     if name == "batch":
         return _batched(wl, n_steps, lr, memory="checkpoint")
-    raise ValueError(f"Unknown method {name!r}; expected one of {METHODS}.")
+    raise ValueError(f"Unknown method {name!r}; expected one of {METHODS + EXTRA}.")
 
 
 def run_guarded(fn: Callable[[], None]) -> str:
@@ -314,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-steps", type=int, nargs="+", default=[1, 10, 100, 1000, 10000],
                    help="numbers of inner steps N")
     p.add_argument("--methods", nargs="+", default=list(METHODS),
-                   choices=[*METHODS, "forward-fcall"])
+                   choices=[*METHODS, *EXTRA])
     p.add_argument("--tasks", type=int, default=5, help="meta-batch size")
     p.add_argument("--shots", type=int, default=100, help="support points per task")
     p.add_argument("--queries", type=int, default=100, help="query points per task")
@@ -470,8 +479,8 @@ def plot(records: list[dict[str, object]], methods: list[str], path: Path) -> No
             base = m.split("+")[0]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o", label=m, color=_COLOURS.get(base),
-                        linestyle="--" if m.endswith("+compile") else "-")
+                style = {"compile": "--", "cudagraphs": ":"}.get(m.partition("+")[2], "-")
+                ax.plot(xs, ys, marker="o", label=m, color=_COLOURS.get(base), linestyle=style)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("inner steps N")

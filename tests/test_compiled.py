@@ -68,8 +68,22 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.equal(got, ref)
 
 
-def test_compile_must_be_a_bool() -> None:
+def test_compile_argument_is_checked() -> None:
     model = mlp(hidden=8)
     x, y, _, _ = regression_data()
-    with pytest.raises(TypeError, match="compile must be True or False"):
-        amaml.adapt(model, F.mse_loss, (x, y), steps=2, lr=0.1, compile="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'yes' is not a torch.compile mode"):
+        amaml.adapt(model, F.mse_loss, (x, y), steps=2, lr=0.1, compile="yes")
+    with pytest.raises(TypeError, match="compile must be True, False or one of"):
+        amaml.adapt(model, F.mse_loss, (x, y), steps=2, lr=0.1, compile=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a torch.compile mode"):
+        amaml.DiscreteAdjoint(compile="fast")
+
+
+def test_compile_mode_reduce_overhead_is_exact() -> None:
+    """A CUDA-graph mode (on CPU: compiled without graphs) copies its outputs out; same gradient."""
+    model = mlp(hidden=8)
+    x, y, xq, yq = regression_data()
+    ref = unrolled_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=40, lr=0.05)
+    got = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=40, lr=0.05, memory="store",
+                          compile="reduce-overhead")
+    assert rel_err(got, ref) < TOL

@@ -35,8 +35,10 @@ def test_cuda_adapt_batch() -> None:
 
 
 @pytest.mark.parametrize("kw", [{"memory": "revolve"}, {"memory": "store", "compile": True},
-                                {"memory": "checkpoint", "compile": True, "solver": "heun"}],
-                         ids=["revolve", "store-compiled", "checkpoint-compiled-heun"])
+                                {"memory": "checkpoint", "compile": True, "solver": "heun"},
+                                {"memory": "store", "compile": "reduce-overhead"}],
+                         ids=["revolve", "store-compiled", "checkpoint-compiled-heun",
+                              "store-cudagraphs"])
 def test_cuda_exact_against_unrolled(kw: dict[str, object]) -> None:
     """On the GPU too (compiled: Triton kernels) the gradient is the unrolled one, float64."""
     from helpers import unrolled_meta_grad

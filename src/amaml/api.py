@@ -18,6 +18,7 @@ from .flow import (
     DiscreteAdjoint,
     gradient_flow,
 )
+from .flow.compiled import compile_mode
 
 __all__ = ["adapt", "adapt_batch", "functional_call_batch", "resolve_solver", "resolve_memory"]
 
@@ -137,15 +138,14 @@ def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
 
 def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
            solver: str | AbstractSolver, memory: str | AbstractMemory, proximal: Scalar,
-           adjoint: AbstractAdjoint | None, batched: bool, compile: bool = False) -> Params:
+           adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str = False) -> Params:
     flat = _FlatModel(model)
     x, y = _check_support(data, batched)
     _check_steps_lr(steps, lr, proximal)
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable: loss_fn(prediction, target) -> scalar.")
     stepper = resolve_solver(solver)
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be True or False; got {compile!r}.")
+    compile_mode(compile)  # TypeError / ValueError naming the accepted values
     adj = adjoint if adjoint is not None else DiscreteAdjoint(memory=resolve_memory(memory),
                                                              compile=compile)
     theta = flat.theta()
@@ -173,7 +173,7 @@ def adapt(
     memory: str | AbstractMemory = "checkpoint",
     proximal: Scalar = 0.0,
     adjoint: AbstractAdjoint | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> Params:
     """Adapt a model to one task by gradient flow; differentiable by the adjoint method.
 
@@ -210,7 +210,8 @@ def adapt(
             ``torch.compile`` (same gradient to round-off; several times faster on small
             models). The first call per model, loss and shapes compiles (tens of
             seconds on CPU); later calls reuse it. Falls back to eager with a warning
-            where compilation fails.
+            where compilation fails. A string picks the ``torch.compile`` mode, e.g.
+            ``"reduce-overhead"`` (CUDA graphs: each step one graph launch on a GPU).
 
     Returns:
         Adapted parameters by name (the keys of ``model.named_parameters()``).
@@ -244,7 +245,7 @@ def adapt_batch(
     memory: str | AbstractMemory = "checkpoint",
     proximal: Scalar = 0.0,
     adjoint: AbstractAdjoint | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> Params:
     """Adapt to a meta-batch of ``B`` tasks at once, as one batched computation.
 

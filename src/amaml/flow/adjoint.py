@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .compiled import StepFunctions
+from .compiled import StepFunctions, compile_mode
 from .hvp import Objective, conjugate_gradient, make_field
 from .solvers import AbstractSolver
 
@@ -209,11 +209,16 @@ class DiscreteAdjoint(AbstractAdjoint):
         compile: Run each solver step and its vector-Jacobian product as functions
             compiled by :func:`torch.compile` (see :mod:`amaml.flow.compiled`): the same
             gradient, several times faster on small models, after a one-off compilation
-            of tens of seconds per model, loss and data shape.
+            of tens of seconds per model, loss and data shape. A string picks the
+            ``torch.compile`` mode (:data:`amaml.flow.compiled.COMPILE_MODES`), e.g.
+            ``"reduce-overhead"`` for CUDA graphs on a GPU.
     """
 
     memory: AbstractMemory = field(default_factory=Checkpoint)
-    compile: bool = False
+    compile: bool | str = False
+
+    def __post_init__(self) -> None:
+        compile_mode(self.compile)  # raises on a bad value
 
 
 @dataclass(frozen=True)

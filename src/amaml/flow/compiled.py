@@ -24,7 +24,31 @@ from torch import Tensor
 from .._types import FlatLoss
 from .solvers import AbstractSolver
 
-__all__ = ["StepFunctions", "step_functions"]
+__all__ = ["COMPILE_MODES", "StepFunctions", "compile_mode", "step_functions"]
+
+#: ``torch.compile`` modes accepted by ``compile=``; ``True`` means ``"default"``. The modes
+#: with CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``) replay each step as one
+#: graph launch on a GPU, where a small model's steps are launch-bound.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """The ``torch.compile`` mode of a ``compile=`` argument; ``None`` for no compilation.
+
+    Raises:
+        TypeError: Neither a bool nor a string.
+        ValueError: An unknown mode.
+    """
+    if isinstance(compile, bool):
+        return "default" if compile else None
+    if not isinstance(compile, str):
+        raise TypeError(f"compile must be True, False or one of {list(COMPILE_MODES)}; got "
+                        f"{compile!r}.")
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r} is not a torch.compile mode; expected True, "
+                         f"False or one of {list(COMPILE_MODES)}.")
+    return compile
 
 Need = tuple[bool, bool, bool]
 _NAMES = ("theta", "eta", "mu")
@@ -44,10 +68,11 @@ class StepFunctions:
         solver: The explicit Runge-Kutta stepper.
         batched: ``u`` is ``(B, P)`` and the data carry a leading task dimension.
         has_mu: Whether the proximal term ``mu (u - theta)`` is present.
+        mode: The ``torch.compile`` mode (one of :data:`COMPILE_MODES`).
     """
 
     def __init__(self, loss: FlatLoss, solver: AbstractSolver, batched: bool,
-                 has_mu: bool) -> None:
+                 has_mu: bool, mode: str = "default") -> None:
         grad_fn: Callable[..., Tensor] = torch.func.grad(loss)
         if batched:
             grad_fn = torch.func.vmap(grad_fn)
@@ -63,7 +88,11 @@ class StepFunctions:
             return solver.step(field, u)
 
         self._step_eager = step
-        self._step = torch.compile(step, dynamic=False)
+        self._mode = None if mode == "default" else mode
+        # CUDA-graph replays write their outputs into the same buffers each time: what
+        # is kept (stored states, cotangents) is copied out.
+        self._copy = mode in _CUDAGRAPH_MODES
+        self._step = torch.compile(step, dynamic=False, mode=self._mode)
         self._vjps: dict[Need, Callable[..., tuple[Tensor, ...]]] = {}
         self.has_mu = has_mu
         self.failed = False
@@ -89,7 +118,7 @@ class StepFunctions:
             out: tuple[Tensor, ...] = tuple(pull(lam))
             return out
 
-        return torch.compile(step_vjp, dynamic=False)
+        return torch.compile(step_vjp, dynamic=False, mode=self._mode)
 
     def _fallback(self, err: Exception) -> None:
         self.failed = True
@@ -104,7 +133,8 @@ class StepFunctions:
             return None
         try:
             with torch.no_grad():
-                return self._step(u, theta, eta, mu, *data)
+                out: Tensor = self._step(u, theta, eta, mu, *data)
+                return out.clone() if self._copy else out
         except Exception as err:  # noqa: BLE001 - any backend failure falls back to eager
             if isinstance(err, torch.cuda.OutOfMemoryError):
                 raise
@@ -123,6 +153,8 @@ class StepFunctions:
         try:
             with torch.no_grad():
                 out = fn(u, lam, theta, eta, mu, *data)
+                if self._copy:
+                    out = tuple(t.clone() for t in out)
         except Exception as err:  # noqa: BLE001
             if isinstance(err, torch.cuda.OutOfMemoryError):
                 raise
@@ -133,7 +165,7 @@ class StepFunctions:
 
 
 def step_functions(loss: FlatLoss, solver: AbstractSolver, batched: bool,
-                   has_mu: bool) -> StepFunctions:
+                   has_mu: bool, mode: str = "default") -> StepFunctions:
     """The :class:`StepFunctions` of a flow.
 
     Cheap to build: :func:`torch.compile` caches compiled code on the functions' code
@@ -142,4 +174,4 @@ def step_functions(loss: FlatLoss, solver: AbstractSolver, batched: bool,
     A new model or shape compiles again (up to torch's recompilation limit, after which
     torch runs the step eagerly).
     """
-    return StepFunctions(loss, solver, batched, has_mu)
+    return StepFunctions(loss, solver, batched, has_mu, mode)

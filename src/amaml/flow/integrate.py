@@ -19,7 +19,7 @@ from .adjoint import (
     flow_function,
     integrate,
 )
-from .compiled import step_functions
+from .compiled import compile_mode, step_functions
 from .hvp import Objective
 from .solvers import AbstractSolver, Euler
 
@@ -117,8 +117,9 @@ def gradient_flow(
         raise ValueError("batched=True needs data tensors with a leading task dimension.")
 
     compiled = None
-    if isinstance(adjoint, DiscreteAdjoint) and adjoint.compile:
-        compiled = step_functions(loss, solver, batched, has_mu)
+    mode = compile_mode(adjoint.compile) if isinstance(adjoint, DiscreteAdjoint) else None
+    if mode is not None:
+        compiled = step_functions(loss, solver, batched, has_mu, mode)
     spec = FlowSpec(Objective(loss, batched), solver, adjoint, n_steps, has_mu, compiled)
     mu_arg = mu_t if has_mu else None
     if isinstance(adjoint, Unrolled):
