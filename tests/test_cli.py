@@ -169,3 +169,21 @@ def test_non_finite_meta_loss_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
     assert main(["train", *TINY, "--out", str(out)]) == 2
     assert "meta-iteration 1" in _error_line(capsys)
     assert not out.exists()
+
+
+def test_compile_flag_takes_an_optional_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    from amaml.cli import build_parser
+    from amaml.experiments import TrainConfig, build_algorithm
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--compile"]).compile is True
+    assert parser.parse_args(["train", "--compile", "--steps", "3"]).compile is True
+    args = parser.parse_args(["train", "--compile", "reduce-overhead"])
+    assert args.compile == "reduce-overhead"
+    config = TrainConfig(compile=args.compile)
+    assert build_algorithm(config).adjoint.compile == "reduce-overhead"
+    with pytest.raises(SystemExit) as exc:  # argparse's own error, one line
+        main(["train", "--compile", "turbo"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compile" in err[0] and "reduce-overhead" in err[0]

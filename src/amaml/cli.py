@@ -75,10 +75,12 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
                    f"(default {d.memory})")
     g.add_argument("--proximal", type=float,
                    help=f"proximal weight mu >= 0 (default {d.proximal}; iMAML uses 1 if 0)")
-    g.add_argument("--compile", action="store_true", default=None,
+    g.add_argument("--compile", nargs="?", const=True, default=None, metavar="MODE",
+                   type=_compile_flag,
                    help="compile A-MAML's solver steps with torch.compile: same gradients, "
                         "several times faster per step after a one-off compilation of tens "
-                        "of seconds")
+                        "of seconds; MODE picks a torch.compile mode, e.g. reduce-overhead "
+                        "(CUDA graphs, for GPUs)")
     g.add_argument("--maml-steps", type=int, help="MAML's inner steps (default steps // 10)")
     g.add_argument("--hidden", type=_hidden, help="MLP hidden widths, e.g. 32,32 (default)")
     g = p.add_argument_group("meta-training")
@@ -109,6 +111,15 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
                    f"(default {d.finetune_epochs})")
     g.add_argument("--finetune-every", type=int,
                    help=f"record the curve every k epochs (default {d.finetune_every})")
+
+
+def _compile_flag(value: str) -> str:
+    from .flow.compiled import COMPILE_MODES
+
+    if value not in COMPILE_MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(COMPILE_MODES)}; "
+                                         f"got {value!r}")
+    return value
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:

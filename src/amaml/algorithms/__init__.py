@@ -22,7 +22,7 @@ __all__ = [
 
 
 def _amaml(n_steps: int, inner_lr: float, solver: AbstractSolver, memory: AbstractMemory,
-           proximal: float, compile: bool = False, **_: Any) -> AbstractAlgorithm:
+           proximal: float, compile: bool | str = False, **_: Any) -> AbstractAlgorithm:
     return GradientMetaLearner("amaml", n_steps, inner_lr, solver,
                                DiscreteAdjoint(memory, compile=compile), proximal)
 
@@ -82,7 +82,7 @@ def make_algorithm(
     proximal: float = 0.0,
     maml_steps: int | None = None,
     cg_steps: int = 20,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> AbstractAlgorithm:
     """Build an algorithm by name.
 

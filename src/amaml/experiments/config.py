@@ -80,7 +80,8 @@ class TrainConfig:
             ``backsolve``).
         proximal: Proximal weight mu >= 0 (iMAML uses 1.0 when 0).
         compile: Compile A-MAML's solver steps with ``torch.compile`` (same gradients to
-            round-off, several times faster per step; tens of seconds to compile).
+            round-off, several times faster per step; tens of seconds to compile); a
+            string picks the mode, e.g. ``"reduce-overhead"`` (CUDA graphs).
         maml_steps: MAML's inner steps; ``None`` means ``max(1, steps // 10)``.
         hidden: Hidden layer widths of the MLP.
         data_dir: Data folder of the collaborative-filtering families (``None``: cache).
@@ -111,7 +112,7 @@ class TrainConfig:
     solver: str = "euler"
     memory: str = "checkpoint"
     proximal: float = 0.0
-    compile: bool = False
+    compile: bool | str = False
     maml_steps: int | None = None
     hidden: tuple[int, ...] = (32, 32)
     data_dir: str | None = None
@@ -160,8 +161,11 @@ class TrainConfig:
                              f"got {self.hidden!r}.")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise ValueError(f"{_flag('data_dir')} must be a path string; got {self.data_dir!r}.")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"{_flag('compile')} must be a bool; got {self.compile!r}.")
+        from ..flow.compiled import COMPILE_MODES
+
+        if not (isinstance(self.compile, bool) or self.compile in COMPILE_MODES):
+            raise ValueError(f"{_flag('compile')} must be a bool or one of "
+                             f"{list(COMPILE_MODES)}; got {self.compile!r}.")
         if not isinstance(self.download, bool):
             raise ValueError(f"{_flag('download')} must be a bool; got {self.download!r}.")
         if not isinstance(self.device, str):
