@@ -134,6 +134,12 @@ def format_table(records: list[dict[str, Any]], config: TrainConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _taken(out_dir: Path, names: Sequence[str]) -> list[str]:
+    """The files that show ``out_dir`` already holds (part of) a comparison."""
+    return [f for f in ("results.json", *(f"{m}/{CHECKPOINT_FILE}" for m in names))
+            if (out_dir / f).exists()]
+
+
 def compare(config: TrainConfig, methods: Sequence[str], out: str | os.PathLike[str], *,
             resume: bool = False, progress: bool = True,
             dist_info: DistInfo | None = None) -> list[dict[str, Any]]:
@@ -161,8 +167,7 @@ def compare(config: TrainConfig, methods: Sequence[str], out: str | os.PathLike[
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirError(f"--out {str(out_dir)!r} exists and is not a directory.")
     if not resume:
-        taken = [f for f in ("results.json", *(f"{m}/{CHECKPOINT_FILE}" for m in names))
-                 if (out_dir / f).exists()]
+        taken = _taken(out_dir, names)
         if taken:
             raise RunDirError(f"--out {str(out_dir)!r} already holds a comparison "
                               f"({', '.join(taken)}); pass --resume to continue it, or choose "
@@ -218,7 +223,7 @@ def parse_seeds(seeds: str | Sequence[int]) -> list[int]:
     return values
 
 
-def compare_seeds(config: TrainConfig, methods: Sequence[str], seeds: Sequence[int],
+def compare_seeds(config: TrainConfig, methods: Sequence[str], seeds: str | Sequence[int],
                   out: str | os.PathLike[str], *, resume: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """:func:`compare` once per seed (``out/seed<S>``), then their summary in ``out``.
@@ -239,14 +244,13 @@ def compare_seeds(config: TrainConfig, methods: Sequence[str], seeds: Sequence[i
     out_dir = Path(out)
     dirs = [out_dir / f"seed{s}" for s in values]
     if not resume:
-        taken = [str(d) for d in dirs if (d / "results.json").exists()
-                 or any((d / m / CHECKPOINT_FILE).exists() for m in names)]
+        taken = [str(d) for d in dirs if _taken(d, names)]
         if taken:
             raise RunDirError(f"{', '.join(taken)} already hold(s) a comparison; pass --resume "
                               "to continue, or choose another --out.")
-    for seed, d in zip(values, dirs):
+    for i, (seed, d) in enumerate(zip(values, dirs), start=1):
         if progress:
-            print(f"seed {seed} ({values.index(seed) + 1} of {len(values)}): {d}", flush=True)
+            print(f"seed {seed} ({i} of {len(values)}): {d}", flush=True)
         try:
             compare(config.replace(seed=seed), names, d, resume=resume, progress=progress)
         except TrainingInterrupted as stop:
