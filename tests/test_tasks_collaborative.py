@@ -17,7 +17,7 @@ from _tasks_fixtures import (
     write_xls,
 )
 
-from amaml.tasks import DataError, FamilyRequest, TaskFamily, make_family
+from amaml.tasks import DataError, FamilyRequest, TaskFamily, make_family, svd_features
 from amaml.tasks import collaborative as cf
 
 F64 = torch.float64
@@ -232,7 +232,7 @@ def test_randomised_svd_matches_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     mat = (u * s) @ v.T
     rows, cols = np.nonzero(np.ones_like(mat))
     exact_s, exact_v = cf._top_right_singular(rows, cols, mat[rows, cols], (m, n), k, seed=0)
-    monkeypatch.setattr(cf, "EXACT_SVD_MAX", 5)
+    monkeypatch.setattr(svd_features, "EXACT_SVD_MAX", 5)  # read where it is used
     rand_s, rand_v = cf._top_right_singular(rows, cols, mat[rows, cols], (m, n), k, seed=0)
     # Spectrum decays by 0.8 per index, sketch width 60 and 10 power iterations: the
     # leading 10 components are resolved to round-off (0.8**(50 * 21) is ~1e-100).
