@@ -12,17 +12,17 @@ here, seeded, so that timings do not depend on the task package.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import platform
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from amaml.experiments.memory import PeakMemory as _PeakMemory
 
 __all__ = [
     "Workload",
@@ -107,80 +107,8 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _malloc_trim() -> None:
-    """``malloc_trim(0)`` where glibc provides it: freed heap pages go back to the system.
-
-    Without it a run can reuse memory freed earlier in the process (e.g. by
-    ``torch.compile`` during the warm-up) without the resident size growing, and its
-    peak reads as zero.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory growth of one region, in bytes.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated at entry.
-    CPU: peak resident set size (``VmHWM``) above the resident size at entry. The
-    high-water mark is reset at entry through ``/proc/self/clear_refs`` where Linux
-    allows it; otherwise ``ru_maxrss`` is used, which is only right in a fresh
-    process whose peak so far is close to its current size (run each measured
-    configuration in its own subprocess, after a small warm-up). For RSS to fall
-    back when tensors are freed, start the process with a fixed
-    ``MALLOC_MMAP_THRESHOLD_`` (the benchmark scripts do).
-    """
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.peak_bytes = 0
-        self.method = ""
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-            self.method = "cuda.max_memory_allocated"
-            return self
-        _malloc_trim()  # hand freed heap back, so that reusing it shows as growth
-        self._reset = False
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # resets the VmHWM high-water mark to the current RSS
-            self._reset = True
-        except OSError:
-            pass
-        rss = _status_kib("VmRSS")
-        self._base = 1024 * rss if rss is not None else 0
-        self.method = "VmHWM - VmRSS (clear_refs)" if self._reset else "ru_maxrss - VmRSS"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
-            return
-        hwm = _status_kib("VmHWM") if self._reset else None
-        if hwm is None:
-            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        self.peak_bytes = max(0, 1024 * hwm - self._base)
+# Peak memory is measured by the package's own helper (``amaml sweep-steps`` uses it too).
+PeakMemory = _PeakMemory
 
 
 def machine_info(device: str) -> dict[str, object]:

@@ -73,7 +73,7 @@ def test_compare_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert main(["compare", "--methods", "amaml,maml1", *TINY, "--out", str(out)]) == 0
     assert "| maml1 |" in capsys.readouterr().out
     assert {r["method"] for r in json.loads((out / "results.json").read_text())} == \
-        {"amaml", "maml1"}
+        {"amaml", "maml1", "no-meta", "oracle"}
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:

@@ -83,7 +83,7 @@ def test_nrmse_handles_ragged_test_sets() -> None:
     assert nrmse_per_task(model, params, tasks) == [1.0, 2.0]
     mean, sem = summarise([1.0, 2.0])
     assert mean == 1.5 and math.isclose(sem, math.sqrt(0.5) / math.sqrt(2))
-    curve = finetune_curve(model, torch.nn.functional.mse_loss, tasks, inner_lr=0.1, epochs=3,
+    curve = finetune_curve(model, torch.nn.functional.mse_loss, tasks, lr=0.1, epochs=3,
                            every=2)
     assert curve["epochs"] == [0, 2, 3] and curve["nrmse_mean"][0] == 1.5
 
@@ -126,11 +126,13 @@ def test_maml_uses_its_own_steps_in_evaluation() -> None:
 def test_compare_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     records = compare(tiny(meta_iters=2), "amaml,maml,reptile", out, progress=False)
-    assert [r["method"] for r in records] == ["amaml", "maml", "reptile"]
+    # The methods, then the reference rows.
+    assert [r["method"] for r in records] == ["amaml", "maml", "reptile", "no-meta", "oracle"]
     saved = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in saved] == ["amaml", "maml", "reptile"]
+    assert [r["method"] for r in saved] == ["amaml", "maml", "reptile", "no-meta", "oracle"]
     assert all({"nrmse_mean", "nrmse_sem", "steps", "finetune"} <= set(r) for r in saved)
-    assert {r["method"]: r["steps"] for r in saved} == {"amaml": 3, "maml": 1, "reptile": 3}
+    assert {r["method"]: r["steps"] for r in saved if not r["reference"]} == \
+        {"amaml": 3, "maml": 1, "reptile": 3}
     table = (out / "results.md").read_text()
     assert "| amaml |" in table and "| reptile |" in table
     assert "paired difference to amaml" in table
@@ -141,7 +143,7 @@ def test_compare_writes_results(tmp_path: Path) -> None:
     assert (out / "finetune.png").stat().st_size > 0
     # Identical initialisation for every method: the epoch-0 point of the fine-tuning
     # curve differs only through meta-training, so it is finite for all.
-    assert all(r["finetune"]["nrmse_mean"][0] > 0 for r in saved)
+    assert all(r["finetune"]["nrmse_mean"][0] > 0 for r in saved if r["finetune"])
     with pytest.raises(RunDirError, match="already holds a comparison"):
         compare(tiny(meta_iters=2), "amaml", out, progress=False)
     # --resume skips finished runs and rewrites the same records.

@@ -46,35 +46,58 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
     """Flags of TrainConfig fields; all default to None so that explicit ones are known."""
-    from .experiments.config import TrainConfig
+    from .algorithms import list_algorithms
+    from .experiments.config import (
+        LOSSES,
+        META_OPTIMIZERS,
+        PROTOCOLS,
+        TrainConfig,
+    )
+    from .flow import MEMORIES, SOLVERS
+    from .tasks import list_families
 
     d = TrainConfig()
+    p.add_argument("--protocol", choices=list(PROTOCOLS),
+                   help="preset of the settings below; every flag given overrides it. "
+                        "amaml (default): this project's; paper: the authors' released "
+                        "protocol (SGD meta-lr 0.01, 5000 meta-updates, 0.5*MSE, RK4, "
+                        "proximal 1 in the inner and query loss, float64, 1000-point pools, "
+                        "Adam fine-tuning lr 1e-3 / weight decay 1e-6 for 1000 epochs)")
     g = p.add_argument_group("task family")
     g.add_argument("--family", help=f"task family (default {d.family}); one of "
-                   "alpine, cosmixture, sinusoid, jester-1, movielens-100k, movielens-1m")
+                   f"{', '.join(list_families())}")
     g.add_argument("--shots", type=int, help=f"support points per task (default {d.shots})")
     g.add_argument("--queries", type=int,
                    help=f"query points per task (default {d.queries})")
     g.add_argument("--n-train", type=int,
                    help="meta-training tasks (default: 100 functions / all other users)")
     g.add_argument("--n-test", type=int, help=f"meta-test tasks (default {d.n_test})")
+    g.add_argument("--pool", type=int, help="points per meta-training function from which "
+                   "each meta-iteration draws a fresh support and query set (synthetic "
+                   "families; default: one fixed set per function)")
     g.add_argument("--data-dir", help="folder of the collaborative-filtering data "
                    "(default $AMAML_DATA or ~/.cache/amaml)")
     g.add_argument("--download", action="store_true", default=None,
                    help="download missing data (official archives)")
     g = p.add_argument_group("method")
     if method:
-        g.add_argument("--method", help=f"algorithm (default {d.method}); one of amaml, maml, "
-                       "maml1, fomaml, reptile, imaml")
+        g.add_argument("--method", help=f"algorithm (default {d.method}); one of "
+                       f"{', '.join(list_algorithms())}")
     g.add_argument("--steps", type=int, help=f"inner steps N (default {d.steps})")
     g.add_argument("--inner-lr", type=float,
                    help=f"inner learning rate / solver step (default {d.inner_lr})")
-    g.add_argument("--solver", help=f"inner solver: euler, heun, rk4 (default {d.solver})")
-    g.add_argument("--memory", help="A-MAML memory strategy: store, checkpoint, revolve, "
-                   "backsolve "
+    g.add_argument("--solver", help=f"inner solver: {', '.join(sorted(SOLVERS))} "
+                   f"(default {d.solver})")
+    g.add_argument("--memory", help=f"A-MAML memory strategy: {', '.join(sorted(MEMORIES))} "
                    f"(default {d.memory})")
     g.add_argument("--proximal", type=float,
-                   help=f"proximal weight mu >= 0 (default {d.proximal}; iMAML uses 1 if 0)")
+                   help=f"proximal weight mu >= 0 of A-MAML's inner flow and of iMAML "
+                        f"(default {d.proximal}; iMAML uses 1 if 0)")
+    g.add_argument("--proximal-in-query", action=argparse.BooleanOptionalAction, default=None,
+                   help="A-MAML's meta-objective carries the proximal term too (the "
+                        "authors' code)")
+    g.add_argument("--loss", choices=list(LOSSES),
+                   help=f"inner and query loss (default {d.loss})")
     g.add_argument("--compile", nargs="?", const=True, default=None, metavar="MODE",
                    type=_compile_flag,
                    help="compile A-MAML's solver steps with torch.compile: same gradients, "
@@ -88,7 +111,10 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
                    help=f"meta-iterations (default {d.meta_iters})")
     g.add_argument("--meta-batch", type=int, help=f"tasks per meta-iteration "
                    f"(default {d.meta_batch})")
-    g.add_argument("--meta-lr", type=float, help=f"Adam learning rate (default {d.meta_lr})")
+    g.add_argument("--meta-lr", type=float,
+                   help=f"meta-optimiser learning rate (default {d.meta_lr})")
+    g.add_argument("--meta-optimizer", choices=list(META_OPTIMIZERS),
+                   help=f"meta-optimiser (default {d.meta_optimizer})")
     g.add_argument("--seed", type=int, help=f"seed of everything (default {d.seed})")
     g.add_argument("--log-every", type=int,
                    help=f"metrics.jsonl line every k iterations (default {d.log_every})")
@@ -101,7 +127,7 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
-    from .experiments.config import TrainConfig
+    from .experiments.config import FINETUNE_OPTIMIZERS, TrainConfig
 
     d = TrainConfig()
     g = p.add_argument_group("evaluation")
@@ -111,6 +137,12 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
                    f"(default {d.finetune_epochs})")
     g.add_argument("--finetune-every", type=int,
                    help=f"record the curve every k epochs (default {d.finetune_every})")
+    g.add_argument("--finetune-optimizer", choices=list(FINETUNE_OPTIMIZERS),
+                   help=f"fine-tuning optimiser (default {d.finetune_optimizer})")
+    g.add_argument("--finetune-lr", type=float,
+                   help="fine-tuning learning rate (default: --inner-lr)")
+    g.add_argument("--finetune-weight-decay", type=float, help="fine-tuning L2 penalty "
+                   f"(default {d.finetune_weight_decay})")
 
 
 def _compile_flag(value: str) -> str:
@@ -129,18 +161,26 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
-_CONFIG_KEYS = (
-    "family", "method", "shots", "queries", "n_train", "n_test", "data_dir", "download",
-    "steps", "inner_lr", "solver", "memory", "proximal", "compile", "maml_steps", "hidden",
-    "meta_iters",
-    "meta_batch", "meta_lr", "seed", "log_every", "checkpoint_every", "dtype", "device",
-    "eval_steps", "finetune_epochs", "finetune_every",
-)
+def _config_keys() -> tuple[str, ...]:
+    """Every TrainConfig field but ``protocol`` (the preset is applied, not copied)."""
+    import dataclasses
+
+    from .experiments.config import TrainConfig
+
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "protocol")
 
 
 def _explicit(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _CONFIG_KEYS
+    return {k: getattr(args, k) for k in _config_keys()
             if getattr(args, k, None) is not None}
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The TrainConfig of the flags: the --protocol preset, overridden by explicit flags."""
+    from .experiments.config import TrainConfig
+
+    return TrainConfig.from_protocol(getattr(args, "protocol", None) or "amaml",
+                                     **_explicit(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "meta-train, compare and evaluate initialisations.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"amaml {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,compare,eval,summarize}",
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{train,compare,sweep-steps,eval,summarize}",
                                 parser_class=_Parser)
     sub.required = True
 
@@ -179,6 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted comparison (give the same flags)")
     _add_runtime_flags(c)
+
+    w = sub.add_parser("sweep-steps", help="meta-test error against inner steps N under one "
+                       "memory budget",
+                       description="Meta-train each method at every N of --steps-list (A-MAML "
+                       "with its --memory strategy, MAML unrolled through all N steps) and "
+                       "evaluate it after N adaptation steps. A method whose meta-gradient "
+                       "needs more than --max-memory-mb stops there. Writes sweep.json, "
+                       "sweep.md and sweep.png to --out.")
+    w.add_argument("--methods", default="amaml,maml", help="comma-separated methods (default "
+                   "amaml,maml)")
+    w.add_argument("--steps-list", default="1,10,100,1000",
+                   help="inner steps N, comma-separated (default 1,10,100,1000)")
+    w.add_argument("--max-memory-mb", type=float,
+                   help="memory budget of one meta-gradient in MiB (default: none)")
+    _add_config_flags(w, method=False)
+    w.add_argument("--seeds", help="comma-separated seeds (default: --seed)")
+    w.add_argument("--out", required=True, help="sweep directory")
+    _add_runtime_flags(w)
 
     e = sub.add_parser("eval", help="evaluate a saved initialisation",
                        description="Evaluate a saved initialisation (init.pt or "
@@ -212,7 +271,6 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .experiments.config import TrainConfig
     from .experiments.train import resume_config, train
 
     if args.nproc < 1:
@@ -223,15 +281,29 @@ def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.resume:
         if args.out is None:
             raise _CliError("--resume needs --out DIR (the run to continue).")
+        if args.protocol is not None:
+            raise _CliError("--protocol applies to a new run; --resume takes the run's own "
+                            "config (drop --protocol).")
         config = resume_config(args.out, **explicit)
     else:
-        config = TrainConfig(**explicit)
-    result = train(config, args.out, resume=args.resume, progress=_progress(args))
+        config = _config(args)
+    result = train(config, args.out, resume=args.resume, progress=_progress(args),
+                   references=True)
     m = result.metrics
     if m:
         where = f"; outputs in {result.out_dir}" if result.out_dir is not None else ""
         print(f"{m['method']} on {m['family']}: meta-test nRMSE {m['nrmse_mean']:.4f} "
-              f"± {m['nrmse_sem']:.4f} ({m['eval_steps']} adaptation steps){where}")
+              f"± {m['nrmse_sem']:.4f} after {m['eval_steps']} adaptation steps, "
+              f"{m['finetune_final_nrmse']:.4f} after {config.finetune_epochs} fine-tuning "
+              f"epochs{where}")
+        for name, r in m.get("references", {}).items():
+            what = {"no-meta": "no meta-learning: the random initialisation, adapted and "
+                               "fine-tuned the same way",
+                    "oracle": "the family's own parameters fitted to each support set"}[name]
+            line = f"  {name:8s} {r['nrmse_mean']:.4f} ± {r['nrmse_sem']:.4f}"
+            if name == "no-meta":
+                line += f", {r['finetune_final_nrmse']:.4f} after fine-tuning"
+            print(f"{line}  ({what})")
     return 0
 
 
@@ -252,9 +324,8 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from .experiments.compare import compare, format_table
-    from .experiments.config import TrainConfig
 
-    config = TrainConfig(**_explicit(args))
+    config = _config(args)
     if args.seeds is not None:
         from .experiments.compare import compare_seeds
         from .experiments.summary import format_summary
@@ -275,17 +346,36 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_sweep(args: argparse.Namespace) -> int:
+    from .experiments.sweep import format_sweep, sweep_steps
+
+    if args.seeds is not None and args.seed is not None:
+        raise _CliError("give either --seed or --seeds, not both.")
+    result = sweep_steps(_config(args), args.methods, args.steps_list, args.out,
+                         max_memory_mb=args.max_memory_mb, seeds=args.seeds,
+                         progress=_progress(args))
+    print(format_sweep(result), end="")
+    print(f"Results in {args.out}/sweep.json, sweep.md, sweep.png")
+    return 0
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from .experiments.checkpoint import CheckpointError, atomic_write_json, load_state_file
     from .experiments.config import TrainConfig
     from .experiments.train import build_algorithm, build_family, build_model, evaluate_run
 
     state = load_state_file(args.checkpoint)
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{args.checkpoint!r} holds no config.")
+    explicit = _explicit(args)
     try:
-        config = TrainConfig.from_dict(state["config"])
+        # Flags first: a run trained on --device cuda is evaluated with --device cpu on a
+        # machine without CUDA, so the stored device must not be validated on its own.
+        config = TrainConfig.from_dict({**state["config"], **explicit})
     except (TypeError, ValueError) as err:
+        if explicit:
+            raise
         raise CheckpointError(f"{args.checkpoint!r} holds an invalid config ({err}).") from err
-    config = config.replace(**_explicit(args))
     family = build_family(config)
     model = build_model(config, family.input_dim)
     try:
@@ -339,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_compare(args)
         if args.command == "summarize":
             return _run_summarize(args)
+        if args.command == "sweep-steps":
+            return _run_sweep(args)
         return _run_eval(args)
     except TrainingInterrupted as stop:
         sys.stderr.write(f"amaml: {stop}\n")

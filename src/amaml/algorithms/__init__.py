@@ -22,9 +22,11 @@ __all__ = [
 
 
 def _amaml(n_steps: int, inner_lr: float, solver: AbstractSolver, memory: AbstractMemory,
-           proximal: float, compile: bool | str = False, **_: Any) -> AbstractAlgorithm:
+           proximal: float, compile: bool | str = False, proximal_in_query: bool = False,
+           **_: Any) -> AbstractAlgorithm:
     return GradientMetaLearner("amaml", n_steps, inner_lr, solver,
-                               DiscreteAdjoint(memory, compile=compile), proximal)
+                               DiscreteAdjoint(memory, compile=compile), proximal,
+                               proximal_in_query)
 
 
 def _maml(n_steps: int, inner_lr: float, solver: AbstractSolver, proximal: float,
@@ -83,6 +85,7 @@ def make_algorithm(
     maml_steps: int | None = None,
     cg_steps: int = 20,
     compile: bool | str = False,
+    proximal_in_query: bool = False,
 ) -> AbstractAlgorithm:
     """Build an algorithm by name.
 
@@ -97,6 +100,8 @@ def make_algorithm(
         cg_steps: Conjugate-gradient iterations of iMAML.
         compile: A-MAML's solver steps compiled with ``torch.compile`` (see
             :class:`amaml.flow.DiscreteAdjoint`).
+        proximal_in_query: A-MAML's meta-objective carries the proximal term too (see
+            :class:`GradientMetaLearner`).
     """
     if name not in ALGORITHMS:
         raise ValueError(f"Unknown method {name!r}; expected one of {list_algorithms()}.")
@@ -106,4 +111,5 @@ def make_algorithm(
         raise ValueError(f"maml_steps must be an int >= 1; got {maml_steps!r}.")
     return ALGORITHMS[name](n_steps=n_steps, inner_lr=inner_lr, solver=resolve_solver(solver),
                             memory=resolve_memory(memory), proximal=proximal,
-                            maml_steps=maml_steps, cg_steps=cg_steps, compile=compile)
+                            maml_steps=maml_steps, cg_steps=cg_steps, compile=compile,
+                            proximal_in_query=proximal_in_query)

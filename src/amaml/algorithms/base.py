@@ -68,6 +68,10 @@ class GradientMetaLearner(AbstractAlgorithm):
     """MAML-family meta-learner: the meta-gradient of the query loss after adaptation.
 
     A-MAML, MAML, first-order MAML and iMAML differ only in ``adjoint``.
+
+    With ``proximal_in_query`` the meta-objective of each task is
+    ``L_query(u(T)) + proximal / 2 * ||u(T) - theta||^2`` (the authors' A-MAML code), whose
+    gradient also has the explicit term ``-proximal * (u(T) - theta)``.
     """
 
     name: str
@@ -76,6 +80,7 @@ class GradientMetaLearner(AbstractAlgorithm):
     solver: AbstractSolver = field(default_factory=Euler)
     adjoint: AbstractAdjoint = field(default_factory=DiscreteAdjoint)
     proximal: float = 0.0
+    proximal_in_query: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_steps, int) or self.n_steps < 1:
@@ -98,6 +103,10 @@ class GradientMetaLearner(AbstractAlgorithm):
         params = adapt_batch(model, loss_fn, (xs, ys), steps=self.n_steps, lr=self.inner_lr,
                              solver=self.solver, adjoint=self.adjoint, proximal=self.proximal)
         losses = query_losses(model, loss_fn, params, xq, yq)
+        if self.proximal_in_query and self.proximal > 0:
+            theta = dict(model.named_parameters())
+            losses = losses + 0.5 * self.proximal * sum(
+                ((u - theta[n]) ** 2).flatten(1).sum(1) for n, u in params.items())
         weight = 1.0 / xs.shape[0] if scale is None else scale
         (losses.sum() * weight).backward()
         return losses.detach()

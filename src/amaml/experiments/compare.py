@@ -8,9 +8,11 @@ resumes the same way). ``out`` also receives::
 
     results.json   list of records: method, steps, eval_steps, nrmse_mean, nrmse_sem,
                    finetune_final_nrmse, finetune_best_nrmse, final_meta_loss, timings,
-                   the fine-tuning curve
+                   the fine-tuning curve; then the reference rows ``no-meta`` and
+                   ``oracle`` (``"reference": true``, see :mod:`.references`)
     results.md     the table (like the paper's Table 1)
-    finetune.png   meta-test nRMSE against fine-tuning epochs, one curve per method
+    finetune.png   meta-test nRMSE against fine-tuning epochs, one curve per method,
+                   ``no-meta`` dashed, the oracle as a dotted level
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .config import TrainConfig
 from .distributed import DistInfo
 from .evaluate import summarise
 from .plots import plot_finetune
+from .references import REFERENCES, reference_metrics
 from .train import CHECKPOINT_FILE, RunDirError, TrainingInterrupted, build_family, train
 
 __all__ = ["DEFAULT_METHODS", "compare", "compare_seeds", "format_table", "paired_difference",
@@ -45,13 +48,13 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) \
         else [str(m) for m in methods]
     names = [m for m in names if m]
+    allowed = [*list_algorithms(), *REFERENCES]
     if not names:
-        raise ValueError(f"--methods is empty; give a comma-separated subset of "
-                         f"{list_algorithms()}.")
-    unknown = [m for m in names if m not in list_algorithms()]
+        raise ValueError(f"--methods is empty; give a comma-separated subset of {allowed}.")
+    unknown = [m for m in names if m not in allowed]
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown} in --methods; expected a comma-separated "
-                         f"subset of {list_algorithms()}.")
+                         f"subset of {allowed}.")
     repeated = sorted({m for m in names if names.count(m) > 1})
     if repeated:
         raise ValueError(f"--methods repeats {repeated}; give each method once.")
@@ -61,6 +64,7 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
 def _record(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     t = metrics["timings"]
     return {
+        "reference": bool(metrics.get("reference", False)),
         "method": metrics["method"], "family": metrics["family"], "shots": metrics["shots"],
         "queries": metrics["queries"], "steps": metrics["steps"],
         "eval_steps": metrics["eval_steps"], "nrmse_mean": metrics["nrmse_mean"],
@@ -94,22 +98,29 @@ def paired_difference(values: Sequence[float] | None,
 
 
 def format_table(records: list[dict[str, Any]], config: TrainConfig) -> str:
-    """A markdown table of a comparison (best nRMSE in bold).
+    """A markdown table of a comparison (best method's nRMSE in bold).
 
-    Its last columns give each method's nRMSE minus the first method's, task by task
-    (mean ± standard error of the paired differences): a negative value means lower error
-    than the first method; within about two standard errors of zero, no clear difference.
+    Its paired-difference column gives each row's nRMSE minus the first method's, task by
+    task (mean ± standard error of the paired differences): a negative value means lower
+    error than the first method; within about two standard errors of zero, no clear
+    difference. The reference rows (``no-meta``: nothing meta-learned; ``oracle``: the
+    family's own parameters fitted to the support set) come last, in italics.
     """
     epochs = config.finetune_epochs
-    best = min((r["nrmse_mean"] for r in records if r["nrmse_mean"] is not None), default=None)
-    best_ft = min((r["finetune_final_nrmse"] for r in records
+    methods = [r for r in records if not r.get("reference")]
+    best = min((r["nrmse_mean"] for r in methods if r["nrmse_mean"] is not None), default=None)
+    best_ft = min((r["finetune_final_nrmse"] for r in methods
                    if r["finetune_final_nrmse"] is not None), default=None)
+    lr, wd = config.effective_finetune_lr, config.finetune_weight_decay
+    ft = (f"Adam, lr {lr:g}, weight decay {wd:g}" if config.finetune_optimizer == "adam"
+          else f"gradient descent, lr {config.effective_finetune_lr:g}")
     lines = [
         f"### {config.family}, {config.shots}shot-{config.queries}val",
         "",
-        f"meta-iterations {config.meta_iters}, meta-batch {config.meta_batch}, meta-lr "
-        f"{config.meta_lr} (Adam), inner lr {config.inner_lr}, seed {config.seed}, "
-        f"{config.n_test} meta-test tasks.",
+        f"protocol {config.protocol}: meta-iterations {config.meta_iters}, meta-batch "
+        f"{config.meta_batch}, meta-lr {config.meta_lr} ({config.meta_optimizer}), inner lr "
+        f"{config.inner_lr} ({config.solver}), seed {config.seed}, {config.n_test} meta-test "
+        f"tasks; fine-tuning: {ft}.",
         "",
         "| method | inner steps (train / eval) | nRMSE after adaptation | "
         f"paired difference to {records[0]['method'] if records else '-'} | "
@@ -119,18 +130,25 @@ def format_table(records: list[dict[str, Any]], config: TrainConfig) -> str:
     reference = records[0].get("nrmse_per_task") if records else None
     for r in records:
         a = f"{_fmt(r['nrmse_mean'])} ± {_fmt(r['nrmse_sem'])}"
-        if r["nrmse_mean"] is not None and r["nrmse_mean"] == best:
+        ref = bool(r.get("reference"))
+        if not ref and r["nrmse_mean"] is not None and r["nrmse_mean"] == best:
             a = f"**{a}**"
-        f = _fmt(r["finetune_final_nrmse"])
-        if r["finetune_final_nrmse"] is not None and r["finetune_final_nrmse"] == best_ft:
+        f = _fmt(r["finetune_final_nrmse"]) if r.get("finetune") is not None or not ref \
+            else "-"
+        if not ref and r["finetune_final_nrmse"] is not None \
+                and r["finetune_final_nrmse"] == best_ft:
             f = f"**{f}**"
         d = "-" if r is records[0] else "n/a"
         pair = None if r is records[0] else paired_difference(r.get("nrmse_per_task"),
                                                               reference)
         if pair is not None:
             d = f"{pair[0]:+.4f} ± {pair[1]:.4f}"
-        lines.append(f"| {r['method']} | {r['steps']} / {r['eval_steps']} | {a} | {d} | {f} | "
-                     f"{r['s_per_meta_iter']:.3f} |")
+        steps = f"{r['steps']} / {r['eval_steps']}" if not ref else (
+            f"- / {r['eval_steps']}" if r.get("eval_steps") else "-")
+        spi = r.get("s_per_meta_iter")
+        name = f"*{r['method']}*" if ref else r["method"]
+        lines.append(f"| {name} | {steps} | {a} | {d} | {f} | "
+                     f"{'-' if spi is None else f'{spi:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -174,7 +192,8 @@ def compare(config: TrainConfig, methods: Sequence[str], out: str | os.PathLike[
                               "another --out.")
     family = build_family(config)
     records = []
-    bar = tqdm(names, desc="methods", unit="method", disable=not progress, position=0)
+    trained = [m for m in names if m not in REFERENCES]
+    bar = tqdm(trained, desc="methods", unit="method", disable=not progress, position=0)
     for name in bar:
         bar.set_postfix(method=name)
         run_dir = out_dir / name
@@ -190,11 +209,18 @@ def compare(config: TrainConfig, methods: Sequence[str], out: str | os.PathLike[
         if result.metrics:
             records.append(_record(result.metrics, run_dir))
     bar.close()
-    if records:
+    if records or not trained:
+        for name in REFERENCES:
+            ref = reference_metrics(name, config, family, out_dir)
+            if ref is not None:
+                records.append(_record(ref, out_dir / name))
         atomic_write_json(out_dir / "results.json", records)
         atomic_write_text(out_dir / "results.md", format_table(records, config))
-        plot_finetune({r["method"]: r["finetune"] for r in records}, out_dir / "finetune.png",
-                      title=f"{config.family}, {config.shots}shot-{config.queries}val")
+        plot_finetune({r["method"]: r["finetune"] for r in records if r["finetune"]},
+                      out_dir / "finetune.png",
+                      title=f"{config.family}, {config.shots}shot-{config.queries}val",
+                      references={r["method"]: r["nrmse_mean"] for r in records
+                                  if r["reference"] and not r["finetune"]})
     return records
 
 

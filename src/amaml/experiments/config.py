@@ -17,10 +17,43 @@ from ..algorithms import list_algorithms
 from ..flow import MEMORIES, SOLVERS
 from ..tasks import list_families
 
-__all__ = ["DTYPES", "RESUME_MUTABLE", "TrainConfig"]
+__all__ = ["DTYPES", "FINETUNE_OPTIMIZERS", "LOSSES", "META_OPTIMIZERS", "PROTOCOLS",
+           "RESUME_MUTABLE", "TrainConfig"]
 
 #: Accepted ``dtype`` names.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+#: Meta-optimisers: ``adam`` (torch.optim.Adam) or ``sgd`` (plain gradient descent, the
+#: authors' code).
+META_OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+
+#: Optimisers of the meta-test fine-tuning curve: ``gd`` (full-batch gradient descent) or
+#: ``adam`` (Adam with ``finetune_weight_decay`` as L2 penalty, the authors' evaluation).
+FINETUNE_OPTIMIZERS: tuple[str, ...] = ("gd", "adam")
+
+#: Inner and query losses of the regression families: ``mse`` or ``half-mse`` (0.5 * MSE,
+#: the authors' code).
+LOSSES: tuple[str, ...] = ("mse", "half-mse")
+
+#: Named presets of ``TrainConfig`` fields (``--protocol``); every field they set can
+#: still be overridden. ``amaml`` is this project's default protocol; ``paper`` is the
+#: authors' released protocol (shib0li/Adjoint-MAML: run.py, experiment.sh,
+#: core/meta_learner.py, infrastructure/misc.py): plain SGD on the meta-gradient with
+#: meta-lr 0.01, up to 5000 meta-updates of 5 tasks, inner and query loss 0.5 * MSE, an
+#: RK4 inner flow with A-MAML's proximal term (weight 1) in the inner and the query loss,
+#: float64, 100 + 100 functions whose 1000-point pools give fresh support and query sets
+#: at every meta-iteration, and evaluation by fine-tuning with Adam (lr 1e-3, weight decay
+#: 1e-6) for 1000 epochs, recorded every 10.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "amaml": {},
+    "paper": {
+        "meta_optimizer": "sgd", "meta_lr": 0.01, "meta_iters": 5000, "meta_batch": 5,
+        "loss": "half-mse", "inner_lr": 0.01, "steps": 50, "solver": "rk4",
+        "proximal": 1.0, "proximal_in_query": True, "dtype": "float64", "n_train": 100,
+        "n_test": 100, "pool": 1000, "finetune_optimizer": "adam", "finetune_lr": 1e-3,
+        "finetune_weight_decay": 1e-6, "finetune_epochs": 1000, "finetune_every": 10,
+    },
+}
 
 #: Fields that may differ between a checkpoint and the config that resumes it: where the
 #: data lives and how often to checkpoint change nothing in the computation.
@@ -73,12 +106,20 @@ class TrainConfig:
         inner_lr: Inner learning rate (the solver's step size) > 0.
         meta_iters: Meta-iterations (optimiser steps), >= 1.
         meta_batch: Tasks per meta-iteration, >= 1 (and <= the meta-training tasks).
-        meta_lr: Adam's learning rate > 0.
+        meta_lr: The meta-optimiser's learning rate > 0.
+        meta_optimizer: ``adam`` or ``sgd`` (plain gradient descent on the mean
+            meta-gradient, the authors' code).
         seed: Seed of the tasks, the initialisation and the meta-batch draws, >= 0.
         solver: Inner-loop solver name (``euler``, ``heun``, ``rk4``).
         memory: A-MAML's memory strategy (``store``, ``checkpoint``, ``revolve``,
             ``backsolve``).
-        proximal: Proximal weight mu >= 0 (iMAML uses 1.0 when 0).
+        proximal: Proximal weight mu >= 0 of A-MAML's inner flow and of iMAML (which uses
+            1.0 when 0); MAML, MAML-1, FOMAML and Reptile adapt without it.
+        proximal_in_query: A-MAML's meta-objective also carries the proximal term,
+            ``L_query(u(T)) + mu / 2 * ||u(T) - theta||^2`` (the authors' code).
+        loss: Inner and query loss: ``mse`` or ``half-mse`` (0.5 * MSE).
+        protocol: The preset the other fields started from (``amaml`` or ``paper``, see
+            :data:`PROTOCOLS`); recorded only, it changes nothing by itself.
         compile: Compile A-MAML's solver steps with ``torch.compile`` (same gradients to
             round-off, several times faster per step; tens of seconds to compile); a
             string picks the mode, e.g. ``"reduce-overhead"`` (CUDA graphs).
@@ -87,11 +128,18 @@ class TrainConfig:
         data_dir: Data folder of the collaborative-filtering families (``None``: cache).
         download: Whether missing data may be downloaded.
         n_train: Meta-training tasks (``None``: the family's default).
+        pool: Points per meta-training function from which every meta-iteration draws
+            a fresh support and query set (synthetic families; ``None``: one fixed
+            support and query set per function).
         n_test: Meta-test tasks >= 1.
         eval_steps: Adaptation steps at meta-test time; ``None`` means the method's own
             inner loop (A-MAML ``steps``, MAML ``maml_steps``, MAML-1 one step, ...).
-        finetune_epochs: Length E of the fine-tuning curve (plain gradient descent), >= 0.
+        finetune_epochs: Length E of the fine-tuning curve, >= 0.
         finetune_every: Record the curve every k epochs, >= 1.
+        finetune_optimizer: ``gd`` (full-batch gradient descent) or ``adam``.
+        finetune_lr: Fine-tuning learning rate > 0; ``None`` means ``inner_lr``.
+        finetune_weight_decay: L2 penalty of the fine-tuning optimiser, >= 0 (added to
+            the gradient, as ``torch.optim.Adam``'s ``weight_decay``).
         log_every: Append a line to ``metrics.jsonl`` every this many iterations, >= 1.
         checkpoint_every: Save a resumable checkpoint every this many iterations (0: only
             at the end and on SIGINT/SIGTERM).
@@ -108,20 +156,28 @@ class TrainConfig:
     meta_iters: int = 300
     meta_batch: int = 5
     meta_lr: float = 1e-3
+    meta_optimizer: str = "adam"
     seed: int = 0
     solver: str = "euler"
     memory: str = "checkpoint"
     proximal: float = 0.0
+    proximal_in_query: bool = False
+    loss: str = "mse"
+    protocol: str = "amaml"
     compile: bool | str = False
     maml_steps: int | None = None
     hidden: tuple[int, ...] = (32, 32)
     data_dir: str | None = None
     download: bool = False
     n_train: int | None = None
+    pool: int | None = None
     n_test: int = 100
     eval_steps: int | None = None
     finetune_epochs: int = 200
     finetune_every: int = 10
+    finetune_optimizer: str = "gd"
+    finetune_lr: float | None = None
+    finetune_weight_decay: float = 0.0
     log_every: int = 1
     checkpoint_every: int = 50
     dtype: str = "float32"
@@ -133,6 +189,23 @@ class TrainConfig:
         _choice("solver", self.solver, sorted(SOLVERS))
         _choice("memory", self.memory, sorted(MEMORIES))
         _choice("dtype", self.dtype, sorted(DTYPES))
+        _choice("meta_optimizer", self.meta_optimizer, list(META_OPTIMIZERS))
+        _choice("finetune_optimizer", self.finetune_optimizer, list(FINETUNE_OPTIMIZERS))
+        _choice("loss", self.loss, list(LOSSES))
+        _choice("protocol", self.protocol, list(PROTOCOLS))
+        for name in ("proximal_in_query",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{_flag(name)} must be a bool; got {getattr(self, name)!r}.")
+        if self.pool is not None:
+            _int("pool", self.pool, 1, 10_000_000)
+            for name in ("shots", "queries"):
+                if getattr(self, name) > self.pool:
+                    raise ValueError(f"{_flag(name)} ({getattr(self, name)}) must not exceed "
+                                     f"{_flag('pool')} ({self.pool}): each episode draws "
+                                     "its points from the pool.")
+        if self.finetune_lr is not None:
+            _positive("finetune_lr", self.finetune_lr)
+        _positive("finetune_weight_decay", self.finetune_weight_decay, allow_zero=True)
         _int("shots", self.shots, 1, 100_000)
         _int("queries", self.queries, 1, 100_000)
         _int("steps", self.steps, 1, 100_000)
@@ -183,6 +256,21 @@ class TrainConfig:
     def torch_dtype(self) -> torch.dtype:
         """``dtype`` as a ``torch.dtype``."""
         return DTYPES[self.dtype]
+
+    @property
+    def effective_finetune_lr(self) -> float:
+        """The fine-tuning learning rate: ``finetune_lr`` or ``inner_lr``."""
+        return self.finetune_lr if self.finetune_lr is not None else self.inner_lr
+
+    @classmethod
+    def from_protocol(cls, protocol: str = "amaml", **overrides: Any) -> TrainConfig:
+        """A config from a named preset of :data:`PROTOCOLS`, some fields overridden.
+
+        Raises:
+            ValueError: Unknown protocol, or invalid fields.
+        """
+        _choice("protocol", protocol, list(PROTOCOLS))
+        return cls(**{**PROTOCOLS[protocol], **overrides, "protocol": protocol})
 
     @property
     def effective_maml_steps(self) -> int:

@@ -11,7 +11,8 @@ from typing import Any
 
 from .checkpoint import atomic_write
 
-__all__ = ["plot_finetune", "plot_seed_differences", "plot_training_curve"]
+__all__ = ["draw_finetune", "plot_finetune", "plot_seed_differences", "plot_sweep",
+           "plot_training_curve"]
 
 
 def _figure() -> Any:
@@ -49,33 +50,53 @@ def plot_training_curve(iterations: Sequence[int], meta_loss: Sequence[float],
     plt.close(fig)
 
 
+def _finetune_label(curves: Mapping[str, Mapping[str, Any]]) -> str:
+    opt = next((c.get("optimizer") for c in curves.values() if c.get("optimizer")), "gd")
+    what = "Adam" if opt == "adam" else "gradient descent"
+    return f"fine-tuning epochs ({what} on the support set)"
+
+
 def plot_finetune(curves: Mapping[str, Mapping[str, Sequence[Any]]],
-                  path: str | os.PathLike[str], *, title: str = "") -> None:
+                  path: str | os.PathLike[str], *, title: str = "",
+                  references: Mapping[str, float | None] | None = None) -> None:
     """Meta-test nRMSE against fine-tuning epochs, one curve (mean +- s.e.) per method.
 
     Args:
         curves: method -> ``{"epochs", "nrmse_mean", "nrmse_sem"}`` (``None`` = diverged).
+            A curve named ``no-meta`` (no meta-learning) is drawn dashed and grey.
         path: PNG file.
         title: Figure title.
+        references: name -> a level drawn as a horizontal dotted line (e.g. the
+            ``oracle``: what the support set allows at best).
     """
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    draw_finetune(ax, curves, references)
+    ax.set_xlabel(_finetune_label(curves))
+    ax.set_ylabel("meta-test nRMSE")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def draw_finetune(ax: Any, curves: Mapping[str, Mapping[str, Sequence[Any]]],
+                  references: Mapping[str, float | None] | None = None) -> None:
+    """Draw fine-tuning curves (shaded +- s.e.) and reference levels on a matplotlib axis."""
     for method, c in curves.items():
         pts = [(e, m, s) for e, m, s in zip(c["epochs"], c["nrmse_mean"], c["nrmse_sem"])
                if m is not None and s is not None]
         if not pts:
             continue
         e, m, s = zip(*pts)
-        ax.plot(e, m, label=method)
+        style = {"color": "grey", "ls": "--"} if method == "no-meta" else {}
+        line = ax.plot(e, m, label=method, **style)[0]
         ax.fill_between(e, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)],
-                        alpha=0.2)
-    ax.set_xlabel("fine-tuning epochs (gradient descent on the support set)")
-    ax.set_ylabel("meta-test nRMSE")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    _save(fig, path)
-    plt.close(fig)
+                        alpha=0.2, color=line.get_color())
+    for name, level in (references or {}).items():
+        if level is not None and level == level:
+            ax.axhline(level, color="black", ls=":", lw=1.2, label=f"{name} ({level:.3f})")
 
 
 def plot_seed_differences(summary: Mapping[str, Any], path: str | os.PathLike[str], *,
@@ -107,5 +128,54 @@ def plot_seed_differences(summary: Mapping[str, Any], path: str | os.PathLike[st
                   "mean ± 2 s.e. (diamond)")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_sweep(result: Mapping[str, Any], path: str | os.PathLike[str], *,
+               title: str = "") -> None:
+    """Meta-test nRMSE (left) and one meta-gradient's peak memory (right) against N.
+
+    Args:
+        result: What :func:`amaml.experiments.sweep.sweep_steps` returns.
+        path: PNG file.
+        title: Figure title.
+    """
+    plt = _figure()
+    fig, (ax, mx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    budget = result.get("max_memory_mb")
+    for method in [*result["methods"], "no-meta"]:
+        entries = [e for e in result["summary"] if e["method"] == method]
+        pts = [(e["steps"], e["nrmse_mean"], e["nrmse_sem"] or 0.0) for e in entries
+               if e["nrmse_mean"] is not None]
+        style = {"color": "grey", "ls": "--"} if method == "no-meta" else {}
+        if pts:
+            n, m, s = zip(*pts)
+            line = ax.errorbar(n, m, yerr=s, marker="o", capsize=3, label=method,
+                               **style)[0]
+            over = [e["steps"] for e in entries if e["status"].startswith("over budget")]
+            if over:
+                ax.scatter(over, [m[-1]] * len(over), marker="x", s=60,
+                           color=line.get_color(), label=f"{method}: over memory budget")
+        mem = [(e["steps"], e["peak_mib"]) for e in entries if e["peak_mib"] is not None]
+        if mem:
+            mx.plot(*zip(*mem), marker="o", label=method, **style)
+    oracle = [v for v in result["references"]["oracle"] if v is not None]
+    if oracle:
+        level = sum(oracle) / len(oracle)
+        ax.axhline(level, color="black", ls=":", lw=1.2, label=f"oracle ({level:.3f})")
+    if budget is not None:
+        mx.axhline(budget, color="red", ls="--", lw=1, label=f"budget {budget:g} MiB")
+    for a in (ax, mx):
+        a.set_xscale("log")
+        a.set_xlabel("inner steps N")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    ax.set_ylabel("meta-test nRMSE after N steps")
+    mx.set_ylabel("peak memory of one meta-gradient (MiB)")
+    if any(e["peak_mib"] for e in result["summary"] if e["peak_mib"]):
+        mx.set_yscale("log")
+    ax.set_title(title)
+    mx.set_title("memory")
     _save(fig, path)
     plt.close(fig)

@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from .. import __version__
 from ..algorithms import AbstractAlgorithm, make_algorithm
-from ..tasks import TaskFamily, make_family
+from ..tasks import TaskFamily, draw_episode, make_family
 from .checkpoint import (
     INIT_FORMAT,
     CheckpointError,
@@ -64,7 +64,7 @@ from .distributed import (
 )
 from .evaluate import evaluate_adaptation, finetune_curve
 from .models import make_model
-from .plots import plot_training_curve
+from .plots import plot_finetune, plot_training_curve
 
 __all__ = [
     "CHECKPOINT_FILE", "INIT_FILE", "MetaLossError", "RunDirError", "TrainResult",
@@ -77,8 +77,28 @@ CHECKPOINT_FILE = "checkpoint.pt"
 INIT_FILE = "init.pt"
 _RESULT_FILES = (CHECKPOINT_FILE, INIT_FILE, "metrics.json")
 
-#: The inner and query loss of the regression experiments.
+#: The inner and query loss of the regression experiments (``--loss mse``).
 loss_fn = F.mse_loss
+
+
+def _half_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 0.5 * F.mse_loss(prediction, target)
+
+
+#: ``--loss`` name -> loss function.
+LOSS_FNS = {"mse": F.mse_loss, "half-mse": _half_mse}
+
+
+def config_loss(config: TrainConfig) -> Any:
+    """The inner and query loss of a config."""
+    return LOSS_FNS[config.loss]
+
+
+def make_meta_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam or plain SGD on the model's parameters, at ``config.meta_lr``."""
+    if config.meta_optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.meta_lr)
+    return torch.optim.Adam(model.parameters(), lr=config.meta_lr)
 
 
 class RunDirError(ValueError):
@@ -157,7 +177,7 @@ def build_family(config: TrainConfig) -> TaskFamily:
     family = make_family(config.family, shots=config.shots, queries=config.queries,
                          n_train=config.n_train, n_test=config.n_test, seed=config.seed,
                          root=config.data_dir, download=config.download,
-                         dtype=config.torch_dtype)
+                         dtype=config.torch_dtype, pool=config.pool)
     if torch.device(config.device).type != "cpu":
         family = TaskFamily(family.name, family.input_dim, family.train.to(config.device),
                             family.test.to(config.device), family.info)
@@ -170,11 +190,21 @@ def build_model(config: TrainConfig, input_dim: int) -> nn.Module:
                       device=config.device)
 
 
+#: Methods whose inner loop carries ``config.proximal`` (iMAML's needs one).
+PROXIMAL_METHODS = ("amaml", "imaml")
+
+
 def build_algorithm(config: TrainConfig) -> AbstractAlgorithm:
-    """The algorithm of a config (MAML with ``effective_maml_steps``)."""
+    """The algorithm of a config (MAML with ``effective_maml_steps``).
+
+    ``proximal`` reaches A-MAML and iMAML only; ``proximal_in_query`` A-MAML only.
+    """
+    prox = config.proximal if config.method in PROXIMAL_METHODS else 0.0
     return make_algorithm(config.method, n_steps=config.steps, inner_lr=config.inner_lr,
-                          solver=config.solver, memory=config.memory, proximal=config.proximal,
-                          maml_steps=config.effective_maml_steps, compile=config.compile)
+                          solver=config.solver, memory=config.memory, proximal=prox,
+                          maml_steps=config.effective_maml_steps, compile=config.compile,
+                          proximal_in_query=config.proximal_in_query
+                          and config.method == "amaml")
 
 
 def _batch_generator(config: TrainConfig) -> torch.Generator:
@@ -186,11 +216,15 @@ def evaluate_run(config: TrainConfig, model: nn.Module, family: TaskFamily,
                  algorithm: AbstractAlgorithm) -> dict[str, Any]:
     """Adaptation nRMSE and fine-tuning curve on the meta-test tasks (see ``evaluate``)."""
     t0 = time.perf_counter()
-    result = evaluate_adaptation(model, algorithm, loss_fn, family.test,
+    loss = config_loss(config)
+    result = evaluate_adaptation(model, algorithm, loss, family.test,
                                  n_steps=config.eval_steps)
     t1 = time.perf_counter()
-    curve = finetune_curve(model, loss_fn, family.test, inner_lr=config.inner_lr,
-                           epochs=config.finetune_epochs, every=config.finetune_every)
+    # Fine-tuning minimises the plain MSE whatever --loss says (the authors' evaluation).
+    curve = finetune_curve(model, loss_fn, family.test, lr=config.effective_finetune_lr,
+                           epochs=config.finetune_epochs, every=config.finetune_every,
+                           optimizer=config.finetune_optimizer,
+                           weight_decay=config.finetune_weight_decay)
     t2 = time.perf_counter()
     result["finetune"] = curve
     result["eval_s"] = t1 - t0
@@ -268,7 +302,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def train(config: TrainConfig, out: str | os.PathLike[str] | None = None, *,
           resume: bool = False, family: TaskFamily | None = None, progress: bool = True,
           progress_position: int = 0, handle_signals: bool = True,
-          dist_info: DistInfo | None = None) -> TrainResult:
+          dist_info: DistInfo | None = None, references: bool = False) -> TrainResult:
     """Meta-train an initialisation, evaluate it on the meta-test tasks, write the run.
 
     Args:
@@ -283,6 +317,10 @@ def train(config: TrainConfig, out: str | os.PathLike[str] | None = None, *,
         progress_position: Line of the bar (nested bars in a comparison).
         handle_signals: Catch SIGINT/SIGTERM (main thread only) to checkpoint and stop.
         dist_info: The process group; ``None`` joins torchrun's, if any.
+        references: Also evaluate the ``no-meta`` and ``oracle`` reference rows (see
+            :mod:`amaml.experiments.references`) on the same meta-test tasks: their
+            nRMSE goes into ``metrics["references"]`` and the fine-tuning curves, the
+            run's beside ``no-meta``'s, into ``out/finetune.png``.
 
     Returns:
         The :class:`TrainResult`.
@@ -319,7 +357,7 @@ def train(config: TrainConfig, out: str | os.PathLike[str] | None = None, *,
                          f"only {n_train} meta-training tasks; use --meta-batch <= {n_train}.")
     model = build_model(config, family.input_dim)
     algorithm = build_algorithm(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
+    optimizer = make_meta_optimizer(config, model)
     gen = _batch_generator(config)
     start, history, prior_s, resumes = 0, [], 0.0, 0
     if state is not None:
@@ -379,6 +417,15 @@ def train(config: TrainConfig, out: str | os.PathLike[str] | None = None, *,
         return TrainResult(config, model, {}, out_dir)
     evaluation = evaluate_run(config, model, family, algorithm)
     metrics = _metrics(config, algorithm, history, evaluation, train_s, info, resumes)
+    refs: dict[str, Any] = {}
+    if references:
+        from .references import REFERENCES, reference_metrics
+
+        refs = {n: r for n in REFERENCES
+                if (r := reference_metrics(n, config, family)) is not None}
+        metrics["references"] = {n: {"nrmse_mean": r["nrmse_mean"], "nrmse_sem": r["nrmse_sem"],
+                                     "finetune_final_nrmse": r["finetune_final_nrmse"]}
+                                 for n, r in refs.items()}
     if write and out_dir is not None:
         save_checkpoint(out_dir / INIT_FILE, {
             "config": config.to_dict(), "model": model.state_dict(),
@@ -387,6 +434,14 @@ def train(config: TrainConfig, out: str | os.PathLike[str] | None = None, *,
         plot_training_curve([h["iteration"] for h in history],
                             [h["meta_loss"] for h in history], out_dir / "training_curve.png",
                             title=f"{config.method} on {config.family}")
+        if refs:
+            plot_finetune({config.method: metrics["finetune"],
+                           **{n: r["finetune"] for n, r in refs.items() if r["finetune"]}},
+                          out_dir / "finetune.png",
+                          title=f"{config.method} on {config.family}, {config.shots} shots: "
+                                "meta-test error while fine-tuning",
+                          references={n: r["nrmse_mean"] for n, r in refs.items()
+                                      if not r["finetune"]})
         atomic_write_json(out_dir / "metrics.json", metrics)
         save(config.meta_iters, True, train_s)
     return TrainResult(config, model, metrics, out_dir)
@@ -400,6 +455,7 @@ def _loop(config: TrainConfig, model: nn.Module, algorithm: AbstractAlgorithm,
     from tqdm.auto import tqdm
 
     n_train = len(family.train)
+    loss = config_loss(config)
     t0 = time.perf_counter()
     bar = tqdm(total=config.meta_iters, initial=start, desc=config.method, unit="it",
                disable=not (progress and info.is_main), position=position,
@@ -411,7 +467,9 @@ def _loop(config: TrainConfig, model: nn.Module, algorithm: AbstractAlgorithm,
             mine = shard_indices(draw, info)
             optimizer.zero_grad(set_to_none=True)
             batch = family.train.batch(mine)
-            losses = algorithm.meta_step(model, loss_fn, batch, scale=1.0 / config.meta_batch)
+            if config.pool is not None:  # a fresh support and query set from each pool
+                batch = draw_episode(batch, config.shots, config.queries, gen)
+            losses = algorithm.meta_step(model, loss, batch, scale=1.0 / config.meta_batch)
             all_reduce_grads(model, info)
             total = all_reduce_sum(losses.detach().double().sum().reshape(1).cpu(), info)
             meta_loss = float(total) / config.meta_batch
