@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from amaml.tasks import (
+    AbstractSyntheticFunction,
     Alpine,
+    AlpinePaper,
     CosMixture,
+    CosMixturePaper,
     DataError,
     FamilyRequest,
     Sinusoid,
@@ -26,7 +29,7 @@ from amaml.tasks import (
 )
 from amaml.tasks import registry as registry_module
 
-SYNTHETIC = ["alpine", "cosmixture", "sinusoid"]
+SYNTHETIC = ["alpine", "alpine-paper", "cosmixture", "cosmixture-paper", "sinusoid"]
 F64 = torch.float64
 
 
@@ -54,7 +57,9 @@ def make_task(shots: int = 3, queries: int = 4, n_test: int = 5, d: int = 2) -> 
 def test_list_families() -> None:
     assert list_families() == [
         "alpine",
+        "alpine-paper",
         "cosmixture",
+        "cosmixture-paper",
         "jester-1",
         "movielens-100k",
         "movielens-1m",
@@ -174,7 +179,14 @@ def test_data_error_is_a_value_error() -> None:
 
 
 @pytest.mark.parametrize(
-    "name, d, n_grid", [("alpine", 2, 1024), ("cosmixture", 2, 1024), ("sinusoid", 1, 1000)]
+    "name, d, n_grid",
+    [
+        ("alpine", 2, 1024),
+        ("alpine-paper", 2, 1024),
+        ("cosmixture", 2, 1024),
+        ("cosmixture-paper", 2, 1024),
+        ("sinusoid", 1, 1000),
+    ],
 )
 def test_shapes_and_defaults(name: str, d: int, n_grid: int) -> None:
     fam = make_family(name, shots=5, queries=8, n_test=4, seed=0)
@@ -203,7 +215,13 @@ def test_pooled_standardisation(name: str) -> None:
     assert info["y_std"] > 0
 
 
-FUNCTIONS = {"alpine": Alpine(), "cosmixture": CosMixture(), "sinusoid": Sinusoid()}
+FUNCTIONS: dict[str, AbstractSyntheticFunction] = {
+    "alpine": Alpine(),
+    "alpine-paper": AlpinePaper(),
+    "cosmixture": CosMixture(),
+    "cosmixture-paper": CosMixturePaper(),
+    "sinusoid": Sinusoid(),
+}
 
 
 @pytest.mark.parametrize("name", SYNTHETIC)
@@ -247,6 +265,16 @@ def test_function_formulas_by_hand() -> None:
     )
     np.testing.assert_allclose(si, [3 * math.sin(0.5), 3 * math.sin(-2.5)], rtol=1e-14)
 
+    # The paper's printed formulas: -0.1 A cos(omega x + phi), and no + pi in Alpine's sine.
+    x = np.array([[0.0, 0.0], [0.5, -0.25]])
+    params = {"amplitude": np.asarray(0.5), "omega": np.asarray(4.0), "phi": np.asarray(3.5)}
+    cp = CosMixturePaper()(x, params)
+    expect1 = -0.1 * 0.5 * (math.cos(2.0 + 3.5) + math.cos(-1.0 + 3.5)) - 0.25 - 0.0625
+    np.testing.assert_allclose(cp, [-0.1 * 0.5 * 2 * math.cos(3.5), expect1], rtol=1e-14)
+    ap = AlpinePaper()(np.array([[0.0, 0.0], [2.0, -3.0]]), {"s": s})
+    expect = abs(2 * math.sin(2 + s[0]) + 0.2) + abs(-3 * math.sin(-3 + s[1]) - 0.3)
+    np.testing.assert_allclose(ap, [0.0, expect], rtol=1e-14)
+
 
 def test_parameter_ranges() -> None:
     rng = np.random.default_rng(0)
@@ -267,6 +295,52 @@ def test_parameter_ranges() -> None:
     assert phase.min() >= 0 and phase.max() <= math.pi
     with pytest.raises(ValueError, match="c_range must be a finite"):
         CosMixture(c_range=(1.0, 0.1))
+
+    cp = [CosMixturePaper().sample_params(rng) for _ in range(500)]
+    paper_ranges = (("amplitude", (0.1, 1.0)), ("omega", (0.5 * math.pi, 2 * math.pi)))
+    for key, (lo, hi) in (*paper_ranges, ("phi", (3.0, 6.0))):
+        vals = np.array([p[key] for p in cp])
+        assert vals.min() >= lo and vals.max() <= hi
+        assert vals.min() < lo + 0.05 * (hi - lo) and vals.max() > hi - 0.05 * (hi - lo)
+    k = np.array([AlpinePaper().sample_params(rng)["s"] for _ in range(500)]) * 12 / np.pi
+    assert k.shape == (500, 2) and k.min() >= -5 and k.max() <= 5
+    assert np.all(k[:, 0] != k[:, 1])
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_flat_parameters_and_batched_evaluation(name: str) -> None:
+    fn = FUNCTIONS[name]
+    rng = np.random.default_rng(3)
+    x = fn.sample_inputs(rng, 20)
+    params = [fn.sample_params(rng) for _ in range(4)]
+    theta = np.stack([fn.to_vector(p) for p in params])
+    lower, upper = fn.param_bounds()
+    assert theta.shape == (4, lower.shape[0]) and np.all((lower <= theta) & (theta <= upper))
+    for p, t in zip(params, theta, strict=True):
+        back = fn.from_vector(t)
+        assert back.keys() == p.keys()
+        for key in p:
+            np.testing.assert_array_equal(back[key], p[key])
+    batched = fn.evaluate(x, theta)
+    assert batched.shape == (4, 20)
+    # One function at a time is the same arithmetic as a batch: equal to the last bit.
+    for row, p in zip(batched, params, strict=True):
+        np.testing.assert_array_equal(row, fn(x, p))
+    assert fn.evaluate(x, theta.reshape(2, 2, -1)).shape == (2, 2, 20)
+
+
+# Computed by the code of commit cd0619f (before the paper variants, the pools and the flat
+# parameters); repr() of a float round-trips exactly.
+COSMIXTURE_SEED7 = [0.8134175980570207, -0.28975125586628675, -1.4843104891065955]
+ALPINE_SEED7 = [1.3619667324856544, 0.30811368275545137]
+
+
+def test_existing_families_are_unchanged() -> None:
+    # The released-code families keep their exact draws: equal to the last bit.
+    cm = make_family("cosmixture", shots=3, queries=2, n_train=2, n_test=1, seed=7, dtype=F64)
+    al = make_family("alpine", shots=3, queries=2, n_train=2, n_test=1, seed=7, dtype=F64)
+    got = [cm.train[1].support_y[:, 0].tolist(), al.test[0].query_y[:, 0].tolist()]
+    assert got == [COSMIXTURE_SEED7, ALPINE_SEED7]
 
 
 @pytest.mark.parametrize("name", SYNTHETIC)

@@ -13,14 +13,23 @@ from .base import DataError, FamilyRequest, Task, TaskFamily, TaskSet
 from .collaborative import Ratings, family_from_ratings
 from .download import ARCHIVES, Archive, default_root, download_family
 from .registry import FamilyBuilder, list_families, make_family, register_family
-from .synthetic import AbstractSyntheticFunction, Alpine, CosMixture, Sinusoid
+from .synthetic import (
+    AbstractSyntheticFunction,
+    Alpine,
+    AlpinePaper,
+    CosMixture,
+    CosMixturePaper,
+    Sinusoid,
+)
 
 __all__ = [
     "ARCHIVES",
     "AbstractSyntheticFunction",
     "Alpine",
+    "AlpinePaper",
     "Archive",
     "CosMixture",
+    "CosMixturePaper",
     "DataError",
     "FamilyBuilder",
     "FamilyRequest",

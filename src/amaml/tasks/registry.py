@@ -15,7 +15,15 @@ import torch
 
 from .base import FamilyRequest, TaskFamily
 from .collaborative import build_collaborative
-from .synthetic import AbstractSyntheticFunction, Alpine, CosMixture, Sinusoid, build_synthetic
+from .synthetic import (
+    AbstractSyntheticFunction,
+    Alpine,
+    AlpinePaper,
+    CosMixture,
+    CosMixturePaper,
+    Sinusoid,
+    build_synthetic,
+)
 
 __all__ = ["FamilyBuilder", "list_families", "make_family", "register_family"]
 
@@ -31,7 +39,9 @@ def _synthetic(fn: AbstractSyntheticFunction) -> FamilyBuilder:
 
 _FAMILIES: dict[str, FamilyBuilder] = {
     "alpine": _synthetic(Alpine()),
+    "alpine-paper": _synthetic(AlpinePaper()),
     "cosmixture": _synthetic(CosMixture()),
+    "cosmixture-paper": _synthetic(CosMixturePaper()),
     "sinusoid": _synthetic(Sinusoid()),
     "jester-1": build_collaborative,
     "movielens-100k": build_collaborative,

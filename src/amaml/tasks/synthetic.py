@@ -30,7 +30,9 @@ __all__ = [
     "DEFAULT_N_TRAIN",
     "AbstractSyntheticFunction",
     "Alpine",
+    "AlpinePaper",
     "CosMixture",
+    "CosMixturePaper",
     "Sinusoid",
     "build_synthetic",
 ]
@@ -53,7 +55,13 @@ class AbstractSyntheticFunction(abc.ABC):
     """A distribution over functions on the box ``[low, high]^input_dim``.
 
     Subclasses are frozen dataclasses whose fields are the ranges of the function
-    parameters; they implement :meth:`sample_params` and :meth:`__call__`.
+    parameters. They implement :meth:`sample_params`, :meth:`__call__` and the flat view
+    of the parameters that least-squares fits need (:meth:`param_bounds`,
+    :meth:`to_vector`, :meth:`from_vector`); :meth:`evaluate` follows from those.
+
+    Parameters may carry leading batch dimensions ``B`` (scalars ``[*B]``, per-dimension
+    ones ``[*B, input_dim]``): :meth:`__call__` then returns ``[*B, n]``, one row per
+    function, so many candidate functions are evaluated at once.
     """
 
     input_dim: int
@@ -78,11 +86,40 @@ class AbstractSyntheticFunction(abc.ABC):
 
         Args:
             x: Inputs ``[n, input_dim]``, float64.
-            params: As returned by :meth:`sample_params`.
+            params: As returned by :meth:`sample_params`, or with leading batch
+                dimensions ``B`` (see the class docstring).
 
         Returns:
-            Targets ``[n]``, float64.
+            Targets ``[*B, n]``, float64 (``[n]`` for one function).
         """
+
+    @abc.abstractmethod
+    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
+        """The box the parameters are drawn from, as flat vectors.
+
+        Returns:
+            ``(lower, upper)``, each ``[p]`` float64, in the order of :meth:`to_vector`.
+        """
+
+    @abc.abstractmethod
+    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
+        """Flatten parameters: ``[*B, p]`` from the dict of :meth:`sample_params`."""
+
+    @abc.abstractmethod
+    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
+        """Inverse of :meth:`to_vector`: ``theta`` ``[*B, p]`` -> parameters with batch ``B``."""
+
+    def evaluate(self, x: FloatArray, theta: FloatArray) -> FloatArray:
+        """Evaluate the functions of flat parameter vectors.
+
+        Args:
+            x: Inputs ``[n, input_dim]``, float64.
+            theta: Parameters ``[*B, p]`` (see :meth:`param_bounds`).
+
+        Returns:
+            Targets ``[*B, n]``.
+        """
+        return self(x, self.from_vector(np.asarray(theta, dtype=np.float64)))
 
     def sample_inputs(self, rng: np.random.Generator, n: int) -> FloatArray:
         """Draw ``n`` points uniformly on the box, ``[n, input_dim]``."""
@@ -95,12 +132,31 @@ class AbstractSyntheticFunction(abc.ABC):
         return np.stack([m.reshape(-1) for m in mesh], axis=1)
 
 
+def _scalar(params: dict[str, FloatArray], name: str) -> FloatArray:
+    """A scalar parameter ``[*B]`` as ``[*B, 1, 1]``, to broadcast against ``x`` ``[n, d]``."""
+    return np.asarray(params[name])[..., None, None]
+
+
+def _bounds(*ranges: tuple[float, float]) -> tuple[FloatArray, FloatArray]:
+    return np.array([r[0] for r in ranges], float), np.array([r[1] for r in ranges], float)
+
+
+def _stack(params: dict[str, FloatArray], names: tuple[str, ...]) -> FloatArray:
+    return np.stack([np.asarray(params[k], dtype=np.float64) for k in names], axis=-1)
+
+
+def _unstack(theta: FloatArray, names: tuple[str, ...]) -> dict[str, FloatArray]:
+    return {k: theta[..., i] for i, k in enumerate(names)}
+
+
 @dataclass(frozen=True)
 class CosMixture(AbstractSyntheticFunction):
     """``y = -c * sum_i cos(w * pi * x_i + phi) - sum_i x_i**2`` on ``[-1, 1]^2``.
 
-    ``c ~ U[c_range]``, ``phi ~ U[phi_range]``, ``w ~ U[w_range]``, one of each per function
-    (the ranges of the authors' code; the paper's printed bounds differ).
+    ``c ~ U[c_range]``, ``phi ~ U[phi_range]``, ``w ~ U[w_range]``, one of each per function.
+    This is the variant of the authors' released code: up to six periods per dimension,
+    which 50 to 100 random points hardly resolve. The paper's printed formula, smooth and
+    learnable from 50 points, is :class:`CosMixturePaper` (``"cosmixture-paper"``).
     """
 
     c_range: tuple[float, float] = (0.1, 1.0)
@@ -110,6 +166,8 @@ class CosMixture(AbstractSyntheticFunction):
     low: float = -1.0
     high: float = 1.0
     grid_points: int = 32
+
+    _names = ("c", "phi", "w")
 
     def __post_init__(self) -> None:
         for name in ("c_range", "phi_range", "w_range"):
@@ -123,8 +181,68 @@ class CosMixture(AbstractSyntheticFunction):
         }
 
     def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
-        c, phi, w = params["c"], params["phi"], params["w"]
-        return -c * np.cos(w * np.pi * x + phi).sum(axis=1) - (x**2).sum(axis=1)
+        c, phi, w = (_scalar(params, k) for k in self._names)
+        return -c[..., 0] * np.cos(w * np.pi * x + phi).sum(axis=-1) - (x**2).sum(axis=-1)
+
+    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
+        return _bounds(self.c_range, self.phi_range, self.w_range)
+
+    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
+        return _stack(params, self._names)
+
+    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
+        return _unstack(theta, self._names)
+
+
+@dataclass(frozen=True)
+class CosMixturePaper(AbstractSyntheticFunction):
+    """``y = -0.1 * sum_i A * cos(omega * x_i + phi) - sum_i x_i**2`` on ``[-1, 1]^2``.
+
+    ``A ~ U[amplitude_range]``, ``omega ~ U[omega_range]``, ``phi ~ U[phi_range]``, one of
+    each per function. This is the paper's printed formula: at most one period per
+    dimension and a small amplitude, learnable from 50 points (the paper's figure is
+    consistent with it). The authors' released code draws :class:`CosMixture` instead.
+    """
+
+    amplitude_range: tuple[float, float] = (0.1, 1.0)
+    omega_range: tuple[float, float] = (0.5 * math.pi, 2.0 * math.pi)
+    phi_range: tuple[float, float] = (3.0, 6.0)
+    input_dim: int = 2
+    low: float = -1.0
+    high: float = 1.0
+    grid_points: int = 32
+
+    _names = ("amplitude", "omega", "phi")
+
+    def __post_init__(self) -> None:
+        for name in ("amplitude_range", "omega_range", "phi_range"):
+            _check_range(name, getattr(self, name))
+
+    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
+        return {
+            "amplitude": np.asarray(rng.uniform(*self.amplitude_range)),
+            "omega": np.asarray(rng.uniform(*self.omega_range)),
+            "phi": np.asarray(rng.uniform(*self.phi_range)),
+        }
+
+    def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
+        amplitude, omega, phi = (_scalar(params, k) for k in self._names)
+        waves = np.cos(omega * x + phi).sum(axis=-1)
+        return -0.1 * amplitude[..., 0] * waves - (x**2).sum(axis=-1)
+
+    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
+        return _bounds(self.amplitude_range, self.omega_range, self.phi_range)
+
+    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
+        return _stack(params, self._names)
+
+    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
+        return _unstack(theta, self._names)
+
+
+def _alpine_shifts(k_range: tuple[float, float], input_dim: int) -> tuple[FloatArray, FloatArray]:
+    lo, hi = k_range
+    return np.full(input_dim, lo * np.pi / 12.0), np.full(input_dim, hi * np.pi / 12.0)
 
 
 @dataclass(frozen=True)
@@ -132,7 +250,10 @@ class Alpine(AbstractSyntheticFunction):
     """``y = sum_i |x_i * sin(x_i + pi + s_i) + x_i / 10|`` on ``[-10, 10]^2``.
 
     ``s_i = k_i * pi / 12`` with ``k_i ~ U[k_range]`` (continuous) drawn independently for
-    each input dimension.
+    each input dimension. The ``+ pi`` follows the authors' released code, whose phases
+    are independent per dimension too in intent; their code reads ``param[0]`` for both
+    dimensions, a bug not reproduced here. The paper's printed formula, without the
+    ``+ pi``, is :class:`AlpinePaper` (``"alpine-paper"``).
     """
 
     k_range: tuple[float, float] = (-5.0, 5.0)
@@ -149,8 +270,53 @@ class Alpine(AbstractSyntheticFunction):
         return {"s": k * np.pi / 12.0}
 
     def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
-        s = params["s"]
-        return np.abs(x * np.sin(x + np.pi + s) + x / 10.0).sum(axis=1)
+        s = np.asarray(params["s"])[..., None, :]
+        return np.abs(x * np.sin(x + np.pi + s) + x / 10.0).sum(axis=-1)
+
+    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
+        return _alpine_shifts(self.k_range, self.input_dim)
+
+    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
+        return np.asarray(params["s"], dtype=np.float64)
+
+    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
+        return {"s": theta}
+
+
+@dataclass(frozen=True)
+class AlpinePaper(AbstractSyntheticFunction):
+    """``y = sum_i |x_i * sin(x_i + s_i) + x_i / 10|`` on ``[-10, 10]^2``.
+
+    ``s_i = k_i * pi / 12`` with ``k_i ~ U[k_range]`` (continuous) drawn independently for
+    each input dimension. This is the paper's printed formula; the authors' released
+    code adds ``pi`` inside the sine (:class:`Alpine`, ``"alpine"``).
+    """
+
+    k_range: tuple[float, float] = (-5.0, 5.0)
+    input_dim: int = 2
+    low: float = -10.0
+    high: float = 10.0
+    grid_points: int = 32
+
+    def __post_init__(self) -> None:
+        _check_range("k_range", self.k_range)
+
+    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
+        k = rng.uniform(*self.k_range, size=self.input_dim)
+        return {"s": k * np.pi / 12.0}
+
+    def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
+        s = np.asarray(params["s"])[..., None, :]
+        return np.abs(x * np.sin(x + s) + x / 10.0).sum(axis=-1)
+
+    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
+        return _alpine_shifts(self.k_range, self.input_dim)
+
+    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
+        return np.asarray(params["s"], dtype=np.float64)
+
+    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
+        return {"s": theta}
 
 
 @dataclass(frozen=True)
@@ -167,6 +333,8 @@ class Sinusoid(AbstractSyntheticFunction):
     high: float = 5.0
     grid_points: int = 1000
 
+    _names = ("amplitude", "phase")
+
     def __post_init__(self) -> None:
         _check_range("amplitude_range", self.amplitude_range)
         _check_range("phase_range", self.phase_range)
@@ -178,7 +346,17 @@ class Sinusoid(AbstractSyntheticFunction):
         }
 
     def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
-        return params["amplitude"] * np.sin(x[:, 0] - params["phase"])
+        amplitude, phase = (np.asarray(params[k])[..., None] for k in self._names)
+        return amplitude * np.sin(x[:, 0] - phase)
+
+    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
+        return _bounds(self.amplitude_range, self.phase_range)
+
+    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
+        return _stack(params, self._names)
+
+    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
+        return _unstack(theta, self._names)
 
 
 @dataclass(frozen=True)
