@@ -23,8 +23,9 @@ from amaml.flow import (
     adjoint_sweep,
     gradient_flow,
 )
-from amaml.flow.adjoint import FlowSpec, forward_kept
+from amaml.flow.adjoint import forward_kept
 from amaml.flow.hvp import Objective
+from amaml.flow.trajectory import FlowSpec
 
 
 def _quadratic(P: int = 6, seed: int = 1):
@@ -183,9 +184,9 @@ def test_checkpoint_peak_states_during_backward(steps: int) -> None:
     """Checkpoints plus one recomputed segment: at most about 2 sqrt(N) states."""
     stats = SweepStats()
     spec, theta, data = _flat_mlp_flow(Checkpoint(), steps)
-    eta = torch.tensor(0.01, dtype=DT)
-    u_end, kept = forward_kept(spec, theta, eta, None, data)
-    adjoint_sweep(spec, kept, torch.ones_like(u_end), theta, eta, None, data, stats=stats)
+    dt = torch.tensor(0.01, dtype=DT)
+    u_end, kept = forward_kept(spec, theta, dt, None, data)
+    adjoint_sweep(spec, kept, torch.ones_like(u_end), theta, dt, None, data, stats=stats)
     assert stats.peak_states <= 2 * math.ceil(math.sqrt(steps))
     assert stats.recomputed_steps < steps  # one extra forward pass at most
 
@@ -280,11 +281,11 @@ def test_conjugate_gradient_stops_at_negative_curvature() -> None:
 
 def _sweep(memory, steps: int):
     spec, theta, data = _flat_mlp_flow(memory, steps)
-    eta = torch.tensor(0.05, dtype=DT)
+    dt = torch.tensor(0.05, dtype=DT)
     stats = SweepStats()
-    u_end, kept = forward_kept(spec, theta, eta, None, data)
+    u_end, kept = forward_kept(spec, theta, dt, None, data)
     lam = torch.linspace(-1, 1, u_end.numel(), dtype=DT)
-    g, _, _ = adjoint_sweep(spec, kept, lam, theta, eta, None, data, stats=stats)
+    g, _, _ = adjoint_sweep(spec, kept, lam, theta, dt, None, data, stats=stats)
     return g, stats
 
 

@@ -259,6 +259,12 @@ def test_rank_deficient_components_are_zeroed() -> None:
 # ----------------------------------------------------------------------------- errors
 
 
+def test_pool_is_refused(tmp_path: Path) -> None:
+    write_u_data(tmp_path / "ml-100k", random_ratings(N_USERS, N_ITEMS, seed=0))
+    with pytest.raises(ValueError, match=r"pool=30 \(--pool\) is for synthetic families"):
+        make_family("movielens-100k", shots=2, queries=2, pool=30, root=tmp_path)
+
+
 def test_missing_data_names_paths_and_download(tmp_path: Path) -> None:
     with pytest.raises(
         DataError,

@@ -379,3 +379,49 @@ def test_dtype_and_batch_of_a_family() -> None:
         (5, 20, 1),
     )
     assert sx.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- pools
+
+
+@pytest.mark.parametrize("name", ["cosmixture-paper", "sinusoid"])
+def test_pool_gives_training_tasks_pools_and_test_tasks_episodes(name: str) -> None:
+    fam = small(name, pool=11)
+    plain = small(name)
+    assert (fam.train.shots, fam.train.queries) == (11, 11)
+    assert (fam.test.shots, fam.test.queries) == (6, 7)
+    assert fam.info["pool"] == 11 and plain.info["pool"] is None
+    assert (fam.info["shots"], fam.info["queries"]) == (6, 7)
+    # The same functions; only the number of points drawn for each differs.
+    assert fam.info["params_train"] == plain.info["params_train"]
+    assert fam.info["params_test"] == plain.info["params_test"]
+    # Standardisation pooled over the meta-training pools, exactly as without pools.
+    sx, sy, qx, qy = fam.train.batch(range(len(fam.train)))
+    x = torch.cat([sx, qx], dim=1).reshape(-1, fam.input_dim)
+    y = torch.cat([sy, qy], dim=1).reshape(-1)
+    torch.testing.assert_close(x.mean(0), torch.zeros(fam.input_dim, dtype=F64), atol=1e-12, rtol=0)
+    assert abs(y.mean().item()) < 1e-12 and abs(y.std(unbiased=False).item() - 1) < 1e-12
+    json.dumps(fam.info)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(pool=5), ValueError, r"pool \(5, --pool\) must be at least shots \(6\)"),
+        (dict(shots=2, pool=6), ValueError, r"must be at least shots \(2\) and queries \(7\)"),
+        (dict(pool=0), ValueError, "pool must be >= 1"),
+        (dict(pool=7.0), TypeError, "pool must be an int"),
+    ],
+)
+def test_pool_validation(kwargs: dict, exc: type, match: str) -> None:
+    with pytest.raises(exc, match=match):
+        small("alpine", **kwargs)
+
+
+def test_family_to_keeps_function_and_info() -> None:
+    fam = small("alpine-paper")
+    moved = fam.to(dtype=torch.float32)
+    assert moved.function is fam.function and isinstance(moved.function, AlpinePaper)
+    assert moved.train.dtype == torch.float32 and moved.info["dtype"] == "float32"
+    assert fam.info["dtype"] == "float64"  # the original is untouched
+    assert "function" not in fam.info

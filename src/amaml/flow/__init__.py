@@ -1,30 +1,40 @@
-"""The core: gradient flow, its solvers and its adjoints. Knows nothing of tasks."""
+"""The core: gradient flow, its solvers and its adjoints. Knows nothing of tasks.
+
+Names: the flow ``du/dt = -grad L(u) - mu (u - theta)``, ``u(0) = theta``, is integrated
+with ``n_steps`` solver steps of size ``dt`` up to ``t1 = n_steps * dt``; ``mu`` is the
+proximal weight. The same quantities are ``steps``, ``lr`` and ``proximal`` in
+:func:`amaml.adapt` / :func:`amaml.adapt_batch`, and ``n_steps``, ``inner_lr`` and
+``proximal`` in :mod:`amaml.algorithms`.
+
+Modules, one idea each:
+    :mod:`~amaml.flow.solvers` (explicit Runge-Kutta steps),
+    :mod:`~amaml.flow.hvp` (the support objective, Hessian-vector products, CG),
+    :mod:`~amaml.flow.trajectory` (the forward loop and one step's VJP),
+    :mod:`~amaml.flow.memory` (which states the discrete adjoint keeps and how it gets
+    them back), :mod:`~amaml.flow.adjoint` (the adjoints and the one autograd Function),
+    :mod:`~amaml.flow.integrate` (:func:`gradient_flow`, the entry point),
+    :mod:`~amaml.flow.compiled` (compiled steps), :mod:`~amaml.flow.errors`.
+"""
 
 from .adjoint import (
-    MEMORIES,
     AbstractAdjoint,
-    AbstractMemory,
-    Backsolve,
-    BacksolveError,
-    Checkpoint,
+    AbstractSweepAdjoint,
     DiscreteAdjoint,
-    DivergenceError,
     FirstOrder,
     Implicit,
-    Revolve,
-    Store,
-    SweepStats,
     Unrolled,
     adjoint_sweep,
 )
+from .errors import BacksolveError, DivergenceError
 from .hvp import Objective, conjugate_gradient
 from .integrate import gradient_flow
+from .memory import MEMORIES, AbstractMemory, Backsolve, Checkpoint, Revolve, Store
 from .solvers import RK4, SOLVERS, AbstractSolver, Euler, Heun
+from .trajectory import FlowContext, SweepStats
 
 __all__ = [
-    "AbstractAdjoint", "AbstractMemory", "AbstractSolver", "Backsolve", "BacksolveError",
-    "Revolve",
-    "Checkpoint", "DiscreteAdjoint", "DivergenceError", "Euler", "FirstOrder", "Heun",
-    "Implicit", "MEMORIES", "Objective", "RK4", "SOLVERS", "Store", "SweepStats", "Unrolled",
-    "adjoint_sweep", "conjugate_gradient", "gradient_flow",
+    "AbstractAdjoint", "AbstractMemory", "AbstractSolver", "AbstractSweepAdjoint", "Backsolve",
+    "BacksolveError", "Checkpoint", "DiscreteAdjoint", "DivergenceError", "Euler", "FirstOrder",
+    "FlowContext", "Heun", "Implicit", "MEMORIES", "Objective", "RK4", "Revolve", "SOLVERS",
+    "Store", "SweepStats", "Unrolled", "adjoint_sweep", "conjugate_gradient", "gradient_flow",
 ]

@@ -2,10 +2,10 @@
 
 On small models every autograd op is dispatch-bound: a Hessian-vector product by double
 backward costs about three gradients on the paper's MLP on CPU, although its arithmetic
-is less than two. Written with :mod:`torch.func` (``vjp`` of ``grad``) a whole solver step,
-or its VJP, is one pure function that :func:`torch.compile` turns into a few fused
-kernels. The maths is the same as the eager path (``amaml.flow.adjoint``); only rounding
-differs.
+is less than two (measured in ``benchmarks/README.md``). Written with :mod:`torch.func`
+(``vjp`` of ``grad``) a whole solver step, or its VJP, is one pure function that
+:func:`torch.compile` turns into a few fused kernels. The maths is the same as the eager
+path (:mod:`amaml.flow.trajectory`); only rounding differs.
 
 Repeated ``adapt`` calls on one model and data shape reuse the compiled code: the first
 call pays the compilation (tens of seconds on CPU), later calls none. Where compilation
@@ -51,11 +51,11 @@ def compile_mode(compile: bool | str) -> str | None:
     return compile
 
 Need = tuple[bool, bool, bool]
-_NAMES = ("theta", "eta", "mu")
+_NAMES = ("theta", "dt", "mu")
 
 
 def _slots(need: Need, has_mu: bool) -> list[int]:
-    """Which of ``(theta, eta, mu)`` get a cotangent: the needed ones that enter the step
+    """Which of ``(theta, dt, mu)`` get a cotangent: the needed ones that enter the step
     (``theta`` enters only through the proximal term ``mu (u - theta)``)."""
     return [i for i in range(3) if need[i] and (has_mu or i == 1)]
 
@@ -77,13 +77,13 @@ class StepFunctions:
         if batched:
             grad_fn = torch.func.vmap(grad_fn)
 
-        def step(u: Tensor, theta: Tensor, eta: Tensor, mu: Tensor | None,
+        def step(u: Tensor, theta: Tensor, dt: Tensor, mu: Tensor | None,
                  *data: Tensor) -> Tensor:
             def field(v: Tensor) -> Tensor:
                 g = grad_fn(v, *data)
                 if mu is not None:
                     g = g + mu * (v - theta)
-                return -eta * g
+                return -dt * g
 
             return solver.step(field, u)
 
@@ -101,9 +101,9 @@ class StepFunctions:
         step = self._step_eager
         slots = _slots(need, self.has_mu)
 
-        def step_vjp(u: Tensor, lam: Tensor, theta: Tensor, eta: Tensor, mu: Tensor | None,
+        def step_vjp(u: Tensor, lam: Tensor, theta: Tensor, dt: Tensor, mu: Tensor | None,
                      *data: Tensor) -> tuple[Tensor, ...]:
-            fixed: list[Tensor | None] = [theta, eta, mu]
+            fixed: list[Tensor | None] = [theta, dt, mu]
 
             def phi(v: Tensor, *ps: Tensor) -> Tensor:
                 args: list[Tensor | None] = list(fixed)
@@ -126,14 +126,14 @@ class StepFunctions:
                       "eager (uncompiled) solver steps instead (an error of the model or loss "
                       "itself will be raised again there).", RuntimeWarning, stacklevel=3)
 
-    def step(self, u: Tensor, theta: Tensor, eta: Tensor, mu: Tensor | None,
+    def step(self, u: Tensor, theta: Tensor, dt: Tensor, mu: Tensor | None,
              data: Sequence[Tensor]) -> Tensor | None:
         """``Phi(u)`` without a graph; ``None`` if compilation failed (use the eager path)."""
         if self.failed:
             return None
         try:
             with torch.no_grad():
-                out: Tensor = self._step(u, theta, eta, mu, *data)
+                out: Tensor = self._step(u, theta, dt, mu, *data)
                 return out.clone() if self._copy else out
         except Exception as err:  # noqa: BLE001 - any backend failure falls back to eager
             if isinstance(err, torch.cuda.OutOfMemoryError):
@@ -141,7 +141,7 @@ class StepFunctions:
             self._fallback(err)
             return None
 
-    def vjp(self, u: Tensor, lam: Tensor, theta: Tensor, eta: Tensor, mu: Tensor | None,
+    def vjp(self, u: Tensor, lam: Tensor, theta: Tensor, dt: Tensor, mu: Tensor | None,
             data: Sequence[Tensor], need: Need) -> tuple[Tensor, dict[str, Tensor]] | None:
         """``((dPhi/du)^T lam, {name: (dPhi/dp)^T lam})`` for the needed parameters, or
         ``None`` if compilation failed."""
@@ -152,7 +152,7 @@ class StepFunctions:
             fn = self._vjps[need] = self._make_vjp(need)
         try:
             with torch.no_grad():
-                out = fn(u, lam, theta, eta, mu, *data)
+                out = fn(u, lam, theta, dt, mu, *data)
                 if self._copy:
                     out = tuple(t.clone() for t in out)
         except Exception as err:  # noqa: BLE001

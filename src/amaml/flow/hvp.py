@@ -86,11 +86,11 @@ def make_field(
     objective: Objective,
     data: Sequence[Tensor],
     theta: Tensor,
-    eta: Tensor,
+    dt: Tensor,
     mu: Tensor | None,
     create_graph: bool,
 ) -> Callable[[Tensor], Tensor]:
-    """The vector field ``F(u) = -eta * (grad L(u) + mu (u - theta))`` of a unit step.
+    """The vector field ``F(u) = -dt * (grad L(u) + mu (u - theta))`` of a unit step.
 
     ``mu`` is ``None`` when the proximal term is absent (skipped, not multiplied by 0).
     """
@@ -99,7 +99,7 @@ def make_field(
         g = objective.grad(u, data, create_graph=create_graph)
         if mu is not None:
             g = g + mu * (u - theta)
-        return -eta * g
+        return -dt * g
 
     return field
 

@@ -9,19 +9,10 @@ import torch
 from torch import Tensor
 
 from .._types import FlatLoss, Scalar
-from .adjoint import (
-    AbstractAdjoint,
-    DiscreteAdjoint,
-    FirstOrder,
-    FlowSpec,
-    Implicit,
-    Unrolled,
-    flow_function,
-    integrate,
-)
-from .compiled import compile_mode, step_functions
+from .adjoint import AbstractAdjoint, DiscreteAdjoint
 from .hvp import Objective
 from .solvers import AbstractSolver, Euler
+from .trajectory import FlowContext, FlowSpec
 
 __all__ = ["gradient_flow"]
 
@@ -85,30 +76,27 @@ def gradient_flow(
     if not isinstance(theta, Tensor) or theta.ndim != 1 or not theta.is_floating_point():
         raise ValueError("theta must be a flat floating-point tensor of shape (P,); got "
                          f"{getattr(theta, 'shape', type(theta))}.")
-    eta = _as_tensor(dt, theta, "dt")
-    if eta.ndim not in (0, 1) or (eta.ndim == 1 and eta.shape[0] != theta.shape[0]):
+    dt_t = _as_tensor(dt, theta, "dt")
+    if dt_t.ndim not in (0, 1) or (dt_t.ndim == 1 and dt_t.shape[0] != theta.shape[0]):
         raise ValueError(f"dt must be a scalar or have shape ({theta.shape[0]},); got "
-                         f"{tuple(eta.shape)}.")
-    if not bool((eta > 0).all()):
+                         f"{tuple(dt_t.shape)}.")
+    if not bool((dt_t > 0).all()):
         raise ValueError("dt (the inner learning rate) must be > 0 everywhere.")
     if t1 is not None:
         if n_steps is not None:
             raise ValueError("Give either n_steps or t1, not both.")
-        if eta.ndim != 0:
+        if dt_t.ndim != 0:
             raise ValueError("t1 needs a scalar dt; give n_steps with a per-parameter dt.")
-        ratio = float(t1) / float(eta)
+        ratio = float(t1) / float(dt_t)
         n_steps = round(ratio)
         if n_steps < 1 or not math.isclose(ratio, n_steps, rel_tol=1e-9):
-            raise ValueError(f"t1 / dt must be a positive whole number; got {t1} / {float(eta)}.")
+            raise ValueError(f"t1 / dt must be a positive whole number; got {t1} / {float(dt_t)}.")
     if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
         raise ValueError(f"n_steps must be an int >= 1; got {n_steps!r}.")
     mu_t = _as_tensor(mu, theta, "mu")
     if mu_t.ndim != 0 or float(mu_t.detach()) < 0:
         raise ValueError(f"mu (proximal weight) must be a scalar >= 0; got {mu!r}.")
     has_mu = mu_t.requires_grad or float(mu_t.detach()) != 0.0
-    if isinstance(adjoint, Implicit) and float(mu_t.detach()) <= 0:
-        raise ValueError("The implicit (iMAML) adjoint needs proximal weight mu > 0; got "
-                         f"mu={float(mu_t.detach())}.")
     if not isinstance(solver, AbstractSolver):
         raise TypeError(f"solver must be an AbstractSolver instance; got {solver!r}.")
     if not isinstance(adjoint, AbstractAdjoint):
@@ -116,22 +104,5 @@ def gradient_flow(
     if batched and (not data or data[0].ndim < 1):
         raise ValueError("batched=True needs data tensors with a leading task dimension.")
 
-    compiled = None
-    mode = compile_mode(adjoint.compile) if isinstance(adjoint, DiscreteAdjoint) else None
-    if mode is not None:
-        compiled = step_functions(loss, solver, batched, has_mu, mode)
-    spec = FlowSpec(Objective(loss, batched), solver, adjoint, n_steps, has_mu, compiled)
-    mu_arg = mu_t if has_mu else None
-    if isinstance(adjoint, Unrolled):
-        u_end, _ = integrate(spec, theta, eta, mu_arg, data, create_graph=torch.is_grad_enabled())
-        return u_end
-    if isinstance(adjoint, FirstOrder):
-        with torch.no_grad():
-            u_end, _ = integrate(spec, theta, eta, mu_arg, data)
-        if batched:
-            start = theta.expand(data[0].shape[0], *theta.shape)
-            return start + (u_end - start).detach()
-        return theta + (u_end - theta).detach()
-    if isinstance(adjoint, (DiscreteAdjoint, Implicit)):
-        return flow_function(spec, theta, eta, mu_t, data)
-    raise TypeError(f"Unsupported adjoint {adjoint!r}.")
+    spec = FlowSpec(Objective(loss, batched), solver, adjoint, n_steps, has_mu)
+    return adjoint.solve(FlowContext(spec, theta, dt_t, mu_t if has_mu else None, data))

@@ -1,12 +1,11 @@
 """Explicit Runge-Kutta steppers for the inner gradient flow.
 
-Every solver integrates an autonomous field ``F`` with a unit step: the inner
-learning rate is folded into the field (``F(u) = -eta * (grad L(u) + mu (u - theta))``),
-so one step of :class:`Euler` is exactly one step of gradient descent with
-learning rate ``eta``, and ``Heun``/``RK4`` are the classical second- and
-fourth-order methods with step ``eta`` on ``du/dt = -grad L(u) - mu (u - theta)``.
-A scalar ``eta`` is the ODE step ``dt``; a per-parameter ``eta`` (Meta-SGD)
-is a diagonally preconditioned flow.
+Every solver integrates an autonomous field ``F`` with a unit step: the step size is
+folded into the field (``F(u) = -dt * (grad L(u) + mu (u - theta))``), so one step of
+:class:`Euler` is exactly one step of gradient descent with learning rate ``dt``, and
+``Heun``/``RK4`` are the classical second- and fourth-order methods with step ``dt`` on
+``du/dt = -grad L(u) - mu (u - theta)``. A per-parameter ``dt`` (Meta-SGD) is a
+diagonally preconditioned flow.
 """
 
 from __future__ import annotations

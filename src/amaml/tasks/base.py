@@ -298,6 +298,9 @@ class FamilyRequest:
         root: Data folder of file-based families; ``None`` means the cache folder.
         download: Whether a file-based family may download its official archive.
         dtype: Floating dtype of the returned tensors.
+        pool: Points per meta-training task (support and query each) from which episodes
+            are drawn (:func:`amaml.tasks.draw_episode`); ``None``: ``shots`` and
+            ``queries`` as for meta-test tasks. Synthetic families only.
     """
 
     shots: int
@@ -308,6 +311,7 @@ class FamilyRequest:
     root: Path | None
     download: bool
     dtype: torch.dtype
+    pool: int | None = None
 
     def as_info(self) -> dict[str, Any]:
         """The request as JSON-serialisable facts (``root`` as a string)."""

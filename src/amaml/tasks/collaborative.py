@@ -55,6 +55,14 @@ __all__ = [
 _SPLIT_USERS, _PER_USER = 2, 3
 
 
+def _refuse_pool(name: str, request: FamilyRequest) -> None:
+    if request.pool is not None:
+        raise ValueError(
+            f"pool={request.pool} (--pool) is for synthetic families; {name!r} has a fixed set "
+            "of ratings per user: leave pool unset."
+        )
+
+
 def family_from_ratings(
     ratings: Ratings, request: FamilyRequest, name: str, extra_info: dict[str, Any] | None = None
 ) -> TaskFamily:
@@ -77,7 +85,9 @@ def family_from_ratings(
 
     Raises:
         DataError: Too few users have ``shots + queries + 1`` ratings for the split.
+        ValueError: ``request.pool`` is set (episode pools are for synthetic families).
     """
+    _refuse_pool(name, request)
     shots, queries, seed = request.shots, request.queries, request.seed
     counts = np.bincount(ratings.users, minlength=ratings.n_users)
     min_ratings = shots + queries + 1
@@ -172,7 +182,9 @@ def build_collaborative(name: str, request: FamilyRequest) -> TaskFamily:
 
     Raises:
         DataError: The data is missing (and ``download`` is off), or malformed.
+        ValueError: ``request.pool`` is set (episode pools are for synthetic families).
     """
+    _refuse_pool(name, request)
     root = default_root() if request.root is None else request.root
     files, tried = find_data_files(name, root)
     if not files and request.download:

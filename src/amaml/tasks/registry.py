@@ -98,15 +98,17 @@ def make_family(
     root: str | os.PathLike[str] | None = None,
     download: bool = False,
     dtype: torch.dtype = torch.float32,
+    pool: int | None = None,
 ) -> TaskFamily:
     """Build the meta-training and meta-test tasks of a registered family.
 
     Everything is deterministic given ``seed``; no global random state is used or changed.
 
     Args:
-        name: One of :func:`list_families`: ``"alpine"``, ``"cosmixture"``, ``"sinusoid"``
-            (synthetic) or ``"jester-1"``, ``"movielens-100k"``, ``"movielens-1m"``
-            (collaborative filtering, one task per user).
+        name: One of :func:`list_families`: ``"alpine"``, ``"cosmixture"`` (the authors'
+            code), ``"alpine-paper"``, ``"cosmixture-paper"`` (the paper's printed
+            formulas), ``"sinusoid"`` (synthetic) or ``"jester-1"``, ``"movielens-100k"``,
+            ``"movielens-1m"`` (collaborative filtering, one task per user).
         shots: Support points per task, >= 1.
         queries: Query points per task, >= 1.
         n_train: Meta-training tasks, >= 1. ``None``: 100 synthetic functions, or every
@@ -118,12 +120,18 @@ def make_family(
             families.
         download: Fetch the official archive into ``root`` if the data is absent.
         dtype: Floating dtype of every returned tensor.
+        pool: Synthetic families only: each meta-training task holds ``pool`` support and
+            ``pool`` query points (uniform on the box) from which every meta-iteration
+            draws ``shots`` and ``queries`` of them (:func:`amaml.tasks.draw_episode`),
+            the authors' protocol; meta-test tasks keep ``shots`` and ``queries``.
+            ``None``: every task holds ``shots`` and ``queries`` points.
 
     Returns:
         The :class:`TaskFamily`; its ``info`` records the normalisation and counts.
 
     Raises:
-        ValueError: Unknown ``name`` or an argument out of range.
+        ValueError: Unknown ``name``, an argument out of range, ``pool`` below ``shots``
+            or ``queries``, or ``pool`` with a collaborative family.
         TypeError: An argument of the wrong type.
         DataError: Missing or malformed data files (collaborative families).
 
@@ -140,6 +148,13 @@ def make_family(
         n_train = _check_int("n_train", n_train, 1)
     n_test = _check_int("n_test", n_test, 1)
     seed = _check_int("seed", seed, 0)
+    if pool is not None:
+        pool = _check_int("pool", pool, 1)
+        if pool < max(shots, queries):
+            raise ValueError(
+                f"pool ({pool}, --pool) must be at least shots ({shots}) and queries "
+                f"({queries}): each episode draws its support and query points from it."
+            )
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a str, os.PathLike or None, got {type(root).__name__}.")
     if not isinstance(download, bool):
@@ -157,5 +172,6 @@ def make_family(
         root=None if root is None else Path(os.fspath(root)).expanduser(),
         download=download,
         dtype=dtype,
+        pool=pool,
     )
     return _FAMILIES[name](name, request)

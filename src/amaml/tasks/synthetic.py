@@ -4,6 +4,13 @@ Each family is a distribution over functions ``y = f(x; params)`` on a box
 ``[low, high]^d``. A task draws one function, then its support and query points once,
 uniformly on the box (a fixed data set per function, as in the A-MAML paper); its test
 points are a regular grid over the box (32 x 32 = 1024 points in 2-D, 1000 in 1-D).
+CosMixture and Alpine come in two variants, the authors' released code
+(:class:`CosMixture`, :class:`Alpine`) and the paper's printed formulas
+(:class:`CosMixturePaper`, :class:`AlpinePaper`); each class says how they differ.
+
+With ``pool`` (the authors' protocol) each meta-training task holds ``pool`` support and
+``pool`` query points, from which every meta-iteration draws a fresh episode
+(:func:`amaml.tasks.draw_episode`); meta-test tasks keep ``shots`` and ``queries``.
 
 Inputs and targets are standardised with pooled statistics of the meta-training tasks'
 support and query points (per input dimension for x, one scalar for y), applied to every
@@ -403,23 +410,27 @@ def build_synthetic(fn: AbstractSyntheticFunction, name: str, request: FamilyReq
         fn: The function distribution, e.g. ``CosMixture()``.
         name: Family name recorded in the result.
         request: Validated arguments of :func:`amaml.tasks.make_family`; ``root`` and
-            ``download`` are ignored.
+            ``download`` are ignored. With ``request.pool``, meta-training tasks hold
+            ``pool`` support and ``pool`` query points (the episode pools).
 
     Returns:
-        The family. ``info`` holds ``x_mean``, ``x_std`` (per input dimension), ``y_mean``,
-        ``y_std`` (the standardisation: ``x_std = (x - x_mean) / x_std``), ``domain``,
-        ``n_train``, ``n_test``, ``n_test_points``, the request's arguments and each
-        task's function parameters (``params_train``, ``params_test``). Every task's
-        ``test_x`` is the same tensor (the standardised grid): do not modify it in place.
+        The family, ``function=fn``. ``info`` holds ``x_mean``, ``x_std`` (per input
+        dimension), ``y_mean``, ``y_std`` (the standardisation:
+        ``x_std = (x - x_mean) / x_std``), ``domain``, ``n_train``, ``n_test``, ``pool``,
+        ``n_test_points``, the request's arguments and each task's function parameters
+        (``params_train``, ``params_test``). Every task's ``test_x`` is the same tensor
+        (the standardised grid): do not modify it in place.
     """
     n_train = DEFAULT_N_TRAIN if request.n_train is None else request.n_train
     grid = fn.grid()
+    train_points = (request.shots, request.queries) if request.pool is None else (request.pool,) * 2
+    sizes = {
+        _TRAIN: (n_train, *train_points),
+        _TEST: (request.n_test, request.shots, request.queries),
+    }
     draw = {
-        split: [
-            _draw_task(fn, grid, request.seed, split, i, request.shots, request.queries)
-            for i in range(count)
-        ]
-        for split, count in ((_TRAIN, n_train), (_TEST, request.n_test))
+        split: [_draw_task(fn, grid, request.seed, split, i, shots, queries) for i in range(count)]
+        for split, (count, shots, queries) in sizes.items()
     }
     pooled_x = np.concatenate([a for t in draw[_TRAIN] for a in (t.support_x, t.query_x)])
     pooled_y = np.concatenate([a for t in draw[_TRAIN] for a in (t.support_y, t.query_y)])
@@ -455,6 +466,7 @@ def build_synthetic(fn: AbstractSyntheticFunction, name: str, request: FamilyReq
         "family": name,
         **request.as_info(),
         "n_train": n_train,
+        "pool": request.pool,
         "n_test_points": int(grid.shape[0]),
         "domain": [fn.low, fn.high],
         "x_mean": x_mean.tolist(),

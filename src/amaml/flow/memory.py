@@ -1,0 +1,286 @@
+"""Memory strategies of the discrete adjoint: which states ``u_k`` to keep, how to get them back.
+
+The backward sweep of :class:`~amaml.flow.adjoint.DiscreteAdjoint` needs every state
+``u_k``, ``k = N-1 .. 0``, in reverse order, at the moment it takes step ``k``'s
+vector-Jacobian product. A strategy decides what the forward pass keeps and how the sweep
+recovers the rest:
+
+    :class:`Store` (all N+1 states), :class:`Checkpoint` (every k-th state, segments
+    recomputed; about ``2 sqrt(N)`` states), :class:`Revolve` (binomial checkpointing: at
+    most ``snapshots + 1`` states whatever ``N``), :class:`Backsolve` (only ``u_N``; the
+    state is integrated backward with ``lam``; approximate).
+
+A new strategy subclasses :class:`AbstractMemory` and implements ``forward`` and
+``sweep`` with the :class:`~amaml.flow.trajectory.FlowContext` it is given; it can be passed
+as ``memory=`` to :func:`amaml.adapt` without any change to the package.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import BacksolveError
+from .hvp import make_field
+from .trajectory import (
+    FlowContext,
+    _accumulate,
+    _check_every,
+    _initial_state,
+    _leaves,
+    _param_names,
+)
+
+__all__ = ["AbstractMemory", "Backsolve", "Checkpoint", "MEMORIES", "Revolve", "Store"]
+
+
+class AbstractMemory(abc.ABC):
+    """How the discrete adjoint keeps the forward states and gets them back.
+
+    Exact strategies must call ``flow.vjp(u_k, lam)`` once for every step
+    ``k = N-1, ..., 0`` in that order, with ``u_k`` equal to the forward pass's state
+    (recomputed states are: the forward loop is deterministic).
+    """
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
+        """Run all ``flow.n_steps`` steps from ``flow.initial_state()``; keep what ``sweep``
+        needs.
+
+        Returns:
+            ``(u_N, kept)``: the final state and what was kept, one tensor stacked on
+            dim 0 (saved for the backward pass; never differentiated).
+        """
+
+    @abc.abstractmethod
+    def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
+        """From ``lam_N = dJ/du_N`` back to ``lam_0``, one ``flow.vjp`` per step.
+
+        Args:
+            flow: The flow; ``flow.vjp`` also accumulates the parameter cotangents.
+            kept: What :meth:`forward` kept.
+            lam: ``lam_N``, shaped like ``u_N``.
+
+        Returns:
+            ``lam_0 = dJ/du_0``.
+        """
+
+
+@dataclass(frozen=True)
+class Store(AbstractMemory):
+    """Keep all ``N + 1`` states: ``(N + 1) x P`` numbers, no recomputation."""
+
+    name: str = field(default="store", init=False)
+
+    def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
+        u0 = flow.initial_state()
+        # Written in place into one buffer: the peak is N + 1 states, not twice that
+        # (a list of states then ``torch.stack``).
+        states = u0.new_empty((flow.n_steps + 1, *u0.shape))
+        u_end, _ = flow.integrate(u0, keep_every=1, out=states)
+        states[-1].copy_(u_end)
+        return states[-1], states
+
+    def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
+        flow.stats.peak_states = max(flow.stats.peak_states, kept.shape[0])
+        for k in range(flow.n_steps - 1, -1, -1):
+            lam = flow.vjp(kept[k], lam)
+        return lam
+
+
+@dataclass(frozen=True)
+class Checkpoint(AbstractMemory):
+    """Keep every ``every``-th state; recompute each segment in the backward pass.
+
+    Args:
+        every: Segment length; ``None`` picks ``ceil(sqrt(N))``, which holds at most
+            about ``2 sqrt(N)`` states at once for one extra forward pass. Exact.
+    """
+
+    every: int | None = None
+    name: str = field(default="checkpoint", init=False)
+
+    def __post_init__(self) -> None:
+        if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
+            raise ValueError(f"Checkpoint(every=...) must be a positive int; got {self.every!r}.")
+
+    def segment(self, n_steps: int) -> int:
+        """The segment length used for ``n_steps`` steps."""
+        return self.every if self.every is not None else max(1, math.isqrt(n_steps - 1) + 1)
+
+    def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
+        u0 = flow.initial_state()
+        every = self.segment(flow.n_steps)
+        ckpts = u0.new_empty((-(-flow.n_steps // every), *u0.shape))
+        u_end, _ = flow.integrate(u0, keep_every=every, out=ckpts)
+        return u_end, ckpts
+
+    def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
+        every = self.segment(flow.n_steps)
+        stats = flow.stats
+        for j in range(kept.shape[0] - 1, -1, -1):
+            start = j * every
+            stop = min(start + every, flow.n_steps)
+            # States start..stop-1 of this segment, recomputed from its checkpoint.
+            u_last, seg = flow.integrate(kept[j], start, stop - 1, keep_every=1)
+            seg.append(u_last)
+            stats.recomputed_steps += stop - 1 - start
+            stats.peak_states = max(stats.peak_states, kept.shape[0] + len(seg) - 1)
+            for k in range(stop - 1, start - 1, -1):
+                lam = flow.vjp(seg[k - start], lam)
+            del seg
+        return lam
+
+
+@dataclass(frozen=True)
+class Revolve(AbstractMemory):
+    """Binomial checkpointing: at most ``snapshots + 1`` states, whatever ``N``.
+
+    The schedule of Griewank's *revolve*: with ``s`` snapshots, ``N`` steps are reversed
+    with each step recomputed at most ``t`` times, where ``t`` is the smallest integer with
+    ``C(s + t, s) >= N`` (20 snapshots: ``t = 2`` for 100 steps, 3 for 1000, 4 for 10000).
+    Memory stays constant as ``N`` grows; time grows by the recomputations. Exact.
+
+    Args:
+        snapshots: States held besides the one being differentiated, >= 1.
+    """
+
+    snapshots: int = 20
+    name: str = field(default="revolve", init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.snapshots, int) or isinstance(self.snapshots, bool) \
+                or self.snapshots < 1:
+            raise ValueError(f"Revolve(snapshots=...) must be an int >= 1; got "
+                             f"{self.snapshots!r}.")
+
+    @staticmethod
+    def repetitions(snapshots: int, n_steps: int) -> int:
+        """The smallest ``t`` with ``C(snapshots + t, snapshots) >= n_steps``."""
+        t = 0
+        while math.comb(snapshots + t, snapshots) < n_steps:
+            t += 1
+        return t
+
+    def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
+        u0 = flow.initial_state()  # kept alone; the sweep recomputes the rest
+        u_end, _ = flow.integrate(u0)
+        return u_end, u0.detach().clone().unsqueeze(0)
+
+    def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
+        stats = flow.stats
+        held = [1]  # states alive now: u0 (the caller's), then one per open recursion level
+        # The cotangent lives in one box, not in the recursion's frames: a frame that passed
+        # ``lam`` down would otherwise keep that stale vector alive until it returns.
+        box = [lam]
+
+        def advance(u: Tensor, start: int, stop: int) -> Tensor:
+            if stop == start:
+                return u
+            stats.recomputed_steps += stop - start
+            u_stop, _ = flow.integrate(u, start, stop)
+            return u_stop
+
+        def vjp(u: Tensor) -> None:
+            box[0] = flow.vjp(u, box[0])
+
+        def reverse(a: int, u_a: Tensor, b: int, free: int) -> None:
+            # Reverse steps a .. b-1 holding u_a, with ``free`` more states allowed.
+            while b - a > 1 and free == 0:  # no room: recompute each state from u_a
+                held[0] += 1
+                stats.peak_states = max(stats.peak_states, held[0])
+                vjp(advance(u_a, a, b - 1))
+                held[0] -= 1
+                b -= 1
+            if b - a == 1:
+                vjp(u_a)
+                return
+            t = Revolve.repetitions(free, b - a)
+            m = a + max(1, min(b - a - 1, math.comb(free + t - 1, free)))
+            held[0] += 1
+            stats.peak_states = max(stats.peak_states, held[0])
+            reverse(m, advance(u_a, a, m), b, free - 1)  # u_m dies when this returns
+            held[0] -= 1
+            reverse(a, u_a, m, free)
+
+        stats.peak_states = max(stats.peak_states, 1)
+        del lam
+        reverse(0, kept[0], flow.n_steps, self.snapshots)
+        return box[0]
+
+
+@dataclass(frozen=True)
+class Backsolve(AbstractMemory):
+    """Keep only ``u_N``; integrate the state backward together with ``lam``.
+
+    O(1) states, but the gradient is approximate (its error is O(dt**order) at a
+    fixed horizon), and running gradient flow backward is gradient *ascent*,
+    unstable on long non-convex horizons. The reconstructed ``u_0`` is compared
+    with ``theta`` (which is known); a relative error above ``tol`` raises
+    :class:`BacksolveError` rather than returning a wrong gradient.
+
+    Args:
+        tol: Largest accepted ``||u_0_reconstructed - theta|| / ||theta||``.
+    """
+
+    tol: float = 1e-2
+    name: str = field(default="backsolve", init=False)
+
+    def __post_init__(self) -> None:
+        if not (self.tol > 0):
+            raise ValueError(f"Backsolve(tol=...) must be positive; got {self.tol!r}.")
+
+    def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
+        u_end, _ = flow.integrate(flow.initial_state())
+        return u_end, torch.stack([u_end])
+
+    def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
+        spec, data = flow.spec, flow.data
+        th, d, m, params = _leaves(flow.theta, flow.dt, flow.mu, flow.need)
+        names = _param_names(th, d, m)
+
+        def augmented(z: Sequence[Tensor]) -> list[Tensor]:
+            # Reverse time tau = N - s: du/dtau = -F(u), dlam/dtau = J_F(u)^T lam,
+            # d(bar_p)/dtau = (dF/dp)^T lam.
+            with torch.enable_grad():
+                u = z[0].detach().requires_grad_(True)
+                f = make_field(spec.objective, data, th, d, m, create_graph=True)(u)
+                grads = torch.autograd.grad(f, [u, *params], z[1])
+            return [-f.detach(), *grads]
+
+        zero_bars = [torch.zeros_like(p) for p in params]
+        z: list[Tensor] = [kept[0].detach(), lam, *zero_bars]
+        flow.stats.peak_states = max(flow.stats.peak_states, 1)
+        check = _check_every(spec.n_steps)
+        for k in range(spec.n_steps):
+            z = spec.solver.step_tuple(augmented, z)
+            if (k + 1) % check == 0 and not bool(torch.isfinite(z[0]).all()):
+                break
+        u0 = _initial_state(flow.theta.detach(), spec.objective, data)
+        err = float((z[0] - u0).norm() / u0.norm().clamp_min(torch.finfo(u0.dtype).tiny))
+        if not math.isfinite(err) or err > self.tol or not bool(torch.isfinite(z[1]).all()):
+            raise BacksolveError(
+                f"Backsolve failed to reconstruct the initial parameters: relative error "
+                f"{err:.3g} > tol={self.tol:g} after integrating {spec.n_steps} steps backward "
+                f"(gradient flow run backward is unstable on long horizons). Its gradient "
+                f"would be wrong; use memory='checkpoint' (exact, O(sqrt(steps)) memory) "
+                f"instead."
+            )
+        _accumulate(flow.bars, names, z[2:])
+        return z[1]
+
+
+#: Registered memory strategy names.
+MEMORIES: dict[str, type[AbstractMemory]] = {
+    "store": Store,
+    "checkpoint": Checkpoint,
+    "revolve": Revolve,
+    "backsolve": Backsolve,
+}

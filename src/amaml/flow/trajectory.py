@@ -1,0 +1,266 @@
+"""The discrete trajectory ``u_0 .. u_N``: run it forward, transpose it one step at a time.
+
+One step is ``u_{k+1} = Phi(u_k) = solver.step(F, u_k)`` on the unit-step field
+``F(u) = -dt * (grad L(u) + mu (u - theta))``, ``u_0 = theta``. :func:`integrate` runs
+steps ``start .. stop-1`` (keeping some states, or building the graph for unrolled MAML);
+:func:`_step_vjp` gives one step's vector-Jacobian product ``(dPhi/du)^T lam`` and adds
+``(dPhi/dp)^T lam`` for ``p`` in ``(theta, dt, mu)``. :class:`FlowContext` bundles one flow's
+tensors with both, and is what the adjoint and memory strategies receive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .compiled import Need, StepFunctions
+from .errors import DivergenceError
+from .hvp import Objective, make_field
+from .solvers import AbstractSolver
+
+if TYPE_CHECKING:
+    from .adjoint import AbstractAdjoint
+
+__all__ = ["FlowContext", "FlowSpec", "SweepStats", "integrate"]
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """Everything non-tensor about one flow: passed through the autograd Function."""
+
+    objective: Objective
+    solver: AbstractSolver
+    adjoint: AbstractAdjoint
+    n_steps: int
+    has_mu: bool
+    compiled: StepFunctions | None = None
+
+
+@dataclass
+class SweepStats:
+    """Bookkeeping of one adjoint sweep, for tests and benchmarks."""
+
+    peak_states: int = 0
+    recomputed_steps: int = 0
+
+
+def _initial_state(theta: Tensor, objective: Objective, data: Sequence[Tensor]) -> Tensor:
+    if objective.batched:
+        return theta.expand(data[0].shape[0], *theta.shape).contiguous()
+    return theta
+
+
+def _check_every(n_steps: int) -> int:
+    """How often the state is checked for non-finite values (a check syncs a GPU)."""
+    return max(1, math.isqrt(n_steps))
+
+
+def _locate_divergence(
+    spec: FlowSpec, field_fn: Any, u: Tensor, start: int, stop: int
+) -> DivergenceError:
+    """Replay steps ``start..stop`` from the last finite state to name the first bad one."""
+    for k in range(start, stop):
+        u = spec.solver.step(field_fn, u)
+        if not bool(torch.isfinite(u).all()):
+            return DivergenceError(k + 1, spec.n_steps, f" (solver {spec.solver.name})")
+    return DivergenceError(stop, spec.n_steps, f" (solver {spec.solver.name})")
+
+
+def integrate(
+    spec: FlowSpec,
+    theta: Tensor,
+    dt: Tensor,
+    mu: Tensor | None,
+    data: Sequence[Tensor],
+    *,
+    keep_every: int | None = None,
+    create_graph: bool = False,
+    u0: Tensor | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    out: Tensor | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Integrate the flow from step ``start`` (state ``u0``) to ``stop``.
+
+    Args:
+        spec: The flow.
+        theta, dt, mu: Its parameters (``mu`` is ``None`` without proximal term).
+        data: The support data tensors.
+        keep_every: Keep the state at every step ``k`` with ``(k - start) % keep_every == 0``
+            and ``k < stop`` (``1`` keeps all but the last; ``None`` keeps none).
+        create_graph: Build the autograd graph of every step (unrolled MAML).
+        u0: The state at step ``start``; ``None`` means ``u_0 = theta`` (per task if batched).
+        start, stop: The steps to take (``stop=None`` means ``spec.n_steps``).
+        out: Optional buffer with one row per kept state (no graph): the kept states
+            are written into it, so that stacking them later needs no second copy.
+
+    Returns:
+        ``(u_stop, kept_states)`` (with ``out``, the kept states are rows of ``out``).
+
+    Raises:
+        DivergenceError: If the state becomes non-finite; names the first bad step.
+    """
+    stop = spec.n_steps if stop is None else stop
+    field_fn = make_field(spec.objective, data, theta, dt, mu, create_graph)
+    u = _initial_state(theta, spec.objective, data) if u0 is None else u0
+    kept: list[Tensor] = []
+    every = _check_every(spec.n_steps)
+    last_ok, last_ok_k = u, start
+    fast = None if create_graph else spec.compiled
+    consts = (theta.detach(), dt.detach(), None if mu is None else mu.detach())
+    for k in range(start, stop):
+        if keep_every is not None and (k - start) % keep_every == 0:
+            if out is not None:
+                row = out[len(kept)]
+                row.copy_(u)
+                u = row
+            kept.append(u)
+        u_next = None if fast is None else fast.step(u, *consts, data)
+        if u_next is None:
+            fast = None
+            u_next = spec.solver.step(field_fn, u)
+        u = u_next
+        if (k + 1 - start) % every == 0 or k + 1 == stop:
+            if not bool(torch.isfinite(u).all()):
+                replay = make_field(spec.objective, data, theta.detach(), dt.detach(),
+                                    None if mu is None else mu.detach(), False)
+                raise _locate_divergence(spec, replay, last_ok.detach(), last_ok_k, k + 1)
+            last_ok, last_ok_k = u, k + 1
+    return u, kept
+
+
+# ----------------------------------------------------------------------------- step VJPs
+
+
+def _leaves(
+    theta: Tensor, dt: Tensor, mu: Tensor | None, need: Need
+) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor]]:
+    """Detached copies of the parameters; those whose gradient is needed require grad.
+
+    ``theta`` enters a step only through the proximal term, so it needs no grad without it.
+    """
+    th = theta.detach().requires_grad_(need[0] and mu is not None)
+    d = dt.detach().requires_grad_(need[1])
+    m = None if mu is None else mu.detach().requires_grad_(need[2])
+    params = [t for t in (th, d, m) if t is not None and t.requires_grad]
+    return th, d, m, params
+
+
+def _accumulate(bars: dict[str, Tensor], names: list[str], grads: Sequence[Tensor | None]) -> None:
+    for name, g in zip(names, grads):
+        if g is None:
+            continue
+        bars[name] = g if name not in bars else bars[name] + g
+
+
+def _param_names(th: Tensor, d: Tensor, m: Tensor | None) -> list[str]:
+    """The names (``theta``, ``dt``, ``mu``) of the leaves of :func:`_leaves` that need grad."""
+    names = []
+    if th.requires_grad:
+        names.append("theta")
+    if d.requires_grad:
+        names.append("dt")
+    if m is not None and m.requires_grad:
+        names.append("mu")
+    return names
+
+
+def _step_vjp(
+    spec: FlowSpec,
+    u: Tensor,
+    lam: Tensor,
+    theta: Tensor,
+    dt: Tensor,
+    mu: Tensor | None,
+    data: Sequence[Tensor],
+    need: Need,
+    bars: dict[str, Tensor],
+) -> Tensor:
+    """``(dPhi/du)^T lam``; adds ``(dPhi/dp)^T lam`` for the needed parameters to ``bars``."""
+    if spec.compiled is not None:
+        res = spec.compiled.vjp(u.detach(), lam, theta.detach(), dt.detach(),
+                                None if mu is None else mu.detach(), data, need)
+        if res is not None:
+            lam_u, pbars = res
+            _accumulate(bars, list(pbars), list(pbars.values()))
+            return lam_u
+    th, d, m, params = _leaves(theta, dt, mu, need)
+    with torch.enable_grad():
+        u = u.detach().requires_grad_(True)
+        field_fn = make_field(spec.objective, data, th, d, m, create_graph=True)
+        u_next = spec.solver.step(field_fn, u)
+        grads = torch.autograd.grad(u_next, [u, *params], lam)
+    _accumulate(bars, _param_names(th, d, m), grads[1:])
+    return grads[0]
+
+
+# ----------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True)
+class FlowContext:
+    """One flow and its tensors, as the adjoint and memory strategies receive it.
+
+    A memory strategy needs only :meth:`initial_state`, :meth:`integrate` (forward and
+    recomputation) and :meth:`vjp` (one step back); see
+    :class:`~amaml.flow.memory.AbstractMemory`.
+
+    Attributes:
+        spec: The flow (objective, solver, adjoint, ``n_steps``).
+        theta: Meta-parameters ``(P,)``.
+        dt: Step size: a 0-d tensor or ``(P,)`` per-parameter rates.
+        mu: Proximal weight (0-d), ``None`` when the flow has no proximal term.
+        data: The support data tensors.
+        need: Which of ``(theta, dt, mu)`` need a gradient (backward pass only).
+        bars: Parameter cotangents ``(dPhi/dp)^T lam`` summed so far, by name
+            (``"theta"``, ``"dt"``, ``"mu"``); :meth:`vjp` adds to it.
+        stats: Peak states held and steps recomputed, for tests and benchmarks.
+    """
+
+    spec: FlowSpec
+    theta: Tensor
+    dt: Tensor
+    mu: Tensor | None
+    data: Sequence[Tensor]
+    need: Need = (False, False, False)
+    bars: dict[str, Tensor] = field(default_factory=dict)
+    stats: SweepStats = field(default_factory=SweepStats)
+
+    @property
+    def n_steps(self) -> int:
+        """``N``, the number of solver steps."""
+        return self.spec.n_steps
+
+    def initial_state(self) -> Tensor:
+        """``u_0 = theta``: ``(P,)``, or ``(B, P)`` (one row per task) if batched."""
+        return _initial_state(self.theta, self.spec.objective, self.data)
+
+    def integrate(
+        self,
+        u0: Tensor | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        keep_every: int | None = None,
+        out: Tensor | None = None,
+        create_graph: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Steps ``start .. stop-1`` from ``u0`` (the state at ``start``); see :func:`integrate`.
+
+        Returns:
+            ``(u_stop, kept_states)``.
+        """
+        return integrate(self.spec, self.theta, self.dt, self.mu, self.data,
+                         keep_every=keep_every, create_graph=create_graph, u0=u0,
+                         start=start, stop=stop, out=out)
+
+    def vjp(self, u: Tensor, lam: Tensor) -> Tensor:
+        """One step back: ``(dPhi/du (u))^T lam``, where ``u`` is the state the step starts
+        from; adds ``(dPhi/dp (u))^T lam`` to :attr:`bars` for the needed parameters."""
+        return _step_vjp(self.spec, u, lam, self.theta, self.dt, self.mu, self.data,
+                         self.need, self.bars)
