@@ -8,11 +8,12 @@ because tasks do not share parameters, the gradient of the sum with respect to
 ``u`` is the stack of per-task gradients and its Hessian is block diagonal, so
 one autograd call serves all tasks.
 
-Hessian-vector products use reverse-over-reverse (double backward). On the
-paper's MLP on CPU it measured 1.9 ms against 4.1 ms for forward-over-reverse
-(``torch.func.jvp`` of ``torch.func.grad``), which also fails on
-``F.mse_loss`` in torch 2.13 ("ZeroTensors are immutable");
-``benchmarks/bench_hvp.py`` re-measures it.
+Hessian-vector products use reverse-over-reverse (double backward), chosen because
+it measured fastest against ``torch.func`` forward-over-reverse and reverse-over-reverse
+on the paper's MLP, on CPU and GPU; forward-over-reverse (``torch.func.jvp`` of
+``torch.func.grad``) also fails on ``F.mse_loss`` in torch 2.13 ("ZeroTensors are
+immutable"). ``benchmarks/bench_hvp.py`` measures one ``H v`` each way; the figures are in
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
