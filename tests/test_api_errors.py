@@ -88,6 +88,24 @@ def test_implicit_needs_proximal(task) -> None:
         _adapt(task, adjoint=amaml.Implicit())
 
 
+@pytest.mark.parametrize("compile", [True, "reduce-overhead"])
+def test_compile_with_adjoint_is_refused(task, compile) -> None:
+    """compile= would be silently dropped with an explicit adjoint: refused, naming the fix."""
+    fix = r"compile=.*adjoint=.*DiscreteAdjoint\(memory, compile="
+    with pytest.raises(ValueError, match=fix):
+        _adapt(task, adjoint=amaml.DiscreteAdjoint(amaml.Store()), compile=compile)
+    model, x, y = task
+    with pytest.raises(ValueError, match=fix):
+        amaml.adapt_batch(model, F.mse_loss, (x[None], y[None]), steps=2, lr=0.01,
+                          adjoint=amaml.Unrolled(), compile=compile)
+    _adapt(task, adjoint=amaml.Unrolled(), compile=False)  # compile left off: accepted
+
+
+def test_discrete_adjoint_memory_must_be_a_strategy() -> None:
+    with pytest.raises(TypeError, match=r"memory=\.\.\.\) must be an AbstractMemory"):
+        amaml.DiscreteAdjoint(memory="store")  # type: ignore[arg-type]
+
+
 def test_not_a_module() -> None:
     x, y, _, _ = regression_data()
     with pytest.raises(TypeError, match="torch.nn.Module"):

@@ -34,7 +34,9 @@ def resolve_solver(solver: str | AbstractSolver) -> AbstractSolver:
 
 
 def resolve_memory(memory: str | AbstractMemory) -> AbstractMemory:
-    """A memory strategy from a name (``"store"``, ``"checkpoint"``, ``"backsolve"``)."""
+    """A memory strategy from a registered name (``"store"``, ``"checkpoint"``,
+    ``"revolve"``, ``"backsolve"``); an :class:`~amaml.flow.AbstractMemory` instance,
+    including one defined outside the package, is returned as it is."""
     if isinstance(memory, AbstractMemory):
         return memory
     if isinstance(memory, str) and memory.lower() in MEMORIES:
@@ -145,7 +147,12 @@ def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Lear
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable: loss_fn(prediction, target) -> scalar.")
     stepper = resolve_solver(solver)
-    compile_mode(compile)  # TypeError / ValueError naming the accepted values
+    mode = compile_mode(compile)  # TypeError / ValueError naming the accepted values
+    if adjoint is not None and mode is not None:
+        raise ValueError(f"compile={compile!r} has no effect with adjoint={adjoint!r}: the "
+                         "adjoint carries its own compile option. Pass adjoint="
+                         f"DiscreteAdjoint(memory, compile={compile!r}) and leave compile "
+                         "unset.")
     adj = adjoint if adjoint is not None else DiscreteAdjoint(memory=resolve_memory(memory),
                                                              compile=compile)
     theta = flat.theta()
@@ -202,10 +209,12 @@ def adapt(
         memory: ``"store"`` (all states), ``"checkpoint"`` (O(sqrt(steps)) states, one
             extra forward pass; exact), ``"revolve"`` (binomial checkpointing: 21 states
             whatever ``steps``, a few extra forward passes; exact; ``Revolve(snapshots=k)``
-            sets the budget) or ``"backsolve"`` (O(1) states; approximate).
+            sets the budget), ``"backsolve"`` (O(1) states; approximate), or any
+            ``AbstractMemory`` instance, including one of your own.
         proximal: Proximal weight ``mu >= 0`` pulling ``u`` toward ``theta``.
         adjoint: Overrides ``memory``: e.g. ``Unrolled()`` (MAML), ``FirstOrder()``,
-            ``Implicit()`` (iMAML, needs ``proximal > 0``).
+            ``Implicit()`` (iMAML, needs ``proximal > 0``). Not with ``compile``: give
+            ``DiscreteAdjoint(memory, compile=True)`` instead.
         compile: Run the solver steps and their vector-Jacobian products compiled with
             ``torch.compile`` (same gradient to round-off; several times faster on small
             models). The first call per model, loss and shapes compiles (tens of
@@ -217,7 +226,8 @@ def adapt(
         Adapted parameters by name (the keys of ``model.named_parameters()``).
 
     Raises:
-        ValueError: Bad ``steps``, ``lr``, ``proximal``, shapes or non-finite data.
+        ValueError: Bad ``steps``, ``lr``, ``proximal``, shapes or non-finite data, or
+            ``compile`` together with ``adjoint``.
         DivergenceError: The trajectory became non-finite (names the step).
         BacksolveError: ``memory="backsolve"`` could not reconstruct the start.
 
