@@ -6,12 +6,16 @@ Build one with :func:`make_family`::
     fam = make_family("cosmixture", shots=50, queries=50, seed=0)
     support_x, support_y, query_x, query_y = fam.train.batch([0, 1, 2, 3, 4])
 
+With ``pool=`` (synthetic families) meta-training tasks hold pools from which
+:func:`draw_episode` draws a fresh episode.
+
 This package imports nothing from the rest of :mod:`amaml`.
 """
 
 from .base import DataError, FamilyRequest, Task, TaskFamily, TaskSet
 from .collaborative import Ratings, family_from_ratings
 from .download import ARCHIVES, Archive, default_root, download_family
+from .episodes import draw_episode
 from .registry import FamilyBuilder, list_families, make_family, register_family
 from .synthetic import (
     AbstractSyntheticFunction,
@@ -40,6 +44,7 @@ __all__ = [
     "TaskSet",
     "default_root",
     "download_family",
+    "draw_episode",
     "family_from_ratings",
     "list_families",
     "make_family",

@@ -414,7 +414,7 @@ def build_synthetic(fn: AbstractSyntheticFunction, name: str, request: FamilyReq
             ``pool`` support and ``pool`` query points (the episode pools).
 
     Returns:
-        The family, ``function=fn``. ``info`` holds ``x_mean``, ``x_std`` (per input
+        The family. ``info`` holds ``x_mean``, ``x_std`` (per input
         dimension), ``y_mean``, ``y_std`` (the standardisation:
         ``x_std = (x - x_mean) / x_std``), ``domain``, ``n_train``, ``n_test``, ``pool``,
         ``n_test_points``, the request's arguments and each task's function parameters
