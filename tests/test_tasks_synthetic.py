@@ -416,3 +416,12 @@ def test_pool_gives_training_tasks_pools_and_test_tasks_episodes(name: str) -> N
 def test_pool_validation(kwargs: dict, exc: type, match: str) -> None:
     with pytest.raises(exc, match=match):
         small("alpine", **kwargs)
+
+
+def test_family_to_keeps_function_and_info() -> None:
+    fam = small("alpine-paper")
+    moved = fam.to(dtype=torch.float32)
+    assert moved.function is fam.function and isinstance(moved.function, AlpinePaper)
+    assert moved.train.dtype == torch.float32 and moved.info["dtype"] == "float32"
+    assert fam.info["dtype"] == "float64"  # the original is untouched
+    assert "function" not in fam.info

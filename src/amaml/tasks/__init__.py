@@ -7,7 +7,8 @@ Build one with :func:`make_family`::
     support_x, support_y, query_x, query_y = fam.train.batch([0, 1, 2, 3, 4])
 
 With ``pool=`` (synthetic families) meta-training tasks hold pools from which
-:func:`draw_episode` draws a fresh episode.
+:func:`draw_episode` draws a fresh episode; :func:`oracle_nrmse` fits a synthetic family's
+own parameters to each support set, the best the support points allow.
 
 This package imports nothing from the rest of :mod:`amaml`.
 """
@@ -16,6 +17,7 @@ from .base import DataError, FamilyRequest, Task, TaskFamily, TaskSet
 from .collaborative import Ratings, family_from_ratings
 from .download import ARCHIVES, Archive, default_root, download_family
 from .episodes import draw_episode
+from .oracle import oracle_nrmse, supports_oracle
 from .registry import FamilyBuilder, list_families, make_family, register_family
 from .synthetic import (
     AbstractSyntheticFunction,
@@ -48,5 +50,7 @@ __all__ = [
     "family_from_ratings",
     "list_families",
     "make_family",
+    "oracle_nrmse",
     "register_family",
+    "supports_oracle",
 ]

@@ -11,12 +11,15 @@ This module imports nothing from the rest of :mod:`amaml`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # synthetic.py imports this module
+    from .synthetic import AbstractSyntheticFunction
 
 __all__ = [
     "DataError",
@@ -265,6 +268,10 @@ class TaskFamily:
         test: Meta-test tasks.
         info: JSON-serialisable facts: normalisation statistics, counts, the request's
             arguments (see each builder for its keys).
+        function: The distribution the tasks' functions were drawn from (synthetic
+            families), which the least-squares oracle fits; ``None`` for families without
+            a parametric form (collaborative filtering). Not part of ``info``, which is
+            written as JSON.
     """
 
     name: str
@@ -272,6 +279,7 @@ class TaskFamily:
     train: TaskSet
     test: TaskSet
     info: dict[str, Any] = field(default_factory=dict)
+    function: AbstractSyntheticFunction | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -283,6 +291,23 @@ class TaskFamily:
                     f"TaskFamily.{split} has input_dim {ts.input_dim}, but the family "
                     f"declares input_dim={self.input_dim}."
                 )
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> TaskFamily:
+        """Return a copy with every task moved to ``device`` and/or cast to ``dtype``.
+
+        ``info`` and ``function`` are kept (``info["dtype"]`` follows a cast).
+        """
+        info = dict(self.info)
+        if dtype is not None and "dtype" in info:
+            info["dtype"] = str(dtype).removeprefix("torch.")
+        return replace(
+            self,
+            train=self.train.to(device=device, dtype=dtype),
+            test=self.test.to(device=device, dtype=dtype),
+            info=info,
+        )
 
 
 @dataclass(frozen=True)

@@ -414,7 +414,7 @@ def build_synthetic(fn: AbstractSyntheticFunction, name: str, request: FamilyReq
             ``pool`` support and ``pool`` query points (the episode pools).
 
     Returns:
-        The family. ``info`` holds ``x_mean``, ``x_std`` (per input
+        The family, ``function=fn``. ``info`` holds ``x_mean``, ``x_std`` (per input
         dimension), ``y_mean``, ``y_std`` (the standardisation:
         ``x_std = (x - x_mean) / x_std``), ``domain``, ``n_train``, ``n_test``, ``pool``,
         ``n_test_points``, the request's arguments and each task's function parameters
@@ -477,5 +477,10 @@ def build_synthetic(fn: AbstractSyntheticFunction, name: str, request: FamilyReq
         "params_test": [_params_info(t.params) for t in draw[_TEST]],
     }
     return TaskFamily(
-        name=name, input_dim=fn.input_dim, train=splits[_TRAIN], test=splits[_TEST], info=info
+        name=name,
+        input_dim=fn.input_dim,
+        train=splits[_TRAIN],
+        test=splits[_TEST],
+        info=info,
+        function=fn,
     )
