@@ -194,3 +194,8 @@ def test_peak_memory_measures_a_real_allocation() -> None:
         assert float(t[-1]) == 1.0
 
     assert 48 < peak_memory_mib(allocate) < 200
+
+
+def test_paper_preset_on_collaborative_families_has_no_pool() -> None:
+    c = TrainConfig.from_protocol("paper", family="movielens-100k", shots=10, queries=15)
+    assert (c.pool, c.n_train, c.finetune_optimizer, c.solver) == (None, None, "adam", "rk4")

@@ -270,7 +270,13 @@ class TrainConfig:
             ValueError: Unknown protocol, or invalid fields.
         """
         _choice("protocol", protocol, list(PROTOCOLS))
-        return cls(**{**PROTOCOLS[protocol], **overrides, "protocol": protocol})
+        preset = dict(PROTOCOLS[protocol])
+        from ..tasks import has_fixed_data
+
+        if has_fixed_data(overrides.get("family", cls.family)):
+            preset.pop("pool", None)  # users have their own ratings: no pools to draw from
+            preset.pop("n_train", None)  # every eligible user, as the family's default
+        return cls(**{**preset, **overrides, "protocol": protocol})
 
     @property
     def effective_maml_steps(self) -> int:

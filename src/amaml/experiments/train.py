@@ -179,8 +179,7 @@ def build_family(config: TrainConfig) -> TaskFamily:
                          root=config.data_dir, download=config.download,
                          dtype=config.torch_dtype, pool=config.pool)
     if torch.device(config.device).type != "cpu":
-        family = TaskFamily(family.name, family.input_dim, family.train.to(config.device),
-                            family.test.to(config.device), family.info)
+        family = family.to(config.device)  # keeps the function the oracle fits
     return family
 
 

@@ -18,7 +18,13 @@ from .collaborative import Ratings, family_from_ratings
 from .download import ARCHIVES, Archive, default_root, download_family
 from .episodes import draw_episode
 from .oracle import oracle_nrmse, supports_oracle
-from .registry import FamilyBuilder, list_families, make_family, register_family
+from .registry import (
+    FamilyBuilder,
+    has_fixed_data,
+    list_families,
+    make_family,
+    register_family,
+)
 from .synthetic import (
     AbstractSyntheticFunction,
     Alpine,
@@ -48,6 +54,7 @@ __all__ = [
     "download_family",
     "draw_episode",
     "family_from_ratings",
+    "has_fixed_data",
     "list_families",
     "make_family",
     "oracle_nrmse",

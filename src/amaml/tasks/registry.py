@@ -25,7 +25,7 @@ from .synthetic import (
     build_synthetic,
 )
 
-__all__ = ["FamilyBuilder", "list_families", "make_family", "register_family"]
+__all__ = ["FamilyBuilder", "has_fixed_data", "list_families", "make_family", "register_family"]
 
 FamilyBuilder = Callable[[str, FamilyRequest], TaskFamily]
 
@@ -52,6 +52,12 @@ _FAMILIES: dict[str, FamilyBuilder] = {
 def list_families() -> list[str]:
     """Names accepted by :func:`make_family`, sorted."""
     return sorted(_FAMILIES)
+
+
+def has_fixed_data(name: str) -> bool:
+    """Whether a registered family reads a fixed data set (collaborative filtering: one
+    set of ratings per user), so that episode pools (``pool``) do not apply to it."""
+    return _FAMILIES.get(name) is build_collaborative
 
 
 def register_family(name: str, builder: FamilyBuilder, *, overwrite: bool = False) -> None:
