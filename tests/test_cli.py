@@ -25,7 +25,7 @@ def test_python_m_amaml_help() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     for flag in ("--family", "--method", "--inner-lr", "--meta-iters", "--resume", "--nproc",
-                 "--checkpoint-every", "--maml-steps", "--download", "--compile"):
+                 "--save-every", "--checkpoint-every", "--maml-steps", "--download", "--compile"):
         assert flag in proc.stdout
 
 
@@ -149,8 +149,7 @@ def test_nproc_launches_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_non_finite_meta_loss_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    # The package re-exports the function ``train``, which shadows the module's name.
-    train_module = importlib.import_module("amaml.experiments.train")
+    train_module = importlib.import_module("amaml.experiments.training")
 
     real = train_module.build_algorithm
 

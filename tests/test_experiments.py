@@ -24,7 +24,7 @@ from amaml.tasks import Task, TaskSet
 
 # A budget of seconds: tiny tasks, few inner steps, few meta-iterations.
 TINY = dict(family="cosmixture", shots=5, queries=5, steps=3, meta_iters=4, meta_batch=2,
-            n_train=6, n_test=4, finetune_epochs=4, finetune_every=2, checkpoint_every=2,
+            n_train=6, n_test=4, finetune_epochs=4, finetune_every=2, save_every=2,
             hidden=(8,))
 
 
@@ -161,9 +161,9 @@ def test_parse_methods_errors(methods: str, match: str) -> None:
 def test_nonfinite_meta_gradient_is_refused_before_the_update(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A NaN in the meta-gradient (finite meta-loss) stops training before Adam spreads it."""
-    import sys
+    import importlib
 
-    train_mod = sys.modules["amaml.experiments.train"]  # the package re-exports train()
+    train_mod = importlib.import_module("amaml.experiments.training")
     real = train_mod.build_algorithm
     seen: list[torch.Tensor] = []
 
@@ -194,7 +194,7 @@ def test_nonfinite_meta_gradient_is_refused_before_the_update(
 
 
 def test_paired_difference() -> None:
-    from amaml.experiments.compare import paired_difference
+    from amaml.experiments.comparison import paired_difference
 
     mean, sem = paired_difference([1.0, 2.0, 4.0], [0.5, 2.0, 3.0])  # diffs .5, 0, 1
     assert math.isclose(mean, 0.5) and math.isclose(sem, 0.5 / math.sqrt(3))
@@ -204,9 +204,9 @@ def test_paired_difference() -> None:
 
 
 def test_compile_flag_reaches_the_adjoint() -> None:
-    import sys
+    import importlib
 
-    train_mod = sys.modules["amaml.experiments.train"]
+    train_mod = importlib.import_module("amaml.experiments.training")
     assert train_mod.build_algorithm(tiny(compile=True)).adjoint.compile is True
     assert train_mod.build_algorithm(tiny()).adjoint.compile is False
     with pytest.raises(ValueError, match=r"compile \(--compile\) must be a bool"):

@@ -19,9 +19,9 @@ from amaml.experiments import TrainConfig, load_checkpoint, train
 
 ARGS = ["--family", "cosmixture", "--shots", "5", "--queries", "5", "--steps", "10",
         "--meta-batch", "2", "--n-train", "6", "--n-test", "3", "--finetune-epochs", "2",
-        "--hidden", "8", "--checkpoint-every", "2", "--seed", "3"]
+        "--hidden", "8", "--save-every", "2", "--seed", "3"]
 CONFIG = TrainConfig(family="cosmixture", shots=5, queries=5, steps=10, meta_batch=2,
-                     n_train=6, n_test=3, finetune_epochs=2, hidden=(8,), checkpoint_every=2,
+                     n_train=6, n_test=3, finetune_epochs=2, hidden=(8,), save_every=2,
                      seed=3)
 
 

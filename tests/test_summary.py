@@ -175,10 +175,10 @@ def test_compare_seeds_interrupt_names_the_whole_command(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
 
+    from amaml.experiments import TrainingInterrupted
     from amaml.experiments.config import TrainConfig
-    from amaml.experiments.train import TrainingInterrupted
 
-    compare_module = importlib.import_module("amaml.experiments.compare")  # not the function
+    compare_module = importlib.import_module("amaml.experiments.comparison")
 
     def interrupted(config: TrainConfig, methods: Any, out: Path, **kw: Any) -> None:
         raise TrainingInterrupted(Path(out) / "amaml", 7, "SIGTERM")

@@ -48,6 +48,7 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
     """Flags of TrainConfig fields; all default to None so that explicit ones are known."""
     from .algorithms import list_algorithms
     from .experiments.config import (
+        DTYPES,
         LOSSES,
         META_OPTIMIZERS,
         PROTOCOLS,
@@ -118,10 +119,11 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
     g.add_argument("--seed", type=int, help=f"seed of everything (default {d.seed})")
     g.add_argument("--log-every", type=int,
                    help=f"metrics.jsonl line every k iterations (default {d.log_every})")
-    g.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every k "
-                   f"iterations; 0: only at the end and on a signal (default "
-                   f"{d.checkpoint_every})")
-    g.add_argument("--dtype", help=f"float32 or float64 (default {d.dtype})")
+    g.add_argument("--save-every", "--checkpoint-every", type=int, dest="save_every",
+                   help="save a resumable checkpoint (checkpoint.pt) every k iterations; 0: "
+                        f"only at the end and on a signal (default {d.save_every}); "
+                        "--checkpoint-every is a deprecated alias")
+    g.add_argument("--dtype", help=f"{' or '.join(DTYPES)} (default {d.dtype})")
     g.add_argument("--device", help=f"cpu or cuda (default {d.device})")
     _add_eval_flags(p)
 
@@ -188,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="amaml", description="Meta-learning with adjoint methods (A-MAML): "
                      "meta-train, compare and evaluate initialisations.")
     from . import __version__
+    from .experiments.comparison import DEFAULT_METHODS
+    from .experiments.references import REFERENCES
+
     parser.add_argument("--version", action="version", version=f"amaml {__version__}")
     sub = parser.add_subparsers(dest="command",
                                 metavar="{train,compare,sweep-steps,eval,summarize}",
@@ -210,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Meta-train and evaluate several methods with the same "
                        "tasks, initialisation and budget; writes results.json, results.md "
                        "and finetune.png to --out, and each run to --out/<method>.")
-    c.add_argument("--methods", default="amaml,maml,maml1,fomaml,reptile,imaml",
-                   help="comma-separated methods (default: all six)")
+    c.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}); "
+                        f"the reference rows ({', '.join(REFERENCES)}) follow where they apply")
     _add_config_flags(c, method=False)
     c.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2,3,4): one comparison "
                    "per seed in --out/seed<S>, summarised in --out (summary.md, seeds.png); "
@@ -271,7 +277,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .experiments.train import resume_config, train
+    from .experiments import resume_config, train
 
     if args.nproc < 1:
         raise _CliError(f"--nproc must be >= 1; got {args.nproc}.")
@@ -323,11 +329,11 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .experiments.compare import compare, format_table
+    from .experiments.comparison import compare, format_table
 
     config = _config(args)
     if args.seeds is not None:
-        from .experiments.compare import compare_seeds
+        from .experiments.comparison import compare_seeds
         from .experiments.summary import format_summary
 
         if args.seed is not None:
@@ -360,9 +366,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from .experiments.build import build_algorithm, build_family, build_model
     from .experiments.checkpoint import CheckpointError, atomic_write_json, load_state_file
     from .experiments.config import TrainConfig
-    from .experiments.train import build_algorithm, build_family, build_model, evaluate_run
+    from .experiments.evaluate import evaluate_run
 
     state = load_state_file(args.checkpoint)
     if not isinstance(state.get("config"), dict):
@@ -418,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from .experiments.train import MetaLossError, TrainingInterrupted
+    from .experiments.loop import MetaLossError
+    from .experiments.signals import TrainingInterrupted
     from .flow import BacksolveError, DivergenceError
 
     torch.set_num_threads(args.threads)

@@ -2,63 +2,74 @@
 
 A-MAML, MAML, first-order MAML and iMAML are one :class:`GradientMetaLearner` with
 different adjoints; Reptile has its own meta-direction. Add an algorithm by
-registering a builder in :data:`ALGORITHMS`.
+registering a builder in :data:`ALGORITHMS`: its keyword parameters are the
+:func:`make_algorithm` arguments it uses (:func:`algorithm_options`).
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from ..api import resolve_memory, resolve_solver
 from ..flow import AbstractMemory, AbstractSolver, DiscreteAdjoint, FirstOrder, Implicit, Unrolled
-from .base import AbstractAlgorithm, GradientMetaLearner, TaskBatch, query_losses
+from .base import AbstractAlgorithm, GradientMetaLearner, TaskBatch, check_steps, query_losses
 from .reptile import Reptile
 
 __all__ = [
     "ALGORITHMS", "AbstractAlgorithm", "GradientMetaLearner", "Reptile", "TaskBatch",
-    "list_algorithms", "make_algorithm", "query_losses",
+    "algorithm_options", "list_algorithms", "maml_default_steps", "make_algorithm",
+    "query_losses",
 ]
+
+#: iMAML's proximal weight when none (or 0) is given: it needs mu > 0 (the authors' code).
+IMAML_DEFAULT_PROXIMAL = 1.0
+
+
+def maml_default_steps(n_steps: int) -> int:
+    """MAML's inner steps when none are given: ``max(1, n_steps // 10)`` (the paper)."""
+    return max(1, n_steps // 10)
 
 
 def _amaml(n_steps: int, inner_lr: float, solver: AbstractSolver, memory: AbstractMemory,
-           proximal: float, compile: bool | str = False, proximal_in_query: bool = False,
-           **_: Any) -> AbstractAlgorithm:
+           proximal: float = 0.0, compile: bool | str = False,
+           proximal_in_query: bool = False) -> AbstractAlgorithm:
     return GradientMetaLearner("amaml", n_steps, inner_lr, solver,
                                DiscreteAdjoint(memory, compile=compile), proximal,
                                proximal_in_query)
 
 
-def _maml(n_steps: int, inner_lr: float, solver: AbstractSolver, proximal: float,
-          maml_steps: int | None = None, **_: Any) -> AbstractAlgorithm:
-    steps = maml_steps if maml_steps is not None else max(1, n_steps // 10)
+def _maml(n_steps: int, inner_lr: float, solver: AbstractSolver, proximal: float = 0.0,
+          maml_steps: int | None = None) -> AbstractAlgorithm:
+    steps = maml_steps if maml_steps is not None else maml_default_steps(n_steps)
     return GradientMetaLearner("maml", steps, inner_lr, solver, Unrolled(), proximal)
 
 
-def _maml1(inner_lr: float, solver: AbstractSolver, proximal: float,
-           **_: Any) -> AbstractAlgorithm:
+def _maml1(inner_lr: float, solver: AbstractSolver, proximal: float = 0.0) -> AbstractAlgorithm:
     return GradientMetaLearner("maml1", 1, inner_lr, solver, Unrolled(), proximal)
 
 
-def _fomaml(n_steps: int, inner_lr: float, solver: AbstractSolver, proximal: float,
-            **_: Any) -> AbstractAlgorithm:
+def _fomaml(n_steps: int, inner_lr: float, solver: AbstractSolver,
+            proximal: float = 0.0) -> AbstractAlgorithm:
     return GradientMetaLearner("fomaml", n_steps, inner_lr, solver, FirstOrder(), proximal)
 
 
-def _imaml(n_steps: int, inner_lr: float, solver: AbstractSolver, proximal: float,
-           cg_steps: int = 20, **_: Any) -> AbstractAlgorithm:
-    mu = proximal if proximal > 0 else 1.0  # iMAML needs mu > 0; 1.0 as in the authors' code
-    return GradientMetaLearner("imaml", n_steps, inner_lr, solver,
-                               Implicit(cg_steps=cg_steps), mu)
-
-
-def _reptile(n_steps: int, inner_lr: float, solver: AbstractSolver,
-             **_: Any) -> AbstractAlgorithm:
+def _reptile(n_steps: int, inner_lr: float, solver: AbstractSolver) -> AbstractAlgorithm:
     return Reptile(n_steps, inner_lr, solver)
 
 
-#: name -> builder(n_steps, inner_lr, solver, memory, proximal, maml_steps, cg_steps,
-#: compile).
+def _imaml(n_steps: int, inner_lr: float, solver: AbstractSolver,
+           proximal: float = IMAML_DEFAULT_PROXIMAL, cg_steps: int = 20) -> AbstractAlgorithm:
+    return GradientMetaLearner("imaml", n_steps, inner_lr, solver,
+                               Implicit(cg_steps=cg_steps), proximal)
+
+
+#: name -> builder, in the paper's order. A builder's keyword parameters are the
+#: :func:`make_algorithm` arguments it uses (``n_steps``, ``inner_lr``, ``solver``,
+#: ``memory``, ``proximal``, ``maml_steps``, ``cg_steps``, ``compile``,
+#: ``proximal_in_query``).
 ALGORITHMS: dict[str, Callable[..., AbstractAlgorithm]] = {
     "amaml": _amaml,
     "maml": _maml,
@@ -68,10 +79,31 @@ ALGORITHMS: dict[str, Callable[..., AbstractAlgorithm]] = {
     "imaml": _imaml,
 }
 
+#: The optional arguments of :func:`make_algorithm` and their neutral values (``None`` is
+#: neutral too); a method that does not use one refuses any other value.
+_OPTIONAL: dict[str, Any] = {"solver": "euler", "memory": "checkpoint", "proximal": 0.0,
+                             "maml_steps": None, "cg_steps": 20, "compile": False,
+                             "proximal_in_query": False}
+
 
 def list_algorithms() -> list[str]:
-    """Registered algorithm names."""
+    """Registered algorithm names, sorted."""
     return sorted(ALGORITHMS)
+
+
+def algorithm_options(name: str) -> frozenset[str]:
+    """The arguments of :func:`make_algorithm` that method ``name`` uses.
+
+    Raises:
+        ValueError: Unknown method.
+    """
+    if name not in ALGORITHMS:
+        raise ValueError(f"Unknown method {name!r}; expected one of {list_algorithms()}.")
+    return frozenset(inspect.signature(ALGORITHMS[name]).parameters)
+
+
+def _is_default(arg: str, value: Any) -> bool:
+    return value is None or bool(value == _OPTIONAL[arg])
 
 
 def make_algorithm(
@@ -81,7 +113,7 @@ def make_algorithm(
     inner_lr: float,
     solver: str | AbstractSolver = "euler",
     memory: str | AbstractMemory = "checkpoint",
-    proximal: float = 0.0,
+    proximal: float | None = None,
     maml_steps: int | None = None,
     cg_steps: int = 20,
     compile: bool | str = False,
@@ -91,25 +123,45 @@ def make_algorithm(
 
     Args:
         name: One of :func:`list_algorithms`.
-        n_steps: Inner steps (A-MAML, FOMAML, iMAML, Reptile).
+        n_steps: Inner steps (A-MAML, FOMAML, iMAML, Reptile; MAML's default
+            ``maml_steps`` derives from it; MAML-1 takes one step).
         inner_lr: Inner learning rate (solver step size).
         solver: Inner-loop solver name or instance.
         memory: A-MAML's memory strategy.
-        proximal: Proximal weight (iMAML uses 1.0 when this is 0).
-        maml_steps: Steps of ``maml`` (default ``n_steps // 10``, the paper's protocol).
+        proximal: Proximal weight of the inner flow (A-MAML, MAML, MAML-1, FOMAML; 0 when
+            ``None``) or iMAML's (1.0 when ``None``; iMAML needs one > 0, and 0 is
+            replaced by 1.0 with a warning). Reptile takes none.
+        maml_steps: Steps of ``maml`` (default ``n_steps // 10``, the paper's protocol,
+            see :func:`maml_default_steps`).
         cg_steps: Conjugate-gradient iterations of iMAML.
         compile: A-MAML's solver steps compiled with ``torch.compile`` (see
             :class:`amaml.flow.DiscreteAdjoint`).
         proximal_in_query: A-MAML's meta-objective carries the proximal term too (see
             :class:`GradientMetaLearner`).
+
+    Raises:
+        ValueError: Unknown method, invalid step counts, or an argument the method does
+            not use (:func:`algorithm_options`) given a value other than its default.
     """
-    if name not in ALGORITHMS:
-        raise ValueError(f"Unknown method {name!r}; expected one of {list_algorithms()}.")
-    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
-        raise ValueError(f"n_steps must be an int >= 1; got {n_steps!r}.")
-    if maml_steps is not None and (not isinstance(maml_steps, int) or maml_steps < 1):
-        raise ValueError(f"maml_steps must be an int >= 1; got {maml_steps!r}.")
-    return ALGORITHMS[name](n_steps=n_steps, inner_lr=inner_lr, solver=resolve_solver(solver),
-                            memory=resolve_memory(memory), proximal=proximal,
-                            maml_steps=maml_steps, cg_steps=cg_steps, compile=compile,
-                            proximal_in_query=proximal_in_query)
+    used = algorithm_options(name)
+    check_steps("n_steps", n_steps)
+    if maml_steps is not None:
+        check_steps("maml_steps", maml_steps)
+    given = {"solver": solver, "memory": memory, "proximal": proximal,
+             "maml_steps": maml_steps, "cg_steps": cg_steps, "compile": compile,
+             "proximal_in_query": proximal_in_query}
+    for arg, value in given.items():
+        if arg not in used and not _is_default(arg, value):
+            raise ValueError(f"Method {name!r} does not use {arg} (got {arg}={value!r}); "
+                             f"it takes {sorted(used - {'n_steps', 'inner_lr'})}. Drop "
+                             f"{arg}, or choose a method that uses it.")
+    if name == "imaml" and proximal == 0:
+        warnings.warn(f"iMAML needs proximal > 0; got proximal=0, using "
+                      f"proximal={IMAML_DEFAULT_PROXIMAL}.", stacklevel=2)
+        given["proximal"] = None
+    kwargs: dict[str, Any] = {**given, "n_steps": n_steps, "inner_lr": inner_lr,
+                              "solver": resolve_solver(solver)}
+    if "memory" in used:
+        kwargs["memory"] = resolve_memory(memory)
+    return ALGORITHMS[name](**{k: v for k, v in kwargs.items()
+                               if k in used and (k not in _OPTIONAL or v is not None)})

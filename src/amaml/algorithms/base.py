@@ -12,10 +12,20 @@ from .._types import LossFn, Params
 from ..api import adapt_batch, functional_call_batch
 from ..flow import AbstractAdjoint, AbstractSolver, DiscreteAdjoint, Euler, FirstOrder
 
-__all__ = ["AbstractAlgorithm", "GradientMetaLearner", "TaskBatch", "query_losses"]
+__all__ = ["AbstractAlgorithm", "GradientMetaLearner", "TaskBatch", "check_steps", "query_losses"]
 
 #: ``(support_x, support_y, query_x, query_y)``, each with a leading task dimension ``B``.
 TaskBatch = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def check_steps(name: str, value: object) -> None:
+    """Refuse an inner-step count that is not an int >= 1 (``name`` is the argument).
+
+    Raises:
+        ValueError: Naming the argument and the value.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
 
 
 def query_losses(model: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor) -> Tensor:
@@ -83,8 +93,7 @@ class GradientMetaLearner(AbstractAlgorithm):
     proximal_in_query: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_steps, int) or self.n_steps < 1:
-            raise ValueError(f"n_steps must be an int >= 1; got {self.n_steps!r}.")
+        check_steps("n_steps", self.n_steps)
         if not self.inner_lr > 0:
             raise ValueError(f"inner_lr must be > 0; got {self.inner_lr!r}.")
         if self.proximal < 0:

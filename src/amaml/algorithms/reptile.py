@@ -9,7 +9,7 @@ from torch import nn
 
 from .._types import LossFn
 from ..flow import AbstractSolver, Euler
-from .base import AbstractAlgorithm, TaskBatch, query_losses
+from .base import AbstractAlgorithm, TaskBatch, check_steps, query_losses
 
 __all__ = ["Reptile"]
 
@@ -29,8 +29,7 @@ class Reptile(AbstractAlgorithm):
     name: str = "reptile"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_steps, int) or self.n_steps < 1:
-            raise ValueError(f"n_steps must be an int >= 1; got {self.n_steps!r}.")
+        check_steps("n_steps", self.n_steps)
         if not self.inner_lr > 0:
             raise ValueError(f"inner_lr must be > 0; got {self.inner_lr!r}.")
 

@@ -17,26 +17,31 @@ resumes the same way). ``out`` also receives::
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from ..algorithms import list_algorithms
+from ..algorithms import ALGORITHMS, list_algorithms
+from .build import build_family
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import TrainConfig
 from .distributed import DistInfo
-from .evaluate import summarise
+from .evaluate import paired_difference
 from .plots import plot_finetune
 from .references import REFERENCES, reference_metrics
-from .train import CHECKPOINT_FILE, RunDirError, TrainingInterrupted, build_family, train
+from .rundir import CHECKPOINT_FILE, RunDirError, RunDirLock
+from .signals import TrainingInterrupted
+from .summary import summarize_seeds, write_summary
+from .training import train
 
 __all__ = ["DEFAULT_METHODS", "compare", "compare_seeds", "format_table", "paired_difference",
            "parse_methods", "parse_seeds"]
 
-#: The paper's methods, in its order.
-DEFAULT_METHODS = ("amaml", "maml", "maml1", "fomaml", "reptile", "imaml")
+#: Every registered method, in registration order (the paper's: amaml, maml, maml1,
+#: fomaml, reptile, imaml).
+DEFAULT_METHODS: tuple[str, ...] = tuple(ALGORITHMS)
 
 
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
@@ -79,22 +84,6 @@ def _record(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 def _fmt(x: float | None, digits: int = 4) -> str:
     return "diverged" if x is None or x != x else f"{x:.{digits}f}"
-
-
-def paired_difference(values: Sequence[float] | None,
-                      reference: Sequence[float] | None) -> tuple[float, float] | None:
-    """Mean and standard error of ``values - reference`` over the same meta-test tasks.
-
-    Every method is evaluated on the same tasks, so the spread between tasks (large for
-    the synthetic families) cancels in the difference; ``None`` where either is missing,
-    of other lengths, or not finite.
-    """
-    if not values or not reference or len(values) != len(reference):
-        return None
-    diffs = [a - b for a, b in zip(values, reference, strict=True)]
-    if not all(math.isfinite(d) for d in diffs):
-        return None
-    return summarise(diffs)
 
 
 def format_table(records: list[dict[str, Any]], config: TrainConfig) -> str:
@@ -175,21 +164,33 @@ def compare(config: TrainConfig, methods: Sequence[str], out: str | os.PathLike[
         The records written to ``results.json``.
 
     Raises:
-        RunDirError: ``out`` already holds a comparison (without ``resume``).
-        Everything :func:`amaml.experiments.train.train` raises.
+        RunDirError: ``out`` already holds a comparison (without ``resume``) or is in use
+            by another process (it is locked while the comparison lasts).
+        Everything :func:`amaml.experiments.train` raises.
     """
-    from tqdm.auto import tqdm
-
     names = parse_methods(methods)
     out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunDirError(f"--out {str(out_dir)!r} exists and is not a directory.")
-    if not resume:
-        taken = _taken(out_dir, names)
-        if taken:
-            raise RunDirError(f"--out {str(out_dir)!r} already holds a comparison "
-                              f"({', '.join(taken)}); pass --resume to continue it, or choose "
-                              "another --out.")
+    with _lock(out_dir, dist_info):
+        if not resume:
+            taken = _taken(out_dir, names)
+            if taken:
+                raise RunDirError(f"--out {str(out_dir)!r} already holds a comparison "
+                                  f"({', '.join(taken)}); pass --resume to continue it, or "
+                                  "choose another --out.")
+        return _compare(config, names, out_dir, resume=resume, progress=progress,
+                        dist_info=dist_info)
+
+
+def _lock(out_dir: Path, dist_info: DistInfo | None) -> AbstractContextManager[Any]:
+    """The comparison directory's lock, held by the main process only (rank 0)."""
+    main = dist_info.is_main if dist_info is not None else os.environ.get("RANK", "0") == "0"
+    return RunDirLock(out_dir, what="comparison") if main else nullcontext()
+
+
+def _compare(config: TrainConfig, names: list[str], out_dir: Path, *, resume: bool,
+             progress: bool, dist_info: DistInfo | None) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
     family = build_family(config)
     records = []
     trained = [m for m in names if m not in REFERENCES]
@@ -260,14 +261,20 @@ def compare_seeds(config: TrainConfig, methods: Sequence[str], seeds: str | Sequ
 
     Raises:
         RunDirError: A seed's directory already holds a comparison (without ``resume``),
-            checked for every seed before any training starts.
+            checked for every seed before any training starts; or ``out`` is in use by
+            another process.
         Everything :func:`compare` raises.
     """
-    from .summary import summarize_seeds, write_summary
-
     values = parse_seeds(seeds)
     names = parse_methods(methods)
     out_dir = Path(out)
+    with RunDirLock(out_dir, what="comparison"):
+        return _compare_seeds(config, names, values, out_dir, resume=resume,
+                              progress=progress)
+
+
+def _compare_seeds(config: TrainConfig, names: list[str], values: list[int], out_dir: Path,
+                   *, resume: bool, progress: bool) -> dict[str, Any]:
     dirs = [out_dir / f"seed{s}" for s in values]
     if not resume:
         taken = [str(d) for d in dirs if _taken(d, names)]

@@ -1,24 +1,27 @@
 """Configuration of a meta-training run: one frozen, validated dataclass.
 
 Every field has a command-line flag of the same name (``meta_iters`` is
-``--meta-iters``); error messages name both.
+``--meta-iters``); error messages name both. Each field's ``metadata`` says what it is:
+``affects_results=False`` for speed and bookkeeping (left out of the settings a summary
+requires to agree between seeds, :data:`RESULT_FIELDS`), ``resume_mutable=True`` for what
+a resumed run may change (:data:`RESUME_MUTABLE`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..algorithms import list_algorithms
+from ..algorithms import list_algorithms, maml_default_steps
 from ..flow import MEMORIES, SOLVERS
 from ..tasks import list_families
 
 __all__ = ["DTYPES", "FINETUNE_OPTIMIZERS", "LOSSES", "META_OPTIMIZERS", "PROTOCOLS",
-           "RESUME_MUTABLE", "TrainConfig"]
+           "RENAMED_FIELDS", "RESULT_FIELDS", "RESUME_MUTABLE", "TrainConfig"]
 
 #: Accepted ``dtype`` names.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -55,10 +58,14 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     },
 }
 
-#: Fields that may differ between a checkpoint and the config that resumes it: where the
-#: data lives and how often to checkpoint change nothing in the computation.
-RESUME_MUTABLE: frozenset[str] = frozenset({"data_dir", "download", "checkpoint_every",
-                                            "compile"})
+#: Old field names still read by :meth:`TrainConfig.from_dict` (configs saved before a
+#: rename): old -> new.
+RENAMED_FIELDS: dict[str, str] = {"checkpoint_every": "save_every"}
+
+#: Speed or bookkeeping: changes no result.
+_BOOKKEEPING: dict[str, Any] = {"affects_results": False}
+#: Changes no computation: a resumed run may change it.
+_RESUME_MUTABLE: dict[str, Any] = {"affects_results": False, "resume_mutable": True}
 
 
 def _flag(name: str) -> str:
@@ -141,8 +148,8 @@ class TrainConfig:
         finetune_weight_decay: L2 penalty of the fine-tuning optimiser, >= 0 (added to
             the gradient, as ``torch.optim.Adam``'s ``weight_decay``).
         log_every: Append a line to ``metrics.jsonl`` every this many iterations, >= 1.
-        checkpoint_every: Save a resumable checkpoint every this many iterations (0: only
-            at the end and on SIGINT/SIGTERM).
+        save_every: Save a resumable checkpoint every this many iterations (0: only
+            at the end and on SIGINT/SIGTERM); was ``checkpoint_every``.
         dtype: ``float32`` or ``float64``.
         device: ``cpu``, ``cuda`` or ``cuda:K``.
     """
@@ -163,12 +170,12 @@ class TrainConfig:
     proximal: float = 0.0
     proximal_in_query: bool = False
     loss: str = "mse"
-    protocol: str = "amaml"
-    compile: bool | str = False
+    protocol: str = field(default="amaml", metadata=_BOOKKEEPING)
+    compile: bool | str = field(default=False, metadata=_RESUME_MUTABLE)
     maml_steps: int | None = None
     hidden: tuple[int, ...] = (32, 32)
-    data_dir: str | None = None
-    download: bool = False
+    data_dir: str | None = field(default=None, metadata=_RESUME_MUTABLE)
+    download: bool = field(default=False, metadata=_RESUME_MUTABLE)
     n_train: int | None = None
     pool: int | None = None
     n_test: int = 100
@@ -178,10 +185,10 @@ class TrainConfig:
     finetune_optimizer: str = "gd"
     finetune_lr: float | None = None
     finetune_weight_decay: float = 0.0
-    log_every: int = 1
-    checkpoint_every: int = 50
+    log_every: int = field(default=1, metadata=_BOOKKEEPING)
+    save_every: int = field(default=50, metadata=_RESUME_MUTABLE)
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = field(default="cpu", metadata=_BOOKKEEPING)
 
     def __post_init__(self) -> None:
         _choice("family", self.family, list_families())
@@ -216,7 +223,7 @@ class TrainConfig:
         _int("finetune_epochs", self.finetune_epochs, 0)
         _int("finetune_every", self.finetune_every, 1)
         _int("log_every", self.log_every, 1)
-        _int("checkpoint_every", self.checkpoint_every, 0)
+        _int("save_every", self.save_every, 0)
         for name in ("maml_steps", "eval_steps"):
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), 1, 100_000)
@@ -281,7 +288,8 @@ class TrainConfig:
     @property
     def effective_maml_steps(self) -> int:
         """MAML's inner steps: ``maml_steps`` or ``max(1, steps // 10)``."""
-        return self.maml_steps if self.maml_steps is not None else max(1, self.steps // 10)
+        return self.maml_steps if self.maml_steps is not None \
+            else maml_default_steps(self.steps)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable fields (``hidden`` as a list)."""
@@ -293,17 +301,26 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Rebuild a config from :meth:`to_dict`'s output; unknown keys are refused.
 
+        Old names of renamed fields (:data:`RENAMED_FIELDS`, e.g. ``checkpoint_every``) are
+        read as the new ones, so that runs saved before a rename still resume.
+
         Raises:
-            ValueError: Unknown keys or invalid values.
+            ValueError: Unknown keys, a field given under both names, or invalid values.
         """
         if not isinstance(data, dict):
             raise ValueError(f"A config must be a dict; got {type(data).__name__}.")
+        kwargs = dict(data)
+        for old, new in RENAMED_FIELDS.items():
+            if old in kwargs:
+                if new in kwargs:
+                    raise ValueError(f"The config gives both {old!r} and its new name {new!r};"
+                                     f" keep {new!r}.")
+                kwargs[new] = kwargs.pop(old)
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ValueError(f"Unknown config fields {unknown}; expected a subset of "
                              f"{sorted(names)}.")
-        kwargs = dict(data)
         if "hidden" in kwargs and isinstance(kwargs["hidden"], list):
             kwargs["hidden"] = tuple(kwargs["hidden"])
         return cls(**kwargs)
@@ -317,3 +334,13 @@ class TrainConfig:
         """Fields (not in ``ignore``) whose values differ: name -> (self's, other's)."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]}
+
+
+#: Fields that change a run's results (all but speed and bookkeeping), in field order.
+RESULT_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("affects_results", True))
+
+#: Fields that may differ between a checkpoint and the config that resumes it: where the
+#: data lives, how often to save and whether to compile change nothing in the computation.
+RESUME_MUTABLE: frozenset[str] = frozenset(
+    f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume_mutable", False))

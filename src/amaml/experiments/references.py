@@ -21,9 +21,10 @@ from typing import Any
 
 from .. import __version__
 from ..tasks import TaskFamily, oracle_nrmse, supports_oracle
+from .build import build_algorithm, build_model
 from .checkpoint import atomic_write_json
 from .config import TrainConfig
-from .evaluate import summarise
+from .evaluate import evaluate_run, summarise
 
 __all__ = ["REFERENCES", "no_meta_metrics", "oracle_metrics", "reference_metrics"]
 
@@ -42,8 +43,6 @@ def _base(config: TrainConfig, name: str) -> dict[str, Any]:
 
 def no_meta_metrics(config: TrainConfig, family: TaskFamily) -> dict[str, Any]:
     """Metrics of the random initialisation, adapted and fine-tuned as the methods are."""
-    from .train import build_algorithm, build_model, evaluate_run
-
     model = build_model(config, family.input_dim)
     # FOMAML's inner loop: `steps` plain steps, no proximal term, nothing meta-learned.
     algorithm = build_algorithm(config.replace(method="fomaml"))

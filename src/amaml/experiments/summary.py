@@ -25,17 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_json, atomic_write_text
-from .compare import paired_difference
-from .evaluate import summarise
+from .config import RESULT_FIELDS
+from .evaluate import paired_difference, summarise
 
 __all__ = ["SETTING_KEYS", "format_summary", "load_comparison", "summarize_seeds",
            "write_summary"]
 
-#: Config keys that must agree between the comparisons summarised (all but the seed
-#: and settings that change speed or bookkeeping, not results).
-SETTING_KEYS = ("family", "shots", "queries", "steps", "inner_lr", "meta_iters", "meta_batch",
-                "meta_lr", "solver", "memory", "proximal", "maml_steps", "hidden", "n_train",
-                "n_test", "eval_steps", "finetune_epochs", "finetune_every", "dtype")
+#: Config keys that must agree between the comparisons summarised: every field that
+#: changes results (:data:`~amaml.experiments.config.RESULT_FIELDS`) but the seed, which
+#: is what differs, and the method, which differs within each comparison.
+SETTING_KEYS: tuple[str, ...] = tuple(k for k in RESULT_FIELDS if k not in ("seed", "method"))
 
 
 def _read_json(path: Path, what: str) -> Any:

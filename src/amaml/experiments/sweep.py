@@ -22,21 +22,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .build import build_algorithm, build_family, build_model, config_loss
 from .checkpoint import atomic_write_json, atomic_write_text
-from .compare import parse_methods, parse_seeds
+from .comparison import parse_methods, parse_seeds
 from .config import TrainConfig
 from .evaluate import evaluate_adaptation, summarise
 from .memory import peak_memory_mib
 from .plots import plot_sweep
 from .references import oracle_metrics
-from .train import (
-    CHECKPOINT_FILE,
-    build_algorithm,
-    build_family,
-    build_model,
-    config_loss,
-    train,
-)
+from .rundir import CHECKPOINT_FILE
+from .training import train
 
 __all__ = ["parse_steps_list", "sweep_steps"]
 

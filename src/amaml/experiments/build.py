@@ -1,0 +1,94 @@
+"""The objects a config describes: its tasks, model, algorithm, losses and meta-optimiser.
+
+Every builder depends on the config alone (and its seed), so that meta-training, a
+resumed run, ``amaml eval`` and the reference rows all build the same objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..algorithms import AbstractAlgorithm, algorithm_options, make_algorithm
+from ..tasks import TaskFamily, make_family
+from .config import TrainConfig
+from .models import make_model
+
+__all__ = ["LOSS_FNS", "PROXIMAL_METHODS", "batch_generator", "build_algorithm", "build_family",
+           "build_model", "config_loss", "loss_fn", "make_meta_optimizer"]
+
+#: The inner and query loss of the regression experiments (``--loss mse``).
+loss_fn = F.mse_loss
+
+
+def _half_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 0.5 * F.mse_loss(prediction, target)
+
+
+#: ``--loss`` name -> loss function.
+LOSS_FNS = {"mse": F.mse_loss, "half-mse": _half_mse}
+
+#: Methods whose inner loop carries ``config.proximal`` (iMAML's needs one).
+PROXIMAL_METHODS = ("amaml", "imaml")
+
+
+def config_loss(config: TrainConfig) -> Any:
+    """The inner and query loss of a config."""
+    return LOSS_FNS[config.loss]
+
+
+def make_meta_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam or plain SGD on the model's parameters, at ``config.meta_lr``."""
+    if config.meta_optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.meta_lr)
+    return torch.optim.Adam(model.parameters(), lr=config.meta_lr)
+
+
+def build_family(config: TrainConfig) -> TaskFamily:
+    """The task family of a config, with tensors on ``config.device``.
+
+    Raises:
+        DataError: Missing or malformed data of a collaborative family.
+    """
+    family = make_family(config.family, shots=config.shots, queries=config.queries,
+                         n_train=config.n_train, n_test=config.n_test, seed=config.seed,
+                         root=config.data_dir, download=config.download,
+                         dtype=config.torch_dtype, pool=config.pool)
+    if torch.device(config.device).type != "cpu":
+        family = family.to(config.device)  # keeps the function the oracle fits
+    return family
+
+
+def build_model(config: TrainConfig, input_dim: int) -> nn.Module:
+    """The MLP of a config, initialised from ``config.seed``."""
+    return make_model(input_dim, config.hidden, seed=2 * config.seed, dtype=config.torch_dtype,
+                      device=config.device)
+
+
+def build_algorithm(config: TrainConfig) -> AbstractAlgorithm:
+    """The algorithm of a config (MAML with ``effective_maml_steps``).
+
+    Each method gets only the settings it uses (:func:`~amaml.algorithms.algorithm_options`):
+    ``memory`` and ``compile`` reach A-MAML, ``maml_steps`` MAML; ``proximal`` reaches
+    A-MAML and iMAML only (iMAML's 0 means its default 1.0, as the config documents);
+    ``proximal_in_query`` A-MAML only.
+    """
+    options: dict[str, Any] = {
+        "solver": config.solver, "memory": config.memory,
+        "proximal": config.proximal if config.method in PROXIMAL_METHODS else 0.0,
+        "maml_steps": config.effective_maml_steps, "compile": config.compile,
+        "proximal_in_query": config.proximal_in_query}
+    if config.method == "imaml" and config.proximal == 0:
+        options["proximal"] = None
+    used = algorithm_options(config.method)
+    return make_algorithm(config.method, n_steps=config.steps, inner_lr=config.inner_lr,
+                          **{k: v for k, v in options.items() if k in used})
+
+
+def batch_generator(config: TrainConfig) -> torch.Generator:
+    """The generator of the meta-batch draws and episodes (CPU, seeded by the config)."""
+    # Its own stream, distinct from the initialisation's (seed 2 * seed).
+    return torch.Generator().manual_seed(2 * config.seed + 1)
