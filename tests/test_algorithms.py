@@ -75,3 +75,47 @@ def test_scale_weights_tasks(name: str) -> None:
     for half in (slice(0, 2), slice(2, 4)):
         alg.meta_step(model, F.mse_loss, tuple(t[half] for t in batch), scale=0.25)
     assert rel_err(_grads(model), whole) < 1e-12
+
+
+@pytest.mark.parametrize("name,arg,value", [
+    ("maml", "memory", "revolve"), ("reptile", "proximal", 0.5), ("fomaml", "compile", True),
+    ("amaml", "maml_steps", 3), ("maml1", "cg_steps", 5), ("imaml", "proximal_in_query", True),
+])
+def test_an_argument_the_method_does_not_use_is_refused(name: str, arg: str,
+                                                        value: object) -> None:
+    with pytest.raises(ValueError, match=rf"Method '{name}' does not use {arg} "):
+        make_algorithm(name, n_steps=10, inner_lr=0.05, **{arg: value})  # type: ignore[arg-type]
+
+
+def test_defaults_of_unused_arguments_are_accepted() -> None:
+    # The neutral values, as a caller passing every setting for every method gives them.
+    for name in list_algorithms():
+        make_algorithm(name, n_steps=10, inner_lr=0.05, memory="checkpoint",
+                       proximal=None if name == "imaml" else 0.0,
+                       maml_steps=None, cg_steps=20, compile=False, proximal_in_query=False)
+
+
+def test_imaml_with_proximal_zero_warns_and_uses_one() -> None:
+    with pytest.warns(UserWarning, match=r"proximal=0, using proximal=1\.0"):
+        assert make_algorithm("imaml", n_steps=5, inner_lr=0.01, proximal=0).proximal == 1.0
+    assert make_algorithm("imaml", n_steps=5, inner_lr=0.01, proximal=0.3).proximal == 0.3
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n_steps": 0}, "n_steps must be an int >= 1"),
+    ({"n_steps": True}, "n_steps must be an int >= 1"),
+    ({"maml_steps": 0}, "maml_steps must be an int >= 1"),
+])
+def test_step_counts_are_checked(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_algorithm("maml", **{"n_steps": 10, "inner_lr": 0.01, **kwargs})  # type: ignore[arg-type]
+
+
+def test_maml_default_steps_is_one_rule() -> None:
+    from amaml.algorithms import maml_default_steps
+    from amaml.experiments import TrainConfig
+
+    for steps in (1, 9, 10, 55, 1000):
+        assert TrainConfig(steps=steps).effective_maml_steps == maml_default_steps(steps)
+        assert make_algorithm("maml", n_steps=steps, inner_lr=0.01).n_steps == \
+            maml_default_steps(steps)
