@@ -5,7 +5,14 @@ support set is what the inner loop adapts on, its query set what the meta-object
 measured on, and its test set a larger held-out sample used only for evaluation.
 All tensors are 2-D: inputs ``[n, d]`` and targets ``[n, 1]``.
 
-This module imports nothing from the rest of :mod:`amaml`.
+A family's ``kind`` is ``"regression"`` (splits are :class:`TaskSet` of :class:`Task`) or
+``"classification"`` (splits are :class:`~amaml.tasks.episodic.EpisodeSet` of N-way
+episodes: images ``[n, C, H, W]``, int64 labels ``[n]``). Either way
+``family.train.batch(indices)`` returns ``(support_x, support_y, query_x, query_y)``
+with a leading task dimension, and :meth:`TaskFamily.sample_train_batch` draws one
+meta-training batch.
+
+This module imports nothing from the rest of :mod:`amaml` outside :mod:`amaml.tasks`.
 """
 
 from __future__ import annotations
@@ -18,16 +25,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .episodes import Batch, draw_episode
+from .episodic import EpisodeSet
+
 if TYPE_CHECKING:  # synthetic.py imports this module
     from .synthetic import AbstractSyntheticFunction
 
 __all__ = [
+    "KINDS",
     "DataError",
     "FamilyRequest",
     "Task",
     "TaskFamily",
     "TaskSet",
 ]
+
+
+#: The kinds of task family: what a task's targets are.
+KINDS = ("regression", "classification")
 
 
 class DataError(ValueError):
@@ -208,6 +223,11 @@ class TaskSet:
         return self.tasks[0].input_dim
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """``(d,)``: the shape of one input."""
+        return (self.input_dim,)
+
+    @property
     def dtype(self) -> torch.dtype:
         """Floating dtype of every tensor."""
         return self.tasks[0].dtype
@@ -263,34 +283,93 @@ class TaskFamily:
 
     Attributes:
         name: Registered family name, e.g. ``"cosmixture"``.
-        input_dim: Input dimension ``d`` of every task.
-        train: Meta-training tasks.
-        test: Meta-test tasks.
+        input_dim: Input dimension ``d`` of every task; for classification the flattened
+            image size ``C * H * W`` (:attr:`input_shape` gives ``(C, H, W)``).
+        train: Meta-training tasks: a :class:`TaskSet` (regression) or an
+            :class:`~amaml.tasks.episodic.EpisodeSet` (classification).
+        test: Meta-test tasks, of the same type as ``train``. Classification: ``n_test``
+            fixed episodes, the same for every method evaluated with the same seed.
         info: JSON-serialisable facts: normalisation statistics, counts, the request's
             arguments (see each builder for its keys).
         function: The distribution the tasks' functions were drawn from (synthetic
             families), which the least-squares oracle fits; ``None`` for families without
-            a parametric form (collaborative filtering). Not part of ``info``, which is
-            written as JSON.
+            a parametric form (collaborative filtering, classification). Not part of
+            ``info``, which is written as JSON.
+        kind: ``"regression"`` (targets ``[n, 1]`` floating) or ``"classification"``
+            (labels ``[n]`` int64 in ``0 .. ways-1``).
+        ways: Classes per task ``N`` (classification), ``None`` for regression.
+
+    Raises:
+        TypeError: A split of the wrong type for ``kind``.
+        ValueError: Unknown ``kind``, ``ways`` inconsistent with ``kind`` or the splits,
+            or a split's input dimension differing from ``input_dim``.
     """
 
     name: str
     input_dim: int
-    train: TaskSet
-    test: TaskSet
+    train: TaskSet | EpisodeSet
+    test: TaskSet | EpisodeSet
     info: dict[str, Any] = field(default_factory=dict)
     function: AbstractSyntheticFunction | None = field(default=None, compare=False)
+    kind: str = "regression"
+    ways: int | None = None
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"TaskFamily.kind must be one of {KINDS}, got {self.kind!r}.")
+        split_type = TaskSet if self.kind == "regression" else EpisodeSet
         for split in ("train", "test"):
             ts = getattr(self, split)
-            if not isinstance(ts, TaskSet):
-                raise TypeError(f"TaskFamily.{split} must be a TaskSet, got {type(ts).__name__}.")
+            if not isinstance(ts, split_type):
+                raise TypeError(
+                    f"TaskFamily.{split} of a {self.kind} family must be a "
+                    f"{split_type.__name__}, got {type(ts).__name__}."
+                )
             if ts.input_dim != self.input_dim:
                 raise ValueError(
                     f"TaskFamily.{split} has input_dim {ts.input_dim}, but the family "
                     f"declares input_dim={self.input_dim}."
                 )
+            if isinstance(ts, EpisodeSet) and ts.ways != self.ways:
+                raise ValueError(
+                    f"TaskFamily.{split} draws {ts.ways}-way episodes, but the family "
+                    f"declares ways={self.ways}."
+                )
+        if self.kind == "regression" and self.ways is not None:
+            raise ValueError(f"TaskFamily.ways is for classification, got {self.ways!r}.")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input: ``(d,)`` (regression) or ``(C, H, W)`` (classification)."""
+        return self.train.input_shape
+
+    def sample_train_batch(self, meta_batch: int, generator: torch.Generator) -> Batch:
+        """Draw one meta-training batch, as ``(support_x, support_y, query_x, query_y)``.
+
+        Regression: ``min(meta_batch, len(train))`` distinct tasks
+        (``torch.randperm(len(train), generator=generator)[:meta_batch]``), then, for a
+        family built with ``pool``, a fresh episode from each pool (:func:`draw_episode`).
+        Classification: ``meta_batch`` episode indices uniform in ``range(len(train))``
+        (:meth:`EpisodeSet.sample`; fresh episodes unless ``n_train`` was given).
+
+        Args:
+            meta_batch: Tasks per meta-batch, >= 1.
+            generator: Source of the draws; its state advances.
+
+        Returns:
+            Shapes as :meth:`TaskSet.batch` (regression) or :meth:`EpisodeSet.batch`
+            (classification: images ``[B, ways * shots, C, H, W]``, int64 labels
+            ``[B, ways * shots]``, likewise for the queries).
+        """
+        if isinstance(meta_batch, bool) or not isinstance(meta_batch, int) or meta_batch < 1:
+            raise ValueError(f"meta_batch must be an int >= 1, got {meta_batch!r}.")
+        if isinstance(self.train, EpisodeSet):
+            return self.train.sample(meta_batch, generator)
+        draw = torch.randperm(len(self.train), generator=generator)[:meta_batch]
+        batch = self.train.batch(draw.tolist())
+        if self.info.get("pool") is not None:
+            batch = draw_episode(batch, self.info["shots"], self.info["queries"], generator)
+        return batch
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -298,6 +377,7 @@ class TaskFamily:
         """Return a copy with every task moved to ``device`` and/or cast to ``dtype``.
 
         ``info`` and ``function`` are kept (``info["dtype"]`` follows a cast).
+        Classification labels stay int64.
         """
         info = dict(self.info)
         if dtype is not None and "dtype" in info:
@@ -326,6 +406,8 @@ class FamilyRequest:
         pool: Points per meta-training task (support and query each) from which episodes
             are drawn (:func:`amaml.tasks.draw_episode`); ``None``: ``shots`` and
             ``queries`` as for meta-test tasks. Synthetic families only.
+        ways: Classes per task (classification families), ``None`` for regression.
+            Classification: ``shots`` and ``queries`` are per class.
     """
 
     shots: int
@@ -337,13 +419,17 @@ class FamilyRequest:
     download: bool
     dtype: torch.dtype
     pool: int | None = None
+    ways: int | None = None
 
     def as_info(self) -> dict[str, Any]:
-        """The request as JSON-serialisable facts (``root`` as a string)."""
-        return {
+        """The request as JSON-serialisable facts (``ways`` only when set)."""
+        out: dict[str, Any] = {
             "shots": self.shots,
             "queries": self.queries,
             "n_test": self.n_test,
             "seed": self.seed,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+        if self.ways is not None:
+            out["ways"] = self.ways
+        return out

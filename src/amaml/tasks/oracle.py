@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from .base import Task, TaskFamily
+from .base import Task, TaskFamily, TaskSet
 from .synthetic import AbstractSyntheticFunction
 
 __all__ = ["GRID_POINTS", "oracle_nrmse", "supports_oracle"]
@@ -163,6 +163,8 @@ def oracle_nrmse(
         if value < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value}.")
     tasks = family.train if split == "train" else family.test
+    if not isinstance(tasks, TaskSet):  # a classification family has no function
+        raise ValueError(f"There is no oracle for {family.kind} family {family.name!r}.")
     grid = _coarse_grid(*fn.param_bounds())
     out = []
     for i, task in enumerate(tasks):
