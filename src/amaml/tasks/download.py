@@ -1,4 +1,5 @@
-"""Download, verify and extract the official archives of the collaborative-filtering data.
+"""Download, verify and extract the official archives of the collaborative-filtering data
+and of Omniglot.
 
 Only :mod:`urllib` is used. An archive is fetched into a temporary file in the target
 folder, its checksum verified, and only then renamed into place; extraction goes through a
@@ -19,6 +20,11 @@ Checksum sources:
 * Jester dataset 1: SHA-256 values recorded by two independent third-party loaders from
   the Berkeley archive (the Eigentaste site publishes no checksum); file sizes 4,171,628,
   3,924,205 and 2,151,299 bytes.
+
+* Omniglot: none. Its archives are listed apart, in ``UNVERIFIED_ARCHIVES``, because no
+  checksum could be computed where this table was written (no network) and its authors
+  publish none; they are downloaded from the authors' GitHub repository with a warning
+  that nothing was verified. Pin one by moving the entry to ``ARCHIVES`` with its SHA-256.
 
 An archive whose table entry has no checksum is still downloaded, with a warning.
 """
@@ -42,6 +48,7 @@ __all__ = [
     "ARCHIVES",
     "CACHE_ENV",
     "MIRROR_ENV",
+    "UNVERIFIED_ARCHIVES",
     "Archive",
     "archive_url",
     "default_root",
@@ -113,6 +120,18 @@ ARCHIVES: dict[str, tuple[Archive, ...]] = {
             "jester-1",
             sha256="7f548d3762d3506cf7cd37d8cb9e3adb67984a7da7aa2d2096d5e0b1b884758d",
         ),
+    ),
+}
+
+
+_OMNIGLOT = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+
+#: Official archives whose checksum is not known (see the module docstring): downloaded
+#: with a warning that they were not verified. Each extracts to its own top folder.
+UNVERIFIED_ARCHIVES: dict[str, tuple[Archive, ...]] = {
+    "omniglot": (
+        Archive("images_background.zip", _OMNIGLOT + "images_background.zip", "images_background"),
+        Archive("images_evaluation.zip", _OMNIGLOT + "images_evaluation.zip", "images_evaluation"),
     ),
 }
 
@@ -242,7 +261,8 @@ def download_family(
     reused unless ``force`` is set.
 
     Args:
-        name: A family with an entry in :data:`ARCHIVES`, e.g. ``"movielens-100k"``.
+        name: A family with an entry in :data:`ARCHIVES` or :data:`UNVERIFIED_ARCHIVES`,
+            e.g. ``"movielens-100k"`` or ``"omniglot"``.
         root: Data root; ``None`` means :func:`default_root`.
         timeout: Seconds to wait for the server before giving up.
         force: Download even if the archive file is already present.
@@ -255,13 +275,14 @@ def download_family(
         DataError: The server is unreachable, the checksum does not match (nothing is
             kept), or the archive cannot be extracted.
     """
-    if name not in ARCHIVES:
-        raise ValueError(f"No download is known for {name!r}; expected one of {sorted(ARCHIVES)}.")
+    table = {**ARCHIVES, **UNVERIFIED_ARCHIVES}
+    if name not in table:
+        raise ValueError(f"No download is known for {name!r}; expected one of {sorted(table)}.")
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}.")
     base = default_root() if root is None else Path(os.fspath(root)).expanduser()
     base.mkdir(parents=True, exist_ok=True)
-    archives = ARCHIVES[name]
+    archives = table[name]
     for archive in archives:
         zip_path = base / archive.filename
         if force or not zip_path.is_file():
