@@ -12,7 +12,7 @@ import io
 import struct
 import threading
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +201,75 @@ def local_http_server(folder: Path) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def _png(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 array ``[H, W]`` (grey) or ``[H, W, 3]`` (RGB)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_omniglot(
+    root: Path, alphabets: dict[str, dict[str, int]], *, size: int = 20, seed: int = 0
+) -> Path:
+    """The official Omniglot layout with tiny PNGs, black ink on white as the original.
+
+    Args:
+        root: Folder to hold ``images_background/`` and ``images_evaluation/``.
+        alphabets: ``"<images_background|images_evaluation>/<alphabet>"`` ->
+            ``{character: number of drawers}``; each character gets its own random
+            blob pattern, each drawer a slight variation of it.
+        size: Image side (the loader resizes to 28).
+
+    Returns:
+        ``root``.
+    """
+    rng = np.random.default_rng(seed)
+    for sub in ("images_background", "images_evaluation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for alphabet, characters in alphabets.items():
+        for character, drawers in characters.items():
+            folder = root / alphabet / character
+            folder.mkdir(parents=True, exist_ok=True)
+            pattern = rng.random((size, size)) < 0.25
+            for k in range(drawers):
+                ink = pattern ^ (rng.random((size, size)) < 0.03)
+                img = np.where(ink, 0, 255).astype(np.uint8)
+                (folder / f"{character}_{k + 1:02d}.png").write_bytes(_png(img))
+    return root
+
+
+def write_mini_imagenet(
+    root: Path,
+    splits: Mapping[str, Sequence[str]],
+    *,
+    per_class: int = 4,
+    size: int = 84,
+    seed: int = 0,
+) -> Path:
+    """The Ravi-Larochelle layout: ``<split>.csv`` (``filename,label``) and ``images/``.
+
+    Args:
+        root: The mini-ImageNet folder.
+        splits: ``"train"``/``"val"``/``"test"`` -> labels, e.g. ``["n01", "n02"]``.
+        per_class: Images per label, each a random RGB image of side ``size``.
+
+    Returns:
+        ``root``.
+    """
+    rng = np.random.default_rng(seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for split, labels in splits.items():
+        lines = ["filename,label"]
+        for label in labels:
+            for k in range(per_class):
+                name = f"{label}{k:08d}.png"
+                pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                (images / name).write_bytes(_png(pixels))
+                lines.append(f"{name},{label}")
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return root
