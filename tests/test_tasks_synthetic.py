@@ -60,9 +60,12 @@ def test_list_families() -> None:
         "alpine-paper",
         "cosmixture",
         "cosmixture-paper",
+        "glyphs",
         "jester-1",
+        "mini-imagenet",
         "movielens-100k",
         "movielens-1m",
+        "omniglot",
         "sinusoid",
     ]
 
