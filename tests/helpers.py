@@ -87,3 +87,40 @@ def amaml_meta_grad(model: nn.Module, loss_fn, x: Tensor, y: Tensor, xq: Tensor,
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def conv_bn_net(classes: int = 3) -> nn.Module:
+    """Conv2d(1, 4, 3) - BatchNorm2d - ReLU - MaxPool - Linear, for 8x8 inputs, float64."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(36, classes)).to(DT)
+
+
+def conv_bn_apply(p: dict[str, Tensor], x: Tensor,
+                  running: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """:func:`conv_bn_net` written out with ``torch.nn.functional``, no module involved.
+
+    ``running=None`` normalises with the batch's own statistics (``training=True`` and no
+    running buffers); ``running=(mean, var)`` with those (``training=False``).
+    """
+    import torch.nn.functional as F
+
+    h = F.conv2d(x, p["0.weight"], p["0.bias"])
+    mean, var = (None, None) if running is None else running
+    h = F.batch_norm(h, mean, var, p["1.weight"], p["1.bias"], training=running is None,
+                     eps=1e-5)
+    h = F.max_pool2d(F.relu(h), 2)
+    return F.linear(h.flatten(1), p["5.weight"], p["5.bias"])
+
+
+def unrolled_meta_grad_apply(apply, theta: dict[str, Tensor], loss_fn, x: Tensor, y: Tensor,
+                             xq: Tensor, yq: Tensor, *, steps: int, lr: float) -> Tensor:
+    """``steps`` plain gradient-descent steps on ``loss_fn(apply(u, x), y)`` from ``theta``,
+    then plain autograd of the query loss back to ``theta`` (flat, in ``theta``'s order)."""
+    names = list(theta)
+    start = [theta[n] for n in names]
+    u = list(start)
+    for _ in range(steps):
+        g = torch.autograd.grad(loss_fn(apply(dict(zip(names, u)), x), y), u, create_graph=True)
+        u = [ui - lr * gi for ui, gi in zip(u, g)]
+    grads = torch.autograd.grad(loss_fn(apply(dict(zip(names, u)), xq), yq), start)
+    return torch.cat([g.reshape(-1) for g in grads])

@@ -5,7 +5,7 @@ discrete adjoint of the solver, so memory no longer grows with the number of
 inner steps. Start with :func:`adapt` and :func:`adapt_batch`.
 """
 
-from .api import adapt, adapt_batch, functional_call_batch
+from .api import BATCH_NORM_MODES, adapt, adapt_batch, functional_call, functional_call_batch
 from .flow import (
     RK4,
     Backsolve,
@@ -26,8 +26,8 @@ from .flow import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backsolve", "BacksolveError", "Checkpoint", "DiscreteAdjoint", "DivergenceError", "Euler",
-    "Revolve",
-    "FirstOrder", "Heun", "Implicit", "RK4", "Store", "Unrolled", "__version__", "adapt",
-    "adapt_batch", "functional_call_batch", "gradient_flow",
+    "BATCH_NORM_MODES", "Backsolve", "BacksolveError", "Checkpoint", "DiscreteAdjoint",
+    "DivergenceError", "Euler", "FirstOrder", "Heun", "Implicit", "RK4", "Revolve", "Store",
+    "Unrolled", "__version__", "adapt", "adapt_batch", "functional_call",
+    "functional_call_batch", "gradient_flow",
 ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._types import Batch, LearningRate, LossFn, Params, Scalar
 from .flow import (
@@ -20,7 +22,13 @@ from .flow import (
 )
 from .flow.compiled import compile_mode
 
-__all__ = ["adapt", "adapt_batch", "functional_call_batch", "resolve_solver", "resolve_memory"]
+__all__ = ["BATCH_NORM_MODES", "adapt", "adapt_batch", "functional_call", "functional_call_batch",
+           "resolve_solver", "resolve_memory"]
+
+#: Accepted values of ``batch_norm=``: ``"batch"`` normalises with the statistics of the
+#: batch each call sees (training-mode BatchNorm, the MAML convention), ``"running"`` with
+#: the model's running statistics (eval-mode BatchNorm).
+BATCH_NORM_MODES = ("batch", "running")
 
 
 def resolve_solver(solver: str | AbstractSolver) -> AbstractSolver:
@@ -97,6 +105,79 @@ class _FlatModel:
         return t.to(like.dtype).to(like.device)
 
 
+# ----------------------------------------------------------------------------- BatchNorm
+
+_RUNNING_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_Forward = Callable[[Params, Tensor], Tensor]
+
+
+@contextmanager
+def _eval_mode(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Put ``layers`` in eval mode for the duration of one call, then restore each flag.
+
+    The flags are read at each call, not once per :func:`adapt`: the backward pass calls
+    the model again, after the user may have switched its mode.
+    """
+    flags = [m.training for m in layers]
+    for m in layers:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, flags):
+            m.training = flag
+
+
+def _forward(model: nn.Module, batch_norm: Any) -> _Forward:
+    """``(params, x) -> model_params(x)``, BatchNorm layers normalising per ``batch_norm``.
+
+    No BatchNorm layer: a plain :func:`torch.func.functional_call`. ``"batch"``: the
+    layers' running buffers are hidden from the call (passed as ``None``), so that
+    :class:`torch.nn.BatchNorm2d` & co. normalise with batch statistics and update nothing,
+    whatever ``model.training`` (and under :func:`torch.func.vmap` the statistics are per
+    task). ``"running"``: the layers are put in eval mode for the call only, so that they
+    normalise with their running statistics, which they then only read.
+
+    Raises:
+        ValueError: ``batch_norm`` not in :data:`BATCH_NORM_MODES`, or ``"running"`` with a
+            BatchNorm layer that has no running statistics.
+    """
+    if not isinstance(batch_norm, str) or batch_norm not in BATCH_NORM_MODES:
+        raise ValueError(f"Unknown batch_norm={batch_norm!r}; expected one of "
+                         f"{list(BATCH_NORM_MODES)}.")
+    fcall = torch.func.functional_call
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    if batch_norm == "batch":
+        hidden: dict[str, Tensor | None] = {
+            f"{n}.{b}" if n else b: None
+            for n, m in layers for b in _RUNNING_BUFFERS if getattr(m, b, None) is not None}
+        if not hidden:  # no BatchNorm, or none tracking statistics: batch statistics anyway
+            return lambda params, x: fcall(model, params, (x,))
+
+        def batch_call(params: Params, x: Tensor) -> Tensor:
+            # Merged, not passed as a second dict: a buffer also in ``params`` is then
+            # hidden too rather than a duplicate-key error.
+            merged: dict[str, Tensor | None] = {**params, **hidden}
+            return fcall(model, merged, (x,))  # type: ignore[arg-type]  # None hides it
+
+        return batch_call
+    untracked = [n or type(m).__name__ for n, m in layers
+                 if m.running_mean is None or m.running_var is None]
+    if untracked:
+        raise ValueError(f"batch_norm='running' needs running statistics, but the BatchNorm "
+                         f"layer(s) {untracked} have none (track_running_stats=False); use "
+                         "batch_norm='batch'.")
+    if not layers:
+        return lambda params, x: fcall(model, params, (x,))
+    modules = [m for _, m in layers]
+
+    def call(params: Params, x: Tensor) -> Tensor:
+        with _eval_mode(modules):
+            return fcall(model, params, (x,))
+
+    return call
+
+
 def _check_support(data: Any, batched: bool) -> tuple[Tensor, Tensor]:
     name = "(xs, ys)" if batched else "(x, y)"
     if not isinstance(data, (tuple, list)) or len(data) != 2:
@@ -140,8 +221,10 @@ def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
 
 def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
            solver: str | AbstractSolver, memory: str | AbstractMemory, proximal: Scalar,
-           adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str = False) -> Params:
+           adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str = False,
+           batch_norm: str = "batch") -> Params:
     flat = _FlatModel(model)
+    forward = _forward(model, batch_norm)  # ValueError naming batch_norm
     x, y = _check_support(data, batched)
     _check_steps_lr(steps, lr, proximal)
     if not callable(loss_fn):
@@ -155,11 +238,21 @@ def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Lear
                          "unset.")
     adj = adjoint if adjoint is not None else DiscreteAdjoint(memory=resolve_memory(memory),
                                                              compile=compile)
+    if (batched and batch_norm == "batch" and isinstance(adj, DiscreteAdjoint)
+            and compile_mode(adj.compile) is not None
+            and any(isinstance(m, _BatchNorm) for m in model.modules())):
+        # The compiled steps differentiate with torch.func (vjp of vmap of grad), which in
+        # torch 2.13 gets the second derivative of batch-statistics BatchNorm after a
+        # convolution wrong across vmapped tasks (1e-2 relative, measured against unrolled
+        # autograd); the eager path is exact.
+        raise ValueError(f"compile={adj.compile!r} is not supported by adapt_batch on a model "
+                         "with BatchNorm and batch_norm='batch': torch.func's batched second "
+                         "derivative of batch statistics is wrong. Use compile=False (exact), "
+                         "or adapt task by task.")
     theta = flat.theta()
-    fcall = torch.func.functional_call
 
     def loss(u: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
-        return loss_fn(fcall(model, flat.unflatten(u), (xb,)), yb)
+        return loss_fn(forward(flat.unflatten(u), xb), yb)
 
     u_end = gradient_flow(loss, theta, dt=flat.flat_lr(lr, theta), n_steps=steps, data=(x, y),
                           solver=stepper, adjoint=adj, mu=proximal, batched=batched)
@@ -181,6 +274,7 @@ def adapt(
     proximal: Scalar = 0.0,
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
+    batch_norm: str = "batch",
 ) -> Params:
     """Adapt a model to one task by gradient flow; differentiable by the adjoint method.
 
@@ -191,9 +285,11 @@ def adapt(
 
     The result is differentiable with respect to the model's parameters (and ``lr``,
     ``proximal`` when they are tensors requiring grad). Evaluate a query loss with
-    ``torch.func.functional_call(model, params, (x_query,))`` and call ``.backward()``:
-    the meta-gradient lands in each parameter's ``.grad``. No graph of the inner loop
-    is kept; the model itself is never modified.
+    :func:`functional_call` ``(model, params, x_query)`` (for a model without BatchNorm,
+    the same as ``torch.func.functional_call(model, params, (x_query,))``) and call
+    ``.backward()``: the meta-gradient lands in each parameter's ``.grad``. No graph of
+    the inner loop is kept; the model itself is never modified: not its parameters, not
+    its buffers (BatchNorm running statistics), not its ``training`` flags.
 
     Args:
         model: Any ``torch.nn.Module``; its trainable parameters are adapted (frozen
@@ -221,13 +317,25 @@ def adapt(
             seconds on CPU); later calls reuse it. Falls back to eager with a warning
             where compilation fails. A string picks the ``torch.compile`` mode, e.g.
             ``"reduce-overhead"`` (CUDA graphs: each step one graph launch on a GPU).
+        batch_norm: How BatchNorm layers normalise in the inner loop (no effect on a
+            model without them). ``"batch"`` (default; the MAML convention, transductive):
+            with the mean and variance of the support batch each step sees, as a
+            BatchNorm in training mode does, whatever ``model.training``.
+            ``"running"``: with the layers' running statistics, as a BatchNorm in eval
+            mode does (for meta-test time, when the model tracked running statistics
+            during training; refused for layers with ``track_running_stats=False``).
+            Either way amaml never updates the running statistics (nor
+            ``num_batches_tracked``), in the forward or the backward pass: to maintain
+            them, run the model in training mode on data yourself. Evaluate the query
+            set with the same choice: :func:`functional_call` ``(..., batch_norm=...)``.
 
     Returns:
-        Adapted parameters by name (the keys of ``model.named_parameters()``).
+        Adapted parameters by name (the keys of ``model.named_parameters()``; buffers
+        are not included: the model's own are used).
 
     Raises:
-        ValueError: Bad ``steps``, ``lr``, ``proximal``, shapes or non-finite data, or
-            ``compile`` together with ``adjoint``.
+        ValueError: Bad ``steps``, ``lr``, ``proximal``, ``batch_norm``, shapes or
+            non-finite data, or ``compile`` together with ``adjoint``.
         DivergenceError: The trajectory became non-finite (names the step).
         BacksolveError: ``memory="backsolve"`` could not reconstruct the start.
 
@@ -241,7 +349,8 @@ def adapt(
         torch.Size([1, 1])
     """
     return _adapt(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
-                  proximal=proximal, adjoint=adjoint, batched=False, compile=compile)
+                  proximal=proximal, adjoint=adjoint, batched=False, compile=compile,
+                  batch_norm=batch_norm)
 
 
 def adapt_batch(
@@ -256,6 +365,7 @@ def adapt_batch(
     proximal: Scalar = 0.0,
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
+    batch_norm: str = "batch",
 ) -> Params:
     """Adapt to a meta-batch of ``B`` tasks at once, as one batched computation.
 
@@ -264,11 +374,61 @@ def adapt_batch(
     ``torch.func.vmap`` rather than a loop. Each returned tensor has a leading task
     dimension ``B``. Evaluate query losses with :func:`functional_call_batch`.
     Gradients with respect to the model's parameters sum over tasks.
+
+    ``batch_norm`` is as in :func:`adapt`: with ``"batch"`` (default) each task's
+    BatchNorm statistics are those of its own support batch, exactly as :func:`adapt` on
+    that task alone; with ``"running"`` every task uses the model's running statistics.
+    The running statistics are never updated.
+
+    Raises:
+        ValueError: As :func:`adapt`; also ``compile`` on a model with BatchNorm and
+            ``batch_norm="batch"``: the compiled steps differentiate with ``torch.func``,
+            whose batched second derivative of batch statistics is wrong in torch 2.13.
     """
     return _adapt(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
-                  proximal=proximal, adjoint=adjoint, batched=True, compile=compile)
+                  proximal=proximal, adjoint=adjoint, batched=True, compile=compile,
+                  batch_norm=batch_norm)
 
 
-def functional_call_batch(model: nn.Module, params: Params, x: Tensor) -> Tensor:
-    """Evaluate ``model`` with per-task parameters ``[B, ...]`` on inputs ``[B, n, ...]``."""
-    return torch.func.vmap(lambda p, xb: torch.func.functional_call(model, p, (xb,)))(params, x)
+def functional_call(model: nn.Module, params: Params, x: Tensor, *,
+                    batch_norm: str = "batch") -> Tensor:
+    """Evaluate ``model`` with parameters ``params`` (e.g. from :func:`adapt`) on ``x``.
+
+    ``torch.func.functional_call(model, params, (x,))``, except for BatchNorm layers,
+    which normalise as ``batch_norm`` says and never update their running statistics.
+
+    Args:
+        model: The module (its buffers and parameters missing from ``params`` are used).
+        params: Parameters by name, e.g. adapted ones.
+        x: Inputs ``[n, ...]``.
+        batch_norm: ``"batch"`` (default, transductive: the mean and variance of ``x``
+            itself, as a BatchNorm in training mode; pass the same value as to
+            :func:`adapt`) or ``"running"`` (the layers' running statistics, as in eval
+            mode; needs ``track_running_stats=True``). ``model.training`` does not matter
+            for BatchNorm layers and is left as it is; running statistics, including
+            ``num_batches_tracked``, are never written (to update them, run the model in
+            training mode on data yourself). Buffers given in ``params`` are used as given
+            with ``"running"`` and ignored with ``"batch"``.
+
+    Returns:
+        The model's output.
+
+    Raises:
+        ValueError: ``batch_norm`` not in :data:`BATCH_NORM_MODES`, or ``"running"`` with
+            a BatchNorm layer without running statistics.
+    """
+    return _forward(model, batch_norm)(params, x)
+
+
+def functional_call_batch(model: nn.Module, params: Params, x: Tensor, *,
+                          batch_norm: str = "batch") -> Tensor:
+    """Evaluate ``model`` with per-task parameters ``[B, ...]`` on inputs ``[B, n, ...]``.
+
+    :func:`functional_call` task by task (under :func:`torch.func.vmap`), e.g. on the
+    query sets with the parameters from :func:`adapt_batch`. With ``batch_norm="batch"``
+    (default) each task is normalised with the statistics of its own inputs ``x[b]``;
+    with ``"running"``, with the model's running statistics. Running statistics are never
+    updated.
+    """
+    forward = _forward(model, batch_norm)
+    return torch.func.vmap(forward)(params, x)
