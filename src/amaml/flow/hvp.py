@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._types import FlatLoss
+from .fused import AbstractFusedLoss
 
 __all__ = ["Objective", "make_field", "conjugate_gradient"]
 
@@ -32,7 +33,10 @@ class Objective:
     """A support loss on flat parameters, for one task or a batch of tasks.
 
     Args:
-        loss: ``loss(u, *data) -> scalar`` for one task, ``u`` of shape ``(P,)``.
+        loss: ``loss(u, *data) -> scalar`` for one task, ``u`` of shape ``(P,)``. An
+            :class:`~amaml.flow.fused.AbstractFusedLoss` also gives its own gradient and
+            Hessian-vector products: :meth:`grad` (without a graph) then uses them, and so
+            do the step VJPs (:mod:`amaml.flow.trajectory`).
         batched: If true, ``u`` has shape ``(B, P)`` and every data tensor a
             leading task dimension ``B``; ``total`` is the sum of task losses.
     """
@@ -41,6 +45,8 @@ class Objective:
         self.loss = loss
         self.batched = batched
         self._batched_loss = torch.func.vmap(loss) if batched else None
+        #: The loss's own derivatives, or ``None`` (autograd then).
+        self.fused = loss if isinstance(loss, AbstractFusedLoss) else None
 
     def total(self, u: Tensor, data: Sequence[Tensor]) -> Tensor:
         """Sum over tasks of the support loss (a scalar)."""
@@ -60,6 +66,8 @@ class Objective:
         With ``create_graph=False`` the result carries no graph; with ``True``,
         ``u`` must be part of a graph and the result is differentiable again.
         """
+        if self.fused is not None and not create_graph:
+            return self.fused.grad(u.detach(), data)
         with torch.enable_grad():
             if not create_graph:
                 u = u.detach().requires_grad_(True)
@@ -96,11 +104,13 @@ def make_field(
     ``mu`` is ``None`` when the proximal term is absent (skipped, not multiplied by 0).
     """
 
+    neg_dt = -dt  # once, not at every evaluation
+
     def field(u: Tensor) -> Tensor:
         g = objective.grad(u, data, create_graph=create_graph)
         if mu is not None:
             g = g + mu * (u - theta)
-        return -dt * g
+        return neg_dt * g
 
     return field
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from .compiled import Need, StepFunctions
 from .errors import DivergenceError
 from .hvp import Objective, make_field
-from .solvers import AbstractSolver
+from .solvers import RK4, AbstractSolver, Euler, Heun
 
 if TYPE_CHECKING:
     from .adjoint import AbstractAdjoint
@@ -189,6 +189,9 @@ def _step_vjp(
             lam_u, pbars = res
             _accumulate(bars, list(pbars), list(pbars.values()))
             return lam_u
+    if spec.objective.fused is not None and type(spec.solver) in _TABLEAU_SOLVERS:
+        return _fused_step_vjp(spec, u.detach(), lam, theta.detach(), dt.detach(),
+                               None if mu is None else mu.detach(), data, need, bars)
     th, d, m, params = _leaves(theta, dt, mu, need)
     with torch.enable_grad():
         u = u.detach().requires_grad_(True)
@@ -197,6 +200,81 @@ def _step_vjp(
         grads = torch.autograd.grad(u_next, [u, *params], lam)
     _accumulate(bars, _param_names(th, d, m), grads[1:])
     return grads[0]
+
+
+#: Solvers whose ``step`` is their Butcher tableau (a subclass may override ``step``).
+_TABLEAU_SOLVERS = (Euler, Heun, RK4)
+
+
+def _fused_step_vjp(
+    spec: FlowSpec,
+    u: Tensor,
+    lam: Tensor,
+    theta: Tensor,
+    dt: Tensor,
+    mu: Tensor | None,
+    data: Sequence[Tensor],
+    need: Need,
+    bars: dict[str, Tensor],
+) -> Tensor:
+    """:func:`_step_vjp` from the loss's own gradient and Hessian-vector products.
+
+    The step of an explicit Runge-Kutta tableau ``(a, b)`` on ``F(U) = -dt (g(U) +
+    mu (U - theta))`` is ``U_i = u + sum_j a_ij k_j``, ``k_i = F(U_i)``,
+    ``Phi(u) = u + sum_i b_i k_i``. Its transpose, stage by stage from the last:
+    ``w_i = b_i lam + sum_{j > i} a_ji bar_U_j`` (the cotangent of ``k_i``),
+    ``bar_U_i = J_F(U_i)^T w_i = -(H(U_i) + mu) (dt w_i)`` (``H`` is symmetric), and
+    ``(dPhi/du)^T lam = lam + sum_i bar_U_i``; the parameters collect
+    ``bar_dt = -sum_i (g(U_i) + mu (U_i - theta)) w_i``,
+    ``bar_mu = -sum_i dt (U_i - theta) . w_i``, ``bar_theta = mu sum_i dt w_i``
+    (summed over tasks when batched). No autograd graph is built.
+    """
+    fused = spec.objective.fused
+    if fused is None:
+        raise TypeError("_fused_step_vjp needs an objective with its own derivatives.")
+    a, b = spec.solver.a, spec.solver.b
+    stages = len(b)
+    batched = spec.objective.batched
+    # The stage states U_i, recomputed (Euler: U_0 = u, nothing to recompute).
+    states = [u]
+    ks: list[Tensor] = []
+    for i in range(1, stages):
+        g = fused.grad(states[i - 1], data)
+        if mu is not None:
+            g = g + mu * (states[i - 1] - theta)
+        ks.append(-dt * g)
+        ui = u
+        for aij, kj in zip(a[i], ks):
+            if aij != 0.0:
+                ui = ui + aij * kj
+        states.append(ui)
+    del ks
+    bar_u: list[Tensor | None] = [None] * stages
+    lam_u = lam
+    for i in range(stages - 1, -1, -1):
+        w = b[i] * lam if b[i] != 1.0 else lam
+        for j in range(i + 1, stages):
+            bj = bar_u[j]
+            if bj is not None and a[j][i] != 0.0:
+                w = w + a[j][i] * bj
+        dw = dt * w
+        g_i, hv = fused.grad_hvp(states[i], dw, data, with_grad=need[1])
+        back = hv if mu is None else hv + mu * dw
+        bar_u[i] = -back
+        lam_u = lam_u - back
+        if need[1] and g_i is not None:
+            field = g_i if mu is None else g_i + mu * (states[i] - theta)
+            gd = -(field * w)
+            if dt.ndim == 0:
+                gd = gd.sum()
+            elif batched:
+                gd = gd.sum(0)
+            _accumulate(bars, ["dt"], [gd])
+        if mu is not None and need[2]:
+            _accumulate(bars, ["mu"], [-(dw * (states[i] - theta)).sum()])
+        if mu is not None and need[0]:
+            _accumulate(bars, ["theta"], [mu * (dw.sum(0) if batched else dw)])
+    return lam_u
 
 
 # ----------------------------------------------------------------------------- context

@@ -1,0 +1,311 @@
+"""Losses that compute their own derivatives: the fused MLP path.
+
+On the small models of meta-learning every autograd op is dispatch-bound: a Hessian-vector
+product by double backward through ``torch.func.functional_call`` costs about three
+gradients, mostly in graph construction, module traversal and tiny view ops (profiles in
+``benchmarks/README.md``). A loss that knows its own structure can do without: an
+:class:`AbstractFusedLoss` gives the gradient ``g(u)`` and the Hessian-vector product
+``H(u) v`` directly, and the flow (:mod:`amaml.flow.trajectory`) then takes each solver
+step, and transposes it, without autograd.
+
+:class:`MLPLoss` is such a loss for a multilayer perceptron: ``Linear`` layers and
+elementwise activations (tanh, ReLU, sigmoid, identity) on a flat parameter vector. Its
+gradient is back-propagation written with matrix products; its Hessian-vector product is
+Pearlmutter's R-operator (forward-mode differentiation of the gradient pass), also written
+out, so that ``H v`` costs about two gradients. Only the user's loss on the network output,
+``loss_fn(prediction, target)``, is differentiated by autograd, on a graph of a few ops.
+Both are exact: the same derivatives as autograd to round-off (tested at 1e-10 in float64
+against unrolled autograd, ``tests/test_fast_path.py``).
+
+:func:`amaml.adapt` picks this path by itself for a plain ``nn.Sequential`` of such layers
+(no hooks, all parameters trainable); every other model keeps the generic path.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._types import LossFn
+
+__all__ = ["ACTIVATIONS", "AbstractFusedLoss", "Layer", "MLPLoss"]
+
+#: Activations :class:`MLPLoss` differentiates by hand.
+ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity")
+
+
+class AbstractFusedLoss(abc.ABC):
+    """A flat loss ``loss(u, *data) -> scalar`` that also gives its exact derivatives.
+
+    Calling it is the loss of one task (``u`` of shape ``(P,)``), differentiable by autograd
+    as any :data:`~amaml._types.FlatLoss`: the unrolled, backsolve, implicit and compiled
+    paths use that. :meth:`grad` and :meth:`grad_hvp` work without autograd graphs on one
+    task (``u`` ``(P,)``) or a batch (``u`` ``(B, P)``, data with a leading ``B``), where the
+    loss of a batch is the sum of its tasks' losses.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, u: Tensor, *data: Tensor) -> Tensor:
+        """The loss of one task at flat parameters ``u`` ``(P,)``."""
+
+    @abc.abstractmethod
+    def grad(self, u: Tensor, data: Sequence[Tensor]) -> Tensor:
+        """``g(u)``, the gradient (per task when batched), without a graph."""
+
+    @abc.abstractmethod
+    def grad_hvp(self, u: Tensor, v: Tensor, data: Sequence[Tensor],
+                 with_grad: bool = True) -> tuple[Tensor | None, Tensor]:
+        """``(g(u), H(u) v)`` (per task when batched), without a graph; ``g`` is ``None``
+        unless ``with_grad``."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of an :class:`MLPLoss`.
+
+    Args:
+        kind: ``"linear"`` or one of :data:`ACTIVATIONS`.
+        in_features, out_features: A linear layer's sizes (``x @ W.T + b``, ``W`` of shape
+            ``(out_features, in_features)``); 0 for an activation.
+        bias: Whether a linear layer has a bias (stored after its weight in ``u``).
+    """
+
+    kind: str
+    in_features: int = 0
+    out_features: int = 0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind != "linear" and self.kind not in ACTIVATIONS:
+            raise ValueError(f"Unknown layer kind {self.kind!r}; expected 'linear' or one of "
+                             f"{list(ACTIVATIONS)}.")
+
+
+_Act = Callable[[Tensor], Tensor]
+_FORWARD: dict[str, _Act] = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
+
+
+def _slope(kind: str, y: Tensor) -> Tensor | None:
+    """``act'(z)`` from the output ``y = act(z)``, as autograd computes it; ``None`` for 1."""
+    if kind == "tanh":
+        return torch.mul(y, y).neg_().add_(1)
+    if kind == "sigmoid":
+        return torch.sub(1, y).mul_(y)
+    if kind == "relu":
+        return (y > 0).to(y.dtype)  # autograd's convention: slope 0 at z = 0
+    return None
+
+
+def _r_slope(kind: str, y: Tensor, r_y: Tensor) -> Tensor | None:
+    """The directional derivative of ``act'(z)`` given ``R y = act'(z) R z``; ``None`` for 0.
+
+    tanh: ``d(1 - y^2) = -2 y R y``; sigmoid: ``d(y (1 - y)) = (1 - 2 y) R y``; ReLU and
+    identity have zero second derivative.
+    """
+    if kind == "tanh":
+        return torch.mul(y, r_y).mul_(-2)
+    if kind == "sigmoid":
+        return torch.mul(y, -2).add_(1).mul_(r_y)
+    return None
+
+
+class MLPLoss(AbstractFusedLoss):
+    """``loss_fn(mlp_u(x), y)`` for a multilayer perceptron on a flat parameter vector.
+
+    ``u`` holds each linear layer's weight (row-major) then its bias, layer by layer, as
+    ``torch.cat([p.reshape(-1) for p in nn.Sequential(...).parameters()])``. Inputs ``x``
+    are ``(n, in_features)`` (``(B, n, in_features)`` batched).
+
+    Args:
+        layers: The layers in order.
+        loss_fn: ``loss_fn(prediction, target) -> scalar``; differentiated by autograd (its
+            gradient and Hessian-vector product in the prediction only).
+    """
+
+    def __init__(self, layers: Sequence[Layer], loss_fn: LossFn) -> None:
+        self.layers = tuple(layers)
+        if not any(lay.kind == "linear" for lay in self.layers):
+            raise ValueError("An MLPLoss needs at least one linear layer.")
+        self.loss_fn = loss_fn
+        shapes: list[tuple[int, ...]] = []
+        for lay in self.layers:
+            if lay.kind == "linear":
+                shapes.append((lay.out_features, lay.in_features))
+                if lay.bias:
+                    shapes.append((lay.out_features,))
+        self.shapes = tuple(shapes)
+        self.sizes = tuple(int(torch.Size(s).numel()) for s in shapes)
+        self.n_params = sum(self.sizes)
+        self._batched_loss: Callable[..., Tensor] = torch.func.vmap(loss_fn)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _params(self, u: Tensor) -> list[Tensor]:
+        lead = u.shape[:-1]
+        return [t.view(*lead, *s) for t, s in zip(u.split(self.sizes, -1), self.shapes)]
+
+    def _buffer(self, like: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """A flat buffer shaped like ``like`` and its per-parameter views, to be written with
+        ``out=`` (no reshape and concatenation afterwards)."""
+        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return buf, self._params(buf)
+
+    def _loss_total(self, pred: Tensor, y: Tensor, batched: bool) -> Tensor:
+        total = self._batched_loss(pred, y).sum() if batched else self.loss_fn(pred, y)
+        if not isinstance(total, Tensor) or total.ndim != 0:
+            raise ValueError(f"The loss must return a scalar tensor; got shape "
+                             f"{tuple(getattr(total, 'shape', ()))}.")
+        return total
+
+    @staticmethod
+    def _linear(h: Tensor, w: Tensor, b: Tensor | None, batched: bool) -> Tensor:
+        if not batched:
+            return F.linear(h, w, b)
+        if b is None:
+            return torch.bmm(h, w.transpose(1, 2))
+        return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+
+    def _forward(self, params: list[Tensor], x: Tensor,
+                 batched: bool) -> tuple[Tensor, list[Tensor]]:
+        """The output and, per layer, the tensor its backward needs (a linear layer's input,
+        an activation's output)."""
+        tape: list[Tensor] = []
+        h, i = x, 0
+        for lay in self.layers:
+            if lay.kind == "linear":
+                w = params[i]
+                b = params[i + 1] if lay.bias else None
+                i += 2 if lay.bias else 1
+                tape.append(h)
+                h = self._linear(h, w, b, batched)
+            else:
+                act = _FORWARD.get(lay.kind)
+                if act is not None:
+                    h = act(h)
+                tape.append(h)
+        return h, tape
+
+    # ------------------------------------------------------------------ the loss
+
+    def __call__(self, u: Tensor, *data: Tensor) -> Tensor:
+        x, y = data
+        pred, _ = self._forward(self._params(u), x, batched=False)
+        return self.loss_fn(pred, y)
+
+    # ------------------------------------------------------------------ derivatives
+
+    def grad(self, u: Tensor, data: Sequence[Tensor]) -> Tensor:
+        x, y = data
+        batched = u.ndim == 2
+        params = self._params(u)
+        pred, tape = self._forward(params, x, batched)
+        with torch.enable_grad():
+            p = pred.detach().requires_grad_(True)
+            (e,) = torch.autograd.grad(self._loss_total(p, y, batched), p)
+        buf, out = self._buffer(u)
+        d = e
+        i = len(params)
+        rows = 1 if batched else 0
+        mm = torch.bmm if batched else torch.mm
+        for j in range(len(self.layers) - 1, -1, -1):
+            lay = self.layers[j]
+            if lay.kind == "linear":
+                if lay.bias:
+                    i -= 1
+                    torch.sum(d, rows, out=out[i])
+                i -= 1
+                mm(d.transpose(rows, rows + 1), tape[j], out=out[i])
+                if j > 0:
+                    d = mm(d, params[i])
+            else:
+                s = _slope(lay.kind, tape[j])
+                if s is not None:
+                    d = d * s
+        return buf
+
+    def grad_hvp(self, u: Tensor, v: Tensor, data: Sequence[Tensor],
+                 with_grad: bool = True) -> tuple[Tensor | None, Tensor]:
+        x, y = data
+        batched = u.ndim == 2
+        mm = torch.bmm if batched else torch.mm
+        addmm = torch.baddbmm if batched else torch.addmm
+        rows = 1 if batched else 0
+        params, dirs = self._params(u), self._params(v)
+
+        def tr(t: Tensor) -> Tensor:
+            return t.transpose(1, 2) if batched else t.t()
+
+        # Forward pass and its directional derivative R(.) along v (Pearlmutter's R-op).
+        tape: list[Tensor] = []
+        r_tape: list[Tensor | None] = []
+        h, r_h, i = x, None, 0
+        for lay in self.layers:
+            if lay.kind == "linear":
+                w, vw = params[i], dirs[i]
+                b = params[i + 1] if lay.bias else None
+                vb = dirs[i + 1] if lay.bias else None
+                i += 2 if lay.bias else 1
+                tape.append(h)
+                r_tape.append(r_h)
+                r_new = self._linear(h, vw, vb, batched)
+                if r_h is not None:
+                    r_new = addmm(r_new, r_h, tr(w))
+                h, r_h = self._linear(h, w, b, batched), r_new
+            else:
+                act = _FORWARD.get(lay.kind)
+                if act is not None:
+                    h = act(h)
+                    s = _slope(lay.kind, h)
+                    if r_h is not None and s is not None:
+                        r_h = s * r_h
+                tape.append(h)
+                r_tape.append(r_h)
+        # The loss on the output: its gradient e and e's derivative along R(output).
+        with torch.enable_grad():
+            p = h.detach().requires_grad_(True)
+            (e,) = torch.autograd.grad(self._loss_total(p, y, batched), p, create_graph=True)
+            r_e = None
+            if e.requires_grad and r_h is not None:
+                (r_e,) = torch.autograd.grad(e, p, r_h, allow_unused=True)
+        e = e.detach()
+        r_d = torch.zeros_like(e) if r_e is None else r_e
+        # Backward pass and its R-derivative, written into flat buffers.
+        g_buf, g_out = self._buffer(u) if with_grad else (None, None)
+        h_buf, h_out = self._buffer(u)
+        d = e
+        i = len(params)
+        for j in range(len(self.layers) - 1, -1, -1):
+            lay = self.layers[j]
+            if lay.kind == "linear":
+                h_in, r_in = tape[j], r_tape[j]
+                if lay.bias:
+                    i -= 1
+                    if g_out is not None:
+                        torch.sum(d, rows, out=g_out[i])
+                    torch.sum(r_d, rows, out=h_out[i])
+                i -= 1
+                if g_out is not None:
+                    mm(tr(d), h_in, out=g_out[i])
+                if r_in is None:
+                    mm(tr(r_d), h_in, out=h_out[i])
+                else:
+                    addmm(mm(tr(d), r_in), tr(r_d), h_in, out=h_out[i])
+                if j > 0:
+                    w, vw = params[i], dirs[i]
+                    r_d = addmm(mm(d, vw), r_d, w)
+                    d = mm(d, w)
+            else:
+                y_out = tape[j]
+                s = _slope(lay.kind, y_out)
+                if s is None:
+                    continue
+                r_y = r_tape[j]
+                r_s = None if r_y is None else _r_slope(lay.kind, y_out, r_y)
+                r_d = r_d * s if r_s is None else torch.addcmul(r_d * s, d, r_s)
+                d = d * s
+        return g_buf, h_buf
