@@ -49,11 +49,13 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
     from .algorithms import list_algorithms
     from .experiments.config import (
         DTYPES,
+        KIND_LOSSES,
         LOSSES,
         META_OPTIMIZERS,
         PROTOCOLS,
         TrainConfig,
     )
+    from .experiments.models import MODEL_KINDS
     from .flow import MEMORIES, SOLVERS
     from .tasks import list_families
 
@@ -67,9 +69,13 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
     g = p.add_argument_group("task family")
     g.add_argument("--family", help=f"task family (default {d.family}); one of "
                    f"{', '.join(list_families())}")
-    g.add_argument("--shots", type=int, help=f"support points per task (default {d.shots})")
+    g.add_argument("--shots", type=int, help=f"support points per task, per class for "
+                   f"classification (default {d.shots})")
     g.add_argument("--queries", type=int,
-                   help=f"query points per task (default {d.queries})")
+                   help=f"query points per task, per class for classification (default "
+                        f"{d.queries})")
+    g.add_argument("--ways", type=int, help="classes per episode N >= 2 (classification "
+                   "families only; default 5)")
     g.add_argument("--n-train", type=int,
                    help="meta-training tasks (default: 100 functions / all other users)")
     g.add_argument("--n-test", type=int, help=f"meta-test tasks (default {d.n_test})")
@@ -98,7 +104,9 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
                    help="A-MAML's meta-objective carries the proximal term too (the "
                         "authors' code)")
     g.add_argument("--loss", choices=list(LOSSES),
-                   help=f"inner and query loss (default {d.loss})")
+                   help="inner and query loss (default: the family kind's first; "
+                        + "; ".join(f"{k}: {', '.join(v)}" for k, v in KIND_LOSSES.items())
+                        + ")")
     g.add_argument("--compile", nargs="?", const=True, default=None, metavar="MODE",
                    type=_compile_flag,
                    help="compile A-MAML's solver steps with torch.compile: same gradients, "
@@ -106,7 +114,12 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
                         "of seconds; MODE picks a torch.compile mode, e.g. reduce-overhead "
                         "(CUDA graphs, for GPUs)")
     g.add_argument("--maml-steps", type=int, help="MAML's inner steps (default steps // 10)")
+    g.add_argument("--model", choices=list(MODEL_KINDS),
+                   help="network (default: the family kind's; "
+                        + ", ".join(f"{m} for {k}" for m, k in MODEL_KINDS.items()) + ")")
     g.add_argument("--hidden", type=_hidden, help="MLP hidden widths, e.g. 32,32 (default)")
+    g.add_argument("--conv-width", type=int,
+                   help=f"filters per Conv-4 block (default {d.conv_width}, MAML's)")
     g = p.add_argument_group("meta-training")
     g.add_argument("--meta-iters", type=int,
                    help=f"meta-iterations (default {d.meta_iters})")
@@ -297,20 +310,39 @@ def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                    references=True)
     m = result.metrics
     if m:
-        where = f"; outputs in {result.out_dir}" if result.out_dir is not None else ""
-        print(f"{m['method']} on {m['family']}: meta-test nRMSE {m['nrmse_mean']:.4f} "
-              f"± {m['nrmse_sem']:.4f} after {m['eval_steps']} adaptation steps, "
-              f"{m['finetune_final_nrmse']:.4f} after {config.finetune_epochs} fine-tuning "
-              f"epochs{where}")
-        for name, r in m.get("references", {}).items():
-            what = {"no-meta": "no meta-learning: the random initialisation, adapted and "
-                               "fine-tuned the same way",
-                    "oracle": "the family's own parameters fitted to each support set"}[name]
-            line = f"  {name:8s} {r['nrmse_mean']:.4f} ± {r['nrmse_sem']:.4f}"
-            if name == "no-meta":
-                line += f", {r['finetune_final_nrmse']:.4f} after fine-tuning"
-            print(f"{line}  ({what})")
+        _print_train(m, config, result.out_dir)
     return 0
+
+
+def _print_train(m: dict[str, Any], config: Any, out_dir: Path | None) -> None:
+    """The one-paragraph report of ``amaml train``: the metric and its references."""
+    from .experiments.evaluate import metric_of
+
+    metric = metric_of(m)
+    where = f"; outputs in {out_dir}" if out_dir is not None else ""
+    final = f"finetune_final_{metric.name}"
+    if metric.name == "accuracy":
+        head = (f"{m['method']} on {m['family']} ({config.ways}-way {config.shots}-shot): "
+                f"meta-test accuracy {100 * m['accuracy_mean']:.2f} ± "
+                f"{100 * m['accuracy_ci95']:.2f} % (95% CI over {m['n_test_tasks']} "
+                f"episodes) after {m['eval_steps']} adaptation steps, "
+                f"{100 * m[final]:.2f} % after {config.finetune_epochs} fine-tuning epochs")
+    else:
+        head = (f"{m['method']} on {m['family']}: meta-test nRMSE {m['nrmse_mean']:.4f} "
+                f"± {m['nrmse_sem']:.4f} after {m['eval_steps']} adaptation steps, "
+                f"{m[final]:.4f} after {config.finetune_epochs} fine-tuning epochs")
+    print(head + where)
+    scale = 100.0 if metric.name == "accuracy" else 1.0
+    digits = 2 if metric.name == "accuracy" else 4
+    for name, r in m.get("references", {}).items():
+        what = {"no-meta": "no meta-learning: the random initialisation, adapted and "
+                           "fine-tuned the same way",
+                "oracle": "the family's own parameters fitted to each support set"}[name]
+        line = (f"  {name:8s} {scale * r[metric.mean_key]:.{digits}f} ± "
+                f"{scale * r[metric.spread_key]:.{digits}f}")
+        if name == "no-meta":
+            line += f", {scale * r[final]:.{digits}f} after fine-tuning"
+        print(f"{line}  ({what})")
 
 
 def _launch(nproc: int, argv: Sequence[str]) -> int:
@@ -369,7 +401,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .experiments.build import build_algorithm, build_family, build_model
     from .experiments.checkpoint import CheckpointError, atomic_write_json, load_state_file
     from .experiments.config import TrainConfig
-    from .experiments.evaluate import evaluate_run
+    from .experiments.evaluate import evaluate_run, metric_of
 
     state = load_state_file(args.checkpoint)
     if not isinstance(state.get("config"), dict):
@@ -384,18 +416,20 @@ def _run_eval(args: argparse.Namespace) -> int:
             raise
         raise CheckpointError(f"{args.checkpoint!r} holds an invalid config ({err}).") from err
     family = build_family(config)
-    model = build_model(config, family.input_dim)
+    model = build_model(config, family.input_shape)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{args.checkpoint!r} does not fit the model of its config "
                               f"({type(err).__name__}).") from err
     result = evaluate_run(config, model, family, build_algorithm(config))
+    metric = metric_of(result)
     summary = {"checkpoint": str(args.checkpoint), "family": config.family,
                "method": config.method, "eval_steps": result["eval_steps"],
-               "n_tasks": result["n_tasks"], "nrmse_mean": result["nrmse_mean"],
-               "nrmse_sem": result["nrmse_sem"],
-               "finetune_final_nrmse": result["finetune"]["nrmse_mean"][-1]}
+               "n_tasks": result["n_tasks"], "metric": metric.name,
+               metric.mean_key: result[metric.mean_key],
+               metric.spread_key: result[metric.spread_key],
+               f"finetune_final_{metric.name}": result["finetune"][metric.mean_key][-1]}
     if args.output:
         atomic_write_json(Path(args.output), {**summary, **result})
     from .experiments.checkpoint import jsonable

@@ -6,6 +6,7 @@ resumed run, ``amaml eval`` and the reference rows all build the same objects.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from torch.nn import functional as F
 from ..algorithms import AbstractAlgorithm, algorithm_options, make_algorithm
 from ..tasks import TaskFamily, make_family
 from .config import TrainConfig
-from .models import make_model
+from .models import make_conv4, make_model
 
 __all__ = ["LOSS_FNS", "PROXIMAL_METHODS", "batch_generator", "build_algorithm", "build_family",
            "build_model", "config_loss", "loss_fn", "make_meta_optimizer"]
@@ -28,16 +29,17 @@ def _half_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(prediction, target)
 
 
-#: ``--loss`` name -> loss function.
-LOSS_FNS = {"mse": F.mse_loss, "half-mse": _half_mse}
+#: ``--loss`` name -> loss function (``cross-entropy``: logits ``[n, ways]`` against int64
+#: labels ``[n]``, averaged over the images).
+LOSS_FNS = {"mse": F.mse_loss, "half-mse": _half_mse, "cross-entropy": F.cross_entropy}
 
 #: Methods whose inner loop carries ``config.proximal`` (iMAML's needs one).
 PROXIMAL_METHODS = ("amaml", "imaml")
 
 
 def config_loss(config: TrainConfig) -> Any:
-    """The inner and query loss of a config."""
-    return LOSS_FNS[config.loss]
+    """The inner and query loss of a config (its ``loss``, resolved from the family kind)."""
+    return LOSS_FNS[str(config.loss)]
 
 
 def make_meta_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -56,15 +58,31 @@ def build_family(config: TrainConfig) -> TaskFamily:
     family = make_family(config.family, shots=config.shots, queries=config.queries,
                          n_train=config.n_train, n_test=config.n_test, seed=config.seed,
                          root=config.data_dir, download=config.download,
-                         dtype=config.torch_dtype, pool=config.pool)
+                         dtype=config.torch_dtype, pool=config.pool, ways=config.ways)
     if torch.device(config.device).type != "cpu":
         family = family.to(config.device)  # keeps the function the oracle fits
     return family
 
 
-def build_model(config: TrainConfig, input_dim: int) -> nn.Module:
-    """The MLP of a config, initialised from ``config.seed``."""
-    return make_model(input_dim, config.hidden, seed=2 * config.seed, dtype=config.torch_dtype,
+def build_model(config: TrainConfig, input_shape: int | Sequence[int]) -> nn.Module:
+    """The network of a config (``config.model``), initialised from ``config.seed``.
+
+    Args:
+        config: Its ``model``, ``hidden`` (MLP), ``conv_width`` and ``ways`` (Conv-4).
+        input_shape: Shape of one input, :attr:`TaskFamily.input_shape`: ``(d,)`` or the
+            MLP's ``d`` alone (regression), ``(C, H, W)`` (classification).
+
+    Raises:
+        ValueError: ``input_shape`` does not fit the model.
+    """
+    shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
+    if config.model == "conv4":
+        return make_conv4(shape, int(config.ways or 0), width=config.conv_width,
+                          seed=2 * config.seed, dtype=config.torch_dtype, device=config.device)
+    if len(shape) != 1:
+        raise ValueError(f"--model {config.model} takes flat inputs (d,); got input shape "
+                         f"{shape}.")
+    return make_model(shape[0], config.hidden, seed=2 * config.seed, dtype=config.torch_dtype,
                       device=config.device)
 
 

@@ -6,13 +6,16 @@ the same number of meta-iterations; all use ``steps`` inner steps except MAML
 Each method's run lives in ``out/<method>/`` (a normal ``amaml train`` directory, so it
 resumes the same way). ``out`` also receives::
 
-    results.json   list of records: method, steps, eval_steps, nrmse_mean, nrmse_sem,
-                   finetune_final_nrmse, finetune_best_nrmse, final_meta_loss, timings,
-                   the fine-tuning curve; then the reference rows ``no-meta`` and
-                   ``oracle`` (``"reference": true``, see :mod:`.references`)
+    results.json   list of records: method, steps, eval_steps, metric, nrmse_mean,
+                   nrmse_sem, nrmse_per_task, finetune_final_nrmse, finetune_best_nrmse
+                   (classification: accuracy_mean, accuracy_ci95, accuracy_per_task,
+                   finetune_final_accuracy, finetune_best_accuracy), final_meta_loss,
+                   timings, the fine-tuning curve; then the reference rows ``no-meta``
+                   and ``oracle`` (regression synthetic families; ``"reference": true``,
+                   see :mod:`.references`)
     results.md     the table (like the paper's Table 1)
-    finetune.png   meta-test nRMSE against fine-tuning epochs, one curve per method,
-                   ``no-meta`` dashed, the oracle as a dotted level
+    finetune.png   meta-test nRMSE (accuracy) against fine-tuning epochs, one curve per
+                   method, ``no-meta`` dashed, the oracle as a dotted level
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .build import build_family
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import TrainConfig
 from .distributed import DistInfo
-from .evaluate import paired_difference
+from .evaluate import metric_of, paired_difference
 from .plots import plot_finetune
 from .references import REFERENCES, reference_metrics
 from .rundir import CHECKPOINT_FILE, RunDirError, RunDirLock
@@ -37,7 +40,7 @@ from .summary import summarize_seeds, write_summary
 from .training import train
 
 __all__ = ["DEFAULT_METHODS", "compare", "compare_seeds", "format_table", "paired_difference",
-           "parse_methods", "parse_seeds"]
+           "parse_methods", "parse_seeds", "setting_title"]
 
 #: Every registered method, in registration order (the paper's: amaml, maml, maml1,
 #: fomaml, reptile, imaml).
@@ -68,70 +71,91 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
 
 def _record(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     t = metrics["timings"]
+    m = metric_of(metrics)
+    ways = {"ways": metrics["ways"]} if "ways" in metrics else {}
     return {
         "reference": bool(metrics.get("reference", False)),
-        "method": metrics["method"], "family": metrics["family"], "shots": metrics["shots"],
-        "queries": metrics["queries"], "steps": metrics["steps"],
-        "eval_steps": metrics["eval_steps"], "nrmse_mean": metrics["nrmse_mean"],
-        "nrmse_sem": metrics["nrmse_sem"], "nrmse_per_task": metrics.get("nrmse_per_task"),
-        "finetune_final_nrmse": metrics["finetune_final_nrmse"],
-        "finetune_best_nrmse": metrics["finetune_best_nrmse"],
+        "method": metrics["method"], "family": metrics["family"], **ways,
+        "shots": metrics["shots"], "queries": metrics["queries"], "steps": metrics["steps"],
+        "eval_steps": metrics["eval_steps"], "metric": m.name,
+        m.mean_key: metrics[m.mean_key], m.spread_key: metrics[m.spread_key],
+        m.per_task_key: metrics.get(m.per_task_key),
+        f"finetune_final_{m.name}": metrics[f"finetune_final_{m.name}"],
+        f"finetune_best_{m.name}": metrics[f"finetune_best_{m.name}"],
         "final_meta_loss": metrics["final_meta_loss"], "meta_iters": metrics["meta_iters"],
         "train_s": t["train_s"], "s_per_meta_iter": t["s_per_meta_iter"],
         "finetune": metrics["finetune"], "run_dir": str(run_dir),
     }
 
 
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "diverged" if x is None or x != x else f"{x:.{digits}f}"
+def _fmt(x: float | None, digits: int = 4, scale: float = 1.0) -> str:
+    return "diverged" if x is None or x != x else f"{scale * x:.{digits}f}"
+
+
+def setting_title(config: TrainConfig) -> str:
+    """``glyphs, 5-way 1-shot, 15 queries`` or ``cosmixture, 50shot-50val``."""
+    if config.kind == "classification":
+        return (f"{config.family}, {config.ways}-way {config.shots}-shot, {config.queries} "
+                "queries per class")
+    return f"{config.family}, {config.shots}shot-{config.queries}val"
 
 
 def format_table(records: list[dict[str, Any]], config: TrainConfig) -> str:
-    """A markdown table of a comparison (best method's nRMSE in bold).
+    """A markdown table of a comparison (best method's score in bold).
 
-    Its paired-difference column gives each row's nRMSE minus the first method's, task by
-    task (mean ± standard error of the paired differences): a negative value means lower
-    error than the first method; within about two standard errors of zero, no clear
-    difference. The reference rows (``no-meta``: nothing meta-learned; ``oracle``: the
-    family's own parameters fitted to the support set) come last, in italics.
+    The score is the family kind's metric: nRMSE ± standard error (regression, lower is
+    better) or query accuracy ± 95% confidence interval (classification, higher is
+    better). Its paired-difference column gives each row's score minus the first
+    method's, task by task (mean ± standard error of the paired differences): within
+    about two standard errors of zero, no clear difference. The reference rows
+    (``no-meta``: nothing meta-learned; ``oracle``: the family's own parameters fitted to
+    the support set) come last, in italics.
     """
     epochs = config.finetune_epochs
+    m = metric_of(config.kind)
+    pick = max if m.higher_is_better else min
+    final = f"finetune_final_{m.name}"
     methods = [r for r in records if not r.get("reference")]
-    best = min((r["nrmse_mean"] for r in methods if r["nrmse_mean"] is not None), default=None)
-    best_ft = min((r["finetune_final_nrmse"] for r in methods
-                   if r["finetune_final_nrmse"] is not None), default=None)
+    best = pick((r[m.mean_key] for r in methods if r.get(m.mean_key) is not None),
+                default=None)
+    best_ft = pick((r[final] for r in methods if r.get(final) is not None), default=None)
     lr, wd = config.effective_finetune_lr, config.finetune_weight_decay
     ft = (f"Adam, lr {lr:g}, weight decay {wd:g}" if config.finetune_optimizer == "adam"
           else f"gradient descent, lr {config.effective_finetune_lr:g}")
+    spread = "standard error" if m.spread == "sem" else "95% confidence interval"
+    label = "accuracy (%)" if m.name == "accuracy" else m.label
+    model = f", {config.model} (width {config.conv_width})" if config.model == "conv4" else ""
     lines = [
-        f"### {config.family}, {config.shots}shot-{config.queries}val",
+        f"### {setting_title(config)}",
         "",
         f"protocol {config.protocol}: meta-iterations {config.meta_iters}, meta-batch "
         f"{config.meta_batch}, meta-lr {config.meta_lr} ({config.meta_optimizer}), inner lr "
         f"{config.inner_lr} ({config.solver}), seed {config.seed}, {config.n_test} meta-test "
-        f"tasks; fine-tuning: {ft}.",
+        f"tasks{model}, {config.dtype}; fine-tuning: {ft}. ± is the {spread} over the "
+        "meta-test tasks.",
         "",
-        "| method | inner steps (train / eval) | nRMSE after adaptation | "
+        f"| method | inner steps (train / eval) | {label} after adaptation | "
         f"paired difference to {records[0]['method'] if records else '-'} | "
-        f"nRMSE after {epochs} fine-tuning epochs | s / meta-iter |",
+        f"{label} after {epochs} fine-tuning epochs | s / meta-iter |",
         "|---|---|---|---|---|---|",
     ]
-    reference = records[0].get("nrmse_per_task") if records else None
+    reference = records[0].get(m.per_task_key) if records else None
+    # Accuracy in percent, as the field reports it.
+    pct: dict[str, Any] = {"digits": 2, "scale": 100.0} if m.name == "accuracy" else {}
     for r in records:
-        a = f"{_fmt(r['nrmse_mean'])} ± {_fmt(r['nrmse_sem'])}"
+        a = f"{_fmt(r.get(m.mean_key), **pct)} ± {_fmt(r.get(m.spread_key), **pct)}"
         ref = bool(r.get("reference"))
-        if not ref and r["nrmse_mean"] is not None and r["nrmse_mean"] == best:
+        if not ref and r.get(m.mean_key) is not None and r[m.mean_key] == best:
             a = f"**{a}**"
-        f = _fmt(r["finetune_final_nrmse"]) if r.get("finetune") is not None or not ref \
-            else "-"
-        if not ref and r["finetune_final_nrmse"] is not None \
-                and r["finetune_final_nrmse"] == best_ft:
+        f = _fmt(r.get(final), **pct) if r.get("finetune") is not None or not ref else "-"
+        if not ref and r.get(final) is not None and r[final] == best_ft:
             f = f"**{f}**"
         d = "-" if r is records[0] else "n/a"
-        pair = None if r is records[0] else paired_difference(r.get("nrmse_per_task"),
+        pair = None if r is records[0] else paired_difference(r.get(m.per_task_key),
                                                               reference)
         if pair is not None:
-            d = f"{pair[0]:+.4f} ± {pair[1]:.4f}"
+            d = (f"{100 * pair[0]:+.2f} ± {100 * pair[1]:.2f}" if pct
+                 else f"{pair[0]:+.4f} ± {pair[1]:.4f}")
         steps = f"{r['steps']} / {r['eval_steps']}" if not ref else (
             f"- / {r['eval_steps']}" if r.get("eval_steps") else "-")
         spi = r.get("s_per_meta_iter")
@@ -217,10 +241,10 @@ def _compare(config: TrainConfig, names: list[str], out_dir: Path, *, resume: bo
                 records.append(_record(ref, out_dir / name))
         atomic_write_json(out_dir / "results.json", records)
         atomic_write_text(out_dir / "results.md", format_table(records, config))
+        m = metric_of(config.kind)
         plot_finetune({r["method"]: r["finetune"] for r in records if r["finetune"]},
-                      out_dir / "finetune.png",
-                      title=f"{config.family}, {config.shots}shot-{config.queries}val",
-                      references={r["method"]: r["nrmse_mean"] for r in records
+                      out_dir / "finetune.png", title=setting_title(config),
+                      references={r["method"]: r[m.mean_key] for r in records
                                   if r["reference"] and not r["finetune"]})
     return records
 

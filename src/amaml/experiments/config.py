@@ -18,10 +18,12 @@ import torch
 
 from ..algorithms import list_algorithms, maml_default_steps
 from ..flow import MEMORIES, SOLVERS
-from ..tasks import list_families
+from ..tasks import DEFAULT_WAYS, family_kind, list_families
+from .models import MODEL_KINDS
 
-__all__ = ["DTYPES", "FINETUNE_OPTIMIZERS", "LOSSES", "META_OPTIMIZERS", "PROTOCOLS",
-           "RENAMED_FIELDS", "RESULT_FIELDS", "RESUME_MUTABLE", "TrainConfig"]
+__all__ = ["DTYPES", "FINETUNE_OPTIMIZERS", "KIND_FINETUNE", "KIND_LOSSES", "LOSSES",
+           "META_OPTIMIZERS", "PROTOCOLS", "RENAMED_FIELDS", "RESULT_FIELDS", "RESUME_MUTABLE",
+           "TrainConfig"]
 
 #: Accepted ``dtype`` names.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -34,9 +36,18 @@ META_OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 #: ``adam`` (Adam with ``finetune_weight_decay`` as L2 penalty, the authors' evaluation).
 FINETUNE_OPTIMIZERS: tuple[str, ...] = ("gd", "adam")
 
-#: Inner and query losses of the regression families: ``mse`` or ``half-mse`` (0.5 * MSE,
-#: the authors' code).
-LOSSES: tuple[str, ...] = ("mse", "half-mse")
+#: Inner and query losses of each kind of task family (:func:`amaml.tasks.family_kind`),
+#: the first the default: regression ``mse`` or ``half-mse`` (0.5 * MSE, the authors'
+#: code); classification ``cross-entropy``.
+KIND_LOSSES: dict[str, tuple[str, ...]] = {"regression": ("mse", "half-mse"),
+                                           "classification": ("cross-entropy",)}
+
+#: Default ``(finetune_epochs, finetune_every)`` of each kind of task family.
+KIND_FINETUNE: dict[str, tuple[int, int]] = {"regression": (200, 10),
+                                             "classification": (10, 2)}
+
+#: Every loss name, in the order of :data:`KIND_LOSSES`.
+LOSSES: tuple[str, ...] = tuple(n for names in KIND_LOSSES.values() for n in names)
 
 #: Named presets of ``TrainConfig`` fields (``--protocol``); every field they set can
 #: still be overridden. ``amaml`` is this project's default protocol; ``paper`` is the
@@ -107,8 +118,10 @@ class TrainConfig:
     Attributes:
         family: Task family, one of :func:`amaml.tasks.list_families`.
         method: Algorithm, one of :func:`amaml.algorithms.list_algorithms`.
-        shots: Support points per task (1 .. 100000).
-        queries: Query points per task (1 .. 100000).
+        shots: Support points per task (1 .. 100000); per class for classification.
+        queries: Query points per task (1 .. 100000); per class for classification.
+        ways: Classes per episode N >= 2 (classification families only; ``None``: the
+            family's default, 5, written into the config).
         steps: Inner steps N of meta-training (1 .. 100000); MAML uses ``maml_steps``.
         inner_lr: Inner learning rate (the solver's step size) > 0.
         meta_iters: Meta-iterations (optimiser steps), >= 1.
@@ -124,14 +137,20 @@ class TrainConfig:
             1.0 when 0); MAML, MAML-1, FOMAML and Reptile adapt without it.
         proximal_in_query: A-MAML's meta-objective also carries the proximal term,
             ``L_query(u(T)) + mu / 2 * ||u(T) - theta||^2`` (the authors' code).
-        loss: Inner and query loss: ``mse`` or ``half-mse`` (0.5 * MSE).
+        loss: Inner and query loss, one of the family kind's :data:`KIND_LOSSES`:
+            ``mse`` or ``half-mse`` (0.5 * MSE) for regression, ``cross-entropy`` for
+            classification; ``None``: the kind's first (written into the config).
         protocol: The preset the other fields started from (``amaml`` or ``paper``, see
             :data:`PROTOCOLS`); recorded only, it changes nothing by itself.
         compile: Compile A-MAML's solver steps with ``torch.compile`` (same gradients to
             round-off, several times faster per step; tens of seconds to compile); a
             string picks the mode, e.g. ``"reduce-overhead"`` (CUDA graphs).
         maml_steps: MAML's inner steps; ``None`` means ``max(1, steps // 10)``.
+        model: Network, one of :data:`~amaml.experiments.models.MODEL_KINDS`: ``mlp``
+            (regression) or ``conv4`` (classification: MAML's Conv-4 with BatchNorm);
+            ``None``: the family kind's (written into the config).
         hidden: Hidden layer widths of the MLP.
+        conv_width: Filters per block of Conv-4 (64 in MAML), >= 1.
         data_dir: Data folder of the collaborative-filtering families (``None``: cache).
         download: Whether missing data may be downloaded.
         n_train: Meta-training tasks (``None``: the family's default).
@@ -141,8 +160,11 @@ class TrainConfig:
         n_test: Meta-test tasks >= 1.
         eval_steps: Adaptation steps at meta-test time; ``None`` means the method's own
             inner loop (A-MAML ``steps``, MAML ``maml_steps``, MAML-1 one step, ...).
-        finetune_epochs: Length E of the fine-tuning curve, >= 0.
-        finetune_every: Record the curve every k epochs, >= 1.
+        finetune_epochs: Length E of the fine-tuning curve, >= 0; ``None``: the family
+            kind's (:data:`KIND_FINETUNE`: 200 for regression, 10 for classification,
+            whose Conv-4 epochs cost far more).
+        finetune_every: Record the curve every k epochs, >= 1; ``None``: the kind's (10
+            for regression, 2 for classification).
         finetune_optimizer: ``gd`` (full-batch gradient descent) or ``adam``.
         finetune_lr: Fine-tuning learning rate > 0; ``None`` means ``inner_lr``.
         finetune_weight_decay: L2 penalty of the fine-tuning optimiser, >= 0 (added to
@@ -158,6 +180,7 @@ class TrainConfig:
     method: str = "amaml"
     shots: int = 50
     queries: int = 50
+    ways: int | None = None
     steps: int = 50
     inner_lr: float = 0.01
     meta_iters: int = 300
@@ -169,19 +192,21 @@ class TrainConfig:
     memory: str = "checkpoint"
     proximal: float = 0.0
     proximal_in_query: bool = False
-    loss: str = "mse"
+    loss: str | None = None
     protocol: str = field(default="amaml", metadata=_BOOKKEEPING)
     compile: bool | str = field(default=False, metadata=_RESUME_MUTABLE)
     maml_steps: int | None = None
+    model: str | None = None
     hidden: tuple[int, ...] = (32, 32)
+    conv_width: int = 64
     data_dir: str | None = field(default=None, metadata=_RESUME_MUTABLE)
     download: bool = field(default=False, metadata=_RESUME_MUTABLE)
     n_train: int | None = None
     pool: int | None = None
     n_test: int = 100
     eval_steps: int | None = None
-    finetune_epochs: int = 200
-    finetune_every: int = 10
+    finetune_epochs: int | None = None
+    finetune_every: int | None = None
     finetune_optimizer: str = "gd"
     finetune_lr: float | None = None
     finetune_weight_decay: float = 0.0
@@ -198,7 +223,7 @@ class TrainConfig:
         _choice("dtype", self.dtype, sorted(DTYPES))
         _choice("meta_optimizer", self.meta_optimizer, list(META_OPTIMIZERS))
         _choice("finetune_optimizer", self.finetune_optimizer, list(FINETUNE_OPTIMIZERS))
-        _choice("loss", self.loss, list(LOSSES))
+        self._resolve_kind_defaults()
         _choice("protocol", self.protocol, list(PROTOCOLS))
         for name in ("proximal_in_query",):
             if not isinstance(getattr(self, name), bool):
@@ -235,6 +260,7 @@ class TrainConfig:
         _positive("inner_lr", self.inner_lr)
         _positive("meta_lr", self.meta_lr)
         _positive("proximal", self.proximal, allow_zero=True)
+        _int("conv_width", self.conv_width, 1, 4096)
         if not isinstance(self.hidden, tuple) or any(
                 isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.hidden):
             raise ValueError(f"{_flag('hidden')} must be a tuple of ints >= 1; "
@@ -258,6 +284,45 @@ class TrainConfig:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{_flag('device')} is {self.device!r} but CUDA is not available; "
                              "use --device cpu.")
+
+    def _resolve_kind_defaults(self) -> None:
+        """Check ``ways``, ``loss`` and ``model`` against the family's kind; fill ``None``.
+
+        ``object.__setattr__``: the dataclass is frozen, and the resolved value is what
+        ``config.json`` records, so a resumed run compares like with like.
+        """
+        kind = family_kind(self.family)
+        if kind == "classification":
+            if self.ways is None:
+                object.__setattr__(self, "ways", DEFAULT_WAYS)
+            _int("ways", self.ways, 2)
+        elif self.ways is not None:
+            raise ValueError(f"{_flag('ways')} is for classification families; "
+                             f"{self.family!r} is a {kind} family: leave --ways unset.")
+        if self.loss is None:
+            object.__setattr__(self, "loss", KIND_LOSSES[kind][0])
+        for name, default in zip(("finetune_epochs", "finetune_every"), KIND_FINETUNE[kind]):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        _choice("loss", self.loss, list(LOSSES))
+        if self.loss not in KIND_LOSSES[kind]:
+            raise ValueError(f"--loss {self.loss} does not apply to the {kind} family "
+                             f"{self.family!r}; use one of {list(KIND_LOSSES[kind])}.")
+        if self.model is None:
+            object.__setattr__(self, "model",
+                               next(m for m, k in MODEL_KINDS.items() if k == kind))
+        _choice("model", self.model, list(MODEL_KINDS))
+        model_kind = MODEL_KINDS[str(self.model)]
+        if model_kind != kind:
+            fits = [m for m, k in MODEL_KINDS.items() if k == kind]
+            raise ValueError(f"--model {self.model} is a {model_kind} network but "
+                             f"{self.family!r} is a {kind} family; use --model "
+                             f"{' or '.join(fits)}.")
+
+    @property
+    def kind(self) -> str:
+        """The family's kind: ``"regression"`` or ``"classification"``."""
+        return family_kind(self.family)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -1,9 +1,11 @@
 """The meta-training loop: draw a meta-batch, accumulate its meta-gradient, step.
 
-One meta-iteration draws ``meta_batch`` distinct meta-training tasks from a seeded
-``torch.Generator`` (the same on every rank), adapts this rank's shard of them
-(``shard_indices``), accumulates ``1 / meta_batch`` times each task's meta-direction into
-``.grad`` (``algorithm.meta_step``), sums the gradients over ranks
+One meta-iteration draws a meta-batch from a seeded ``torch.Generator`` (the same on
+every rank): ``meta_batch`` distinct meta-training tasks (regression, then a fresh episode
+from each pool with ``--pool``) or ``meta_batch`` fresh N-way episodes (classification),
+as :meth:`~amaml.tasks.TaskFamily.sample_train_batch` draws them; it adapts this rank's
+shard of them (``shard_indices``), accumulates ``1 / meta_batch`` times each task's
+meta-direction into ``.grad`` (``algorithm.meta_step``), sums the gradients over ranks
 (``all_reduce_grads``) and takes an optimiser step. A non-finite meta-loss or
 meta-gradient stops the loop before the step (:class:`MetaLossError`); a signal stops it
 after the iteration is saved (:class:`~.signals.TrainingInterrupted`).
@@ -21,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..algorithms import AbstractAlgorithm
-from ..tasks import TaskFamily, draw_episode
+from ..algorithms import AbstractAlgorithm, TaskBatch
+from ..tasks import EpisodeSet, TaskFamily, draw_episode
 from .build import config_loss
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_grads, all_reduce_sum, shard_indices
@@ -80,14 +82,27 @@ def _nonfinite_grad(model: nn.Module) -> str | None:
     return grads[int((~flags).nonzero()[0])][0]
 
 
+def _draw_batch(config: TrainConfig, family: TaskFamily, generator: torch.Generator,
+                info: DistInfo) -> TaskBatch:
+    """This rank's share of one meta-batch."""
+    if info.world_size == 1:
+        return family.sample_train_batch(config.meta_batch, generator)
+    # Every rank draws the same indices, then renders only its own shard.
+    if isinstance(family.train, EpisodeSet):
+        drawn = family.train.sample_indices(config.meta_batch, generator)
+        return family.train.batch(shard_indices(drawn.tolist(), info))
+    draw = torch.randperm(len(family.train), generator=generator)[:config.meta_batch]
+    batch = family.train.batch(shard_indices(draw.tolist(), info))
+    if config.pool is not None:  # a fresh support and query set from each pool
+        batch = draw_episode(batch, config.shots, config.queries, generator)
+    return batch
+
+
 def _meta_iteration(config: TrainConfig, algorithm: AbstractAlgorithm, family: TaskFamily,
                     run: RunState, info: DistInfo, it: int) -> float:
     """One meta-iteration (0-based ``it``): the meta-loss, after the optimiser step."""
-    draw = torch.randperm(len(family.train), generator=run.generator)[:config.meta_batch]
+    batch = _draw_batch(config, family, run.generator, info)
     run.optimizer.zero_grad(set_to_none=True)
-    batch = family.train.batch(shard_indices(draw.tolist(), info))
-    if config.pool is not None:  # a fresh support and query set from each pool
-        batch = draw_episode(batch, config.shots, config.queries, run.generator)
     losses = algorithm.meta_step(run.model, config_loss(config), batch,
                                  scale=1.0 / config.meta_batch)
     all_reduce_grads(run.model, info)

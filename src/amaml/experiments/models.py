@@ -8,7 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "Conv4", "make_conv4", "make_model"]
+__all__ = ["MLP", "MODEL_KINDS", "Conv4", "make_conv4", "make_model"]
+
+#: Networks of ``--model`` and the kind of task family each one serves: ``mlp`` (the
+#: paper's regression MLP) and ``conv4`` (MAML's few-shot classifier).
+MODEL_KINDS: dict[str, str] = {"mlp": "regression", "conv4": "classification"}
 
 
 class MLP(nn.Module):
@@ -121,17 +125,20 @@ class Conv4(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
-def _uniform_(layer: nn.Module, fan_in: int, gen: torch.Generator) -> None:
+def _uniform_(layer: nn.Linear | nn.Conv2d, fan_in: int, gen: torch.Generator) -> None:
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
         for p in (layer.weight, layer.bias):
+            if p is None:
+                continue
             draw = torch.rand(p.shape, generator=gen, dtype=torch.float64)
             p.copy_(((2 * draw - 1) * bound).to(p.dtype))
 
 
-def make_conv4(input_shape: Sequence[int], ways: int, *, seed: int = 0,
+def make_conv4(input_shape: Sequence[int], ways: int, *, width: int = 64, seed: int = 0,
                dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> Conv4:
-    """The Conv-4 classifier, initialised reproducibly from ``seed`` (no global RNG)."""
-    return Conv4(input_shape, ways, generator=torch.Generator().manual_seed(seed), dtype=dtype,
-                 device=device)
+    """The Conv-4 classifier (``width`` filters per block), initialised reproducibly from
+    ``seed`` (no global RNG)."""
+    return Conv4(input_shape, ways, width=width, generator=torch.Generator().manual_seed(seed),
+                 dtype=dtype, device=device)

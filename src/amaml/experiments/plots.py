@@ -59,10 +59,12 @@ def _finetune_label(curves: Mapping[str, Mapping[str, Any]]) -> str:
 def plot_finetune(curves: Mapping[str, Mapping[str, Sequence[Any]]],
                   path: str | os.PathLike[str], *, title: str = "",
                   references: Mapping[str, float | None] | None = None) -> None:
-    """Meta-test nRMSE against fine-tuning epochs, one curve (mean +- s.e.) per method.
+    """Meta-test nRMSE (or accuracy) against fine-tuning epochs, one curve per method.
 
     Args:
-        curves: method -> ``{"epochs", "nrmse_mean", "nrmse_sem"}`` (``None`` = diverged).
+        curves: method -> ``{"epochs", "nrmse_mean", "nrmse_sem"}`` (``None`` = diverged),
+            or for classification ``{"metric": "accuracy", "epochs", "accuracy_mean",
+            "accuracy_ci95"}``: the band is +- the s.e. or the 95% confidence interval.
             A curve named ``no-meta`` (no meta-learning) is drawn dashed and grey.
         path: PNG file.
         title: Figure title.
@@ -73,7 +75,7 @@ def plot_finetune(curves: Mapping[str, Mapping[str, Sequence[Any]]],
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     draw_finetune(ax, curves, references)
     ax.set_xlabel(_finetune_label(curves))
-    ax.set_ylabel("meta-test nRMSE")
+    ax.set_ylabel(f"meta-test {_curve_keys(curves)[0]}")
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -81,11 +83,20 @@ def plot_finetune(curves: Mapping[str, Mapping[str, Sequence[Any]]],
     plt.close(fig)
 
 
+def _curve_keys(curves: Mapping[str, Mapping[str, Any]]) -> tuple[str, str, str]:
+    """(axis label, mean key, spread key) of the curves' metric (nRMSE when unnamed)."""
+    metric = next((c.get("metric") for c in curves.values() if c.get("metric")), "nrmse")
+    if metric == "accuracy":
+        return "accuracy (query set)", "accuracy_mean", "accuracy_ci95"
+    return "nRMSE", "nrmse_mean", "nrmse_sem"
+
+
 def draw_finetune(ax: Any, curves: Mapping[str, Mapping[str, Sequence[Any]]],
                   references: Mapping[str, float | None] | None = None) -> None:
-    """Draw fine-tuning curves (shaded +- s.e.) and reference levels on a matplotlib axis."""
+    """Draw fine-tuning curves (shaded +- s.e. or 95% CI) and reference levels on an axis."""
+    _, mean_key, spread_key = _curve_keys(curves)
     for method, c in curves.items():
-        pts = [(e, m, s) for e, m, s in zip(c["epochs"], c["nrmse_mean"], c["nrmse_sem"])
+        pts = [(e, m, s) for e, m, s in zip(c["epochs"], c[mean_key], c[spread_key])
                if m is not None and s is not None]
         if not pts:
             continue
@@ -100,7 +111,7 @@ def draw_finetune(ax: Any, curves: Mapping[str, Mapping[str, Sequence[Any]]],
 
 
 def plot_seed_differences(summary: Mapping[str, Any], path: str | os.PathLike[str], *,
-                          title: str = "") -> None:
+                          title: str = "", label: str = "nRMSE") -> None:
     """Each method's paired nRMSE difference to the reference, one point per seed.
 
     A bar marks the mean over seeds and two standard errors (over seeds) either side;
@@ -110,6 +121,7 @@ def plot_seed_differences(summary: Mapping[str, Any], path: str | os.PathLike[st
         summary: What :func:`amaml.experiments.summary.summarize_seeds` returns.
         path: PNG file.
         title: Figure title.
+        label: The metric's name on the axis.
     """
     plt = _figure()
     rows = [e for e in summary["methods"] if e["diff_per_seed"] is not None]
@@ -124,7 +136,7 @@ def plot_seed_differences(summary: Mapping[str, Any], path: str | os.PathLike[st
                         capsize=4, zorder=4)
     ax.axvline(0.0, color="grey", lw=1)
     ax.set_yticks(range(len(rows)), [e["method"] for e in reversed(rows)])
-    ax.set_xlabel(f"nRMSE minus {summary['reference']}'s, per seed (points); "
+    ax.set_xlabel(f"{label} minus {summary['reference']}'s, per seed (points); "
                   "mean ± 2 s.e. (diamond)")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
@@ -144,10 +156,13 @@ def plot_sweep(result: Mapping[str, Any], path: str | os.PathLike[str], *,
     plt = _figure()
     fig, (ax, mx) = plt.subplots(1, 2, figsize=(11, 4.2))
     budget = result.get("max_memory_mb")
+    accuracy = result.get("metric") == "accuracy"
+    mean_key, spread_key = ("accuracy_mean", "accuracy_ci95") if accuracy \
+        else ("nrmse_mean", "nrmse_sem")
     for method in [*result["methods"], "no-meta"]:
         entries = [e for e in result["summary"] if e["method"] == method]
-        pts = [(e["steps"], e["nrmse_mean"], e["nrmse_sem"] or 0.0) for e in entries
-               if e["nrmse_mean"] is not None]
+        pts = [(e["steps"], e[mean_key], e.get(spread_key) or 0.0) for e in entries
+               if e.get(mean_key) is not None]
         style = {"color": "grey", "ls": "--"} if method == "no-meta" else {}
         if pts:
             n, m, s = zip(*pts)
@@ -171,7 +186,7 @@ def plot_sweep(result: Mapping[str, Any], path: str | os.PathLike[str], *,
         a.set_xlabel("inner steps N")
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    ax.set_ylabel("meta-test nRMSE after N steps")
+    ax.set_ylabel(f"meta-test {'accuracy' if accuracy else 'nRMSE'} after N steps")
     mx.set_ylabel("peak memory of one meta-gradient (MiB)")
     if any(e["peak_mib"] for e in result["summary"] if e["peak_mib"]):
         mx.set_yscale("log")

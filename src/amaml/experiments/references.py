@@ -4,9 +4,11 @@
   starts meta-training from), adapted with the plain inner loop of ``steps`` steps and
   fine-tuned exactly as the methods are. What meta-learning must beat: a method within
   noise of it learned nothing.
-* ``oracle`` (synthetic families): the family's own parameters fitted to each support set
-  by least squares (several restarts), scored on the same test grid. What the support set
-  allows at best; the distance to it is what is left to learn.
+  For classification, the random Conv-4 adapted with ``steps`` steps on each support set:
+  the accuracy training from scratch on the support set gives.
+* ``oracle`` (synthetic regression families only): the family's own parameters fitted
+  to each support set by least squares (several restarts), scored on the same test
+  grid. What the support set allows at best; the distance to it is what is left to learn.
 
 Both are computed on the same meta-test tasks as the methods, so paired differences
 apply to them too. Each is written like a method's run, to ``out/<name>/`` (config.json
@@ -24,7 +26,7 @@ from ..tasks import TaskFamily, oracle_nrmse, supports_oracle
 from .build import build_algorithm, build_model
 from .checkpoint import atomic_write_json
 from .config import TrainConfig
-from .evaluate import evaluate_run, summarise
+from .evaluate import evaluate_run, evaluation_fields, summarise
 
 __all__ = ["REFERENCES", "no_meta_metrics", "oracle_metrics", "reference_metrics"]
 
@@ -33,7 +35,10 @@ REFERENCES: tuple[str, ...] = ("no-meta", "oracle")
 
 
 def _base(config: TrainConfig, name: str) -> dict[str, Any]:
-    return {"family": config.family, "method": name, "config_steps": config.steps,
+    kind = {"ways": config.ways, "model": config.model} if config.kind == "classification" \
+        else {}
+    return {"family": config.family, "kind": config.kind, **kind, "method": name,
+            "config_steps": config.steps,
             "shots": config.shots, "queries": config.queries, "inner_lr": config.inner_lr,
             "meta_iters": 0, "meta_batch": config.meta_batch, "meta_lr": config.meta_lr,
             "seed": config.seed, "final_meta_loss": None,
@@ -43,16 +48,12 @@ def _base(config: TrainConfig, name: str) -> dict[str, Any]:
 
 def no_meta_metrics(config: TrainConfig, family: TaskFamily) -> dict[str, Any]:
     """Metrics of the random initialisation, adapted and fine-tuned as the methods are."""
-    model = build_model(config, family.input_dim)
+    model = build_model(config, family.input_shape)
     # FOMAML's inner loop: `steps` plain steps, no proximal term, nothing meta-learned.
     algorithm = build_algorithm(config.replace(method="fomaml"))
     ev = evaluate_run(config, model, family, algorithm)
-    ft = ev["finetune"]
     return {**_base(config, "no-meta"), "steps": 0, "eval_steps": ev["eval_steps"],
-            "nrmse_mean": ev["nrmse_mean"], "nrmse_sem": ev["nrmse_sem"],
-            "nrmse_per_task": ev["nrmse_per_task"], "n_test_tasks": ev["n_tasks"],
-            "finetune": ft, "finetune_final_nrmse": ft["nrmse_mean"][-1],
-            "finetune_best_nrmse": min((m for m in ft["nrmse_mean"] if m == m), default=None),
+            **evaluation_fields(ev),
             "timings": {"train_s": 0.0, "s_per_meta_iter": None, "eval_s": ev["eval_s"],
                         "finetune_s": ev["finetune_s"]}}
 
@@ -66,7 +67,8 @@ def oracle_metrics(config: TrainConfig, family: TaskFamily, *,
     t0 = time.perf_counter()
     per_task = oracle_nrmse(family, restarts=restarts, seed=config.seed)
     mean, sem = summarise(per_task)
-    return {**_base(config, "oracle"), "steps": 0, "eval_steps": None, "nrmse_mean": mean,
+    return {**_base(config, "oracle"), "metric": "nrmse", "steps": 0, "eval_steps": None,
+            "nrmse_mean": mean,
             "nrmse_sem": sem, "nrmse_per_task": per_task, "n_test_tasks": len(per_task),
             "finetune": None, "finetune_final_nrmse": mean, "finetune_best_nrmse": mean,
             "restarts": restarts,

@@ -26,7 +26,7 @@ from typing import Any
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import RESULT_FIELDS
-from .evaluate import paired_difference, summarise
+from .evaluate import metric_of, paired_difference, summarise
 
 __all__ = ["SETTING_KEYS", "format_summary", "load_comparison", "summarize_seeds",
            "write_summary"]
@@ -66,9 +66,10 @@ def load_comparison(directory: str | os.PathLike[str]) -> dict[str, Any]:
     records = _read_json(d / "results.json", "results.json missing")
     if (not isinstance(records, list) or not records
             or not all(isinstance(r, dict) and isinstance(r.get("method"), str)
-                       and "nrmse_mean" in r for r in records)):
+                       and metric_of(r).mean_key in r for r in records)):
         raise ValueError(f"{str(d / 'results.json')!r} is not a list of method records "
-                         f"(method, nrmse_mean, ...) as `amaml compare` writes.")
+                         f"(method, nrmse_mean or accuracy_mean, ...) as `amaml compare` "
+                         "writes.")
     configs: dict[str, dict[str, Any]] = {}
     for r in records:
         cfg = _read_json(d / r["method"] / "config.json", f"run of {r['method']!r}")
@@ -126,10 +127,12 @@ def summarize_seeds(directories: Sequence[str | os.PathLike[str]], *,
             first method of the comparisons).
 
     Returns:
-        ``{"setting", "seeds", "dirs", "reference", "methods": [...]}``; each method's
-        entry has ``nrmse_per_seed``, ``nrmse_mean``, ``nrmse_sem`` (over seeds; ``None``
-        for one seed), ``diff_per_seed``, ``diff_mean``, ``diff_sem``, ``lowest_in``
-        (number of seeds in which its mean nRMSE was the lowest) and ``steps`` (inner
+        ``{"setting", "seeds", "dirs", "metric", "reference", "methods": [...]}``; each
+        method's entry has ``nrmse_per_seed``, ``nrmse_mean``, ``nrmse_sem`` (over seeds;
+        ``None`` for one seed), ``diff_per_seed``, ``diff_mean``, ``diff_sem``,
+        ``lowest_in`` (number of seeds in which its mean nRMSE was the lowest); for
+        classification ``accuracy_per_seed``, ``accuracy_mean``, ``accuracy_sem`` and
+        ``highest_in`` instead and ``steps`` (inner
         steps in training / evaluation, as ``compare`` records them). A diverged method has
         ``None`` where it has no finite value.
 
@@ -146,21 +149,24 @@ def summarize_seeds(directories: Sequence[str | os.PathLike[str]], *,
     if ref not in methods:
         raise ValueError(f"--reference {ref!r} is not among the methods compared {methods}.")
     by_seed = [{r["method"]: r for r in run["records"]} for run in runs]
-    lowest: dict[str, int] = dict.fromkeys(methods, 0)
+    metric = metric_of(runs[0]["records"][0])
+    key, per_task = metric.mean_key, metric.per_task_key
+    pick = max if metric.higher_is_better else min
+    best_key = "highest_in" if metric.higher_is_better else "lowest_in"
+    best_count: dict[str, int] = dict.fromkeys(methods, 0)
     for recs in by_seed:
-        finite = {m: r["nrmse_mean"] for m, r in recs.items() if _finite(r["nrmse_mean"])}
+        finite = {m: r[key] for m, r in recs.items() if _finite(r.get(key))}
         if finite:
-            best = min(finite.values())
+            best = pick(finite.values())
             for m, v in finite.items():
-                lowest[m] += v == best
+                best_count[m] += v == best
     entries = []
     for m in methods:
-        per_seed = [recs[m]["nrmse_mean"] if _finite(recs[m]["nrmse_mean"]) else None
-                    for recs in by_seed]
+        per_seed = [recs[m][key] if _finite(recs[m].get(key)) else None for recs in by_seed]
         diffs: list[float | None] = []
         for recs in by_seed:
-            pair = None if m == ref else paired_difference(recs[m].get("nrmse_per_task"),
-                                                           recs[ref].get("nrmse_per_task"))
+            pair = None if m == ref else paired_difference(recs[m].get(per_task),
+                                                           recs[ref].get(per_task))
             diffs.append(None if pair is None else pair[0])
         mean, sem = _mean_sem([v for v in per_seed if v is not None]) \
             if all(v is not None for v in per_seed) else (None, None)
@@ -168,14 +174,14 @@ def summarize_seeds(directories: Sequence[str | os.PathLike[str]], *,
             if m != ref and all(v is not None for v in diffs) else (None, None)
         first = by_seed[0][m]
         steps = f"{first.get('steps', '?')} / {first.get('eval_steps', '?')}"
-        entries.append({"method": m, "steps": steps,
-                        "nrmse_per_seed": per_seed, "nrmse_mean": mean, "nrmse_sem": sem,
+        entries.append({"method": m, "steps": steps, f"{metric.name}_per_seed": per_seed,
+                        key: mean, f"{metric.name}_sem": sem,
                         "diff_per_seed": None if m == ref else diffs, "diff_mean": dmean,
-                        "diff_sem": dsem, "lowest_in": lowest[m]})
+                        "diff_sem": dsem, best_key: best_count[m]})
     cfg = runs[0]["configs"][ref]
     return {"setting": {k: cfg.get(k) for k in SETTING_KEYS},
             "seeds": [r["seed"] for r in runs], "dirs": [r["dir"] for r in runs],
-            "reference": ref, "methods": entries}
+            "metric": metric.name, "reference": ref, "methods": entries}
 
 
 def _f(x: float | None, fmt: str = ".4f") -> str:
@@ -183,37 +189,51 @@ def _f(x: float | None, fmt: str = ".4f") -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as a markdown table (lowest mean over seeds in bold)."""
+    """The summary as a markdown table (best mean over seeds in bold)."""
     s, seeds, ref = summary["setting"], summary["seeds"], summary["reference"]
+    metric = metric_of(summary)
+    key = metric.mean_key
+    accuracy = metric.name == "accuracy"
+    fmt, dfmt = (".2f", "+.2f") if accuracy else (".4f", "+.4f")
+    scale = 100.0 if accuracy else 1.0
+    best_key = "highest_in" if metric.higher_is_better else "lowest_in"
+
+    def f(x: float | None, spec: str = fmt) -> str:
+        return _f(None if x is None else scale * x, spec)
+
     n = len(seeds)
-    means = [e["nrmse_mean"] for e in summary["methods"] if e["nrmse_mean"] is not None]
-    best = min(means, default=None)
+    means = [e[key] for e in summary["methods"] if e[key] is not None]
+    best = (max if metric.higher_is_better else min)(means, default=None)
     seed_cols = " / ".join(str(k) for k in seeds)
+    label = "accuracy (%)" if accuracy else metric.label
+    setting = (f"{s['ways']}-way {s['shots']}-shot, {s['queries']} queries per class"
+               if s.get("ways") is not None else f"{s['shots']}shot-{s['queries']}val")
     lines = [
-        f"### {s['family']}, {s['shots']}shot-{s['queries']}val, {n} seed{'s' * (n != 1)}",
+        f"### {s['family']}, {setting}, {n} seed{'s' * (n != 1)}",
         "",
         f"meta-iterations {s['meta_iters']}, meta-batch {s['meta_batch']}, meta-lr "
         f"{s['meta_lr']}, inner lr {s['inner_lr']}, seeds {', '.join(map(str, seeds))}; "
         f"± is the standard error over seeds.",
         "",
-        f"| method | inner steps (train / eval) | nRMSE, seeds {seed_cols} | mean over seeds "
-        f"| paired difference to {ref}, seeds {seed_cols} | mean over seeds | lowest in |",
+        f"| method | inner steps (train / eval) | {label}, seeds {seed_cols} | mean over seeds "
+        f"| paired difference to {ref}, seeds {seed_cols} | mean over seeds | "
+        f"{'highest' if metric.higher_is_better else 'lowest'} in |",
         "|---|---|---|---|---|---|---|",
     ]
     for e in summary["methods"]:
-        per = " / ".join(_f(v) for v in e["nrmse_per_seed"])
-        mean = _f(e["nrmse_mean"]) + ("" if e["nrmse_sem"] is None
-                                      else f" ± {_f(e['nrmse_sem'])}")
-        if best is not None and e["nrmse_mean"] == best:
+        per = " / ".join(f(v) for v in e[f"{metric.name}_per_seed"])
+        mean = f(e[key]) + ("" if e[f"{metric.name}_sem"] is None
+                            else f" ± {f(e[f'{metric.name}_sem'])}")
+        if best is not None and e[key] == best:
             mean = f"**{mean}**"
         if e["diff_per_seed"] is None:
             dper, dmean = "-", "-"
         else:
-            dper = " / ".join(_f(v, "+.4f") for v in e["diff_per_seed"])
-            dmean = _f(e["diff_mean"], "+.4f") + ("" if e["diff_sem"] is None
-                                                  else f" ± {_f(e['diff_sem'])}")
+            dper = " / ".join(f(v, dfmt) for v in e["diff_per_seed"])
+            dmean = f(e["diff_mean"], dfmt) + ("" if e["diff_sem"] is None
+                                               else f" ± {f(e['diff_sem'])}")
         lines.append(f"| {e['method']} | {e['steps']} | {per} | {mean} | {dper} | {dmean} | "
-                     f"{e['lowest_in']} of {n} |")
+                     f"{e[best_key]} of {n} |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,5 +249,6 @@ def write_summary(summary: dict[str, Any], out: str | os.PathLike[str]) -> str:
     s = summary["setting"]
     plot_seed_differences(summary, d / "seeds.png",
                           title=f"{s['family']}, {s['shots']}shot-{s['queries']}val, "
-                          f"{s['meta_iters']} meta-iterations, {len(summary['seeds'])} seeds")
+                          f"{s['meta_iters']} meta-iterations, {len(summary['seeds'])} seeds",
+                          label="accuracy" if summary.get("metric") == "accuracy" else "nRMSE")
     return table

@@ -7,7 +7,11 @@ adaptation steps. Before training at N, one meta-gradient of a meta-batch is mea
 meta-gradient does not fit ``--max-memory-mb`` is not trained at that N nor at any larger
 one, as a run with that much memory would stop there. The reference rows stand beside
 every N: ``no-meta`` (the random initialisation adapted with N steps) and the ``oracle``
-(the family's parameters fitted to the support set).
+(the family's parameters fitted to the support set; synthetic regression families).
+
+The score is the family kind's metric: nRMSE (mean ± standard error over seeds) or, for
+classification, query accuracy (one seed: mean ± 95% confidence interval over the
+meta-test episodes; several seeds: mean over seeds ± 1.96 standard errors over seeds).
 
 ``out`` receives ``sweep.json`` (one row per seed, method and N), ``sweep.md`` (mean over
 seeds) and ``sweep.png`` (nRMSE and peak memory against N); each training run lives in
@@ -26,7 +30,7 @@ from .build import build_algorithm, build_family, build_model, config_loss
 from .checkpoint import atomic_write_json, atomic_write_text
 from .comparison import parse_methods, parse_seeds
 from .config import TrainConfig
-from .evaluate import evaluate_adaptation, summarise
+from .evaluate import Metric, evaluate_adaptation, metric_of, summarise
 from .memory import peak_memory_mib
 from .plots import plot_sweep
 from .references import oracle_metrics
@@ -62,7 +66,7 @@ def _method_config(config: TrainConfig, method: str, n: int, seed: int) -> Train
 
 def _probe(cfg: TrainConfig, family: Any) -> float:
     """Peak memory (MiB) of one meta-gradient of a meta-batch under ``cfg``."""
-    model = build_model(cfg, family.input_dim)
+    model = build_model(cfg, family.input_shape)
     algorithm = build_algorithm(cfg)
     batch = family.train.batch(list(range(cfg.meta_batch)))
     if cfg.pool is not None:
@@ -106,6 +110,7 @@ def sweep_steps(config: TrainConfig, methods: str | Sequence[str],
     if max_memory_mb is not None and not (max_memory_mb > 0 and math.isfinite(max_memory_mb)):
         raise ValueError(f"--max-memory-mb must be > 0; got {max_memory_mb!r}.")
     out_dir = Path(out)
+    m = metric_of(config.kind)
     rows: list[dict[str, Any]] = []
     references: dict[str, Any] = {"oracle": [], "no-meta": []}
     for seed in values:
@@ -113,12 +118,13 @@ def sweep_steps(config: TrainConfig, methods: str | Sequence[str],
         oracle = oracle_metrics(config.replace(seed=seed), family)
         if oracle is not None:
             references["oracle"].append(oracle["nrmse_mean"])
-        base = build_model(config.replace(seed=seed), family.input_dim)
+        base = build_model(config.replace(seed=seed), family.input_shape)
         for n in ns:
             plain = build_algorithm(_method_config(config, "fomaml", n, seed))
             ev = evaluate_adaptation(base, plain, config_loss(config), family.test)
             references["no-meta"].append({"seed": seed, "steps": n,
-                                          "nrmse_mean": ev["nrmse_mean"]})
+                                          m.mean_key: ev[m.mean_key],
+                                          m.spread_key: ev[m.spread_key]})
         for method in names:
             stopped_at: int | None = None
             for n in ns:
@@ -141,61 +147,83 @@ def sweep_steps(config: TrainConfig, methods: str | Sequence[str],
                 run_dir = out_dir / f"seed{seed}" / f"{method}-N{n}"
                 run = train(cfg, run_dir, resume=resume and (run_dir / CHECKPOINT_FILE)
                             .exists(), family=family, progress=progress)
-                m = run.metrics
-                rows.append({**row, "status": "ok", "nrmse_mean": m["nrmse_mean"],
-                             "nrmse_sem": m["nrmse_sem"],
-                             "finetune_final_nrmse": m["finetune_final_nrmse"],
-                             "s_per_meta_iter": m["timings"]["s_per_meta_iter"],
+                got = run.metrics
+                final = f"finetune_final_{m.name}"
+                rows.append({**row, "status": "ok", m.mean_key: got[m.mean_key],
+                             m.spread_key: got[m.spread_key], final: got[final],
+                             "s_per_meta_iter": got["timings"]["s_per_meta_iter"],
                              "run_dir": str(run_dir)})
                 if progress:
-                    print(f"seed {seed} {method} N={n}: nRMSE {m['nrmse_mean']:.4f}, one "
+                    print(f"seed {seed} {method} N={n}: {m.label} {got[m.mean_key]:.4f}, one "
                           f"meta-gradient {mib:.1f} MiB", flush=True)
-    result = {"config": config.to_dict(), "methods": names, "steps_list": ns, "seeds": values,
-              "max_memory_mb": max_memory_mb, "rows": rows, "references": references,
-              "summary": _summary(rows, references, names, ns)}
+    result = {"config": config.to_dict(), "metric": m.name, "methods": names,
+              "steps_list": ns, "seeds": values, "max_memory_mb": max_memory_mb, "rows": rows,
+              "references": references, "summary": _summary(rows, references, names, ns, m)}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "sweep.json", result)
     atomic_write_text(out_dir / "sweep.md", format_sweep(result))
-    plot_sweep(result, out_dir / "sweep.png",
-               title=f"{config.family}, {config.shots}shot-{config.queries}val")
+    plot_sweep(result, out_dir / "sweep.png", title=_title(config.to_dict()))
     return result
 
 
+def _title(cfg: dict[str, Any]) -> str:
+    if cfg.get("ways") is not None:
+        return f"{cfg['family']}, {cfg['ways']}-way {cfg['shots']}-shot"
+    return f"{cfg['family']}, {cfg['shots']}shot-{cfg['queries']}val"
+
+
 def _summary(rows: list[dict[str, Any]], references: dict[str, Any], names: list[str],
-             ns: list[int]) -> list[dict[str, Any]]:
+             ns: list[int], m: Metric) -> list[dict[str, Any]]:
+    """Per method and N: the mean over seeds and its spread (see the module)."""
     out = []
     for method in [*names, "no-meta"]:
         for n in ns:
             if method == "no-meta":
-                vals = [r["nrmse_mean"] for r in references["no-meta"] if r["steps"] == n]
+                mine = [r for r in references["no-meta"] if r["steps"] == n]
                 mib: list[float] = []
                 status = "reference"
             else:
-                mine = [r for r in rows if r["method"] == method and r["steps"] == n]
-                vals = [r["nrmse_mean"] for r in mine if r["status"] == "ok"]
-                mib = [r["peak_mib"] for r in mine if r.get("peak_mib") is not None]
-                status = "ok" if vals else (mine[0]["status"] if mine else "missing")
+                mine = [r for r in rows if r["method"] == method and r["steps"] == n
+                        and r["status"] == "ok"]
+                everything = [r for r in rows if r["method"] == method and r["steps"] == n]
+                mib = [r["peak_mib"] for r in everything if r.get("peak_mib") is not None]
+                status = "ok" if mine else (everything[0]["status"] if everything
+                                            else "missing")
+            vals = [r[m.mean_key] for r in mine]
             mean, sem = summarise(vals) if vals else (None, None)
+            spread: float | None
+            if len(vals) > 1 and sem is not None:
+                spread = sem if m.spread == "sem" else 1.96 * sem
+            elif vals and m.spread != "sem":  # one seed: the interval over the episodes
+                spread = mine[0].get(m.spread_key)
+            else:
+                spread = None
             out.append({"method": method, "steps": n, "status": status, "n_seeds": len(vals),
-                        "nrmse_mean": mean, "nrmse_sem": sem if len(vals) > 1 else None,
+                        m.mean_key: mean, m.spread_key: spread,
                         "peak_mib": max(mib) if mib else None})
     return out
 
 
 def format_sweep(result: dict[str, Any]) -> str:
-    """The sweep as a markdown table: nRMSE (mean ± s.e. over seeds) per method and N."""
+    """The sweep as a markdown table: the metric per method and N (see the module)."""
     cfg = result["config"]
     ns = result["steps_list"]
     budget = result["max_memory_mb"]
     oracle = result["references"]["oracle"]
-    lines = [f"### {cfg['family']}, {cfg['shots']}shot-{cfg['queries']}val: meta-test nRMSE "
-             "against inner steps N",
+    m = metric_of(result)
+    if m.name == "accuracy":
+        cell_text = ("query accuracy (%) after N adaptation steps (one seed: mean ± 95% CI "
+                     "over the meta-test episodes; several: mean ± 1.96 s.e. over seeds)")
+    else:
+        cell_text = "nRMSE after N adaptation steps (mean ± s.e. over seeds)"
+    scale, digits = (100.0, 2) if m.name == "accuracy" else (1.0, 4)
+    lines = [f"### {_title(cfg)}: meta-test {m.label} against inner steps N",
              "",
              f"protocol {cfg['protocol']}, {cfg['meta_iters']} meta-iterations, inner lr "
              f"{cfg['inner_lr']} ({cfg['solver']}), A-MAML memory {cfg['memory']}, seeds "
              f"{', '.join(map(str, result['seeds']))}; memory budget of one meta-gradient: "
-             f"{'none' if budget is None else f'{budget:g} MiB'}. Cells: nRMSE after N "
-             "adaptation steps (mean ± s.e. over seeds) [peak MiB of one meta-gradient].",
+             f"{'none' if budget is None else f'{budget:g} MiB'}. Cells: {cell_text} "
+             "[peak MiB of one meta-gradient].",
              "",
              "| method | " + " | ".join(f"N = {n}" for n in ns) + " |",
              "|---|" + "---|" * len(ns)]
@@ -203,12 +231,12 @@ def format_sweep(result: dict[str, Any]) -> str:
         cells = []
         for n in ns:
             e = next(s for s in result["summary"] if s["method"] == method and s["steps"] == n)
-            if e["nrmse_mean"] is None:
+            if e.get(m.mean_key) is None:
                 cell = e["status"]
             else:
-                cell = f"{e['nrmse_mean']:.4f}"
-                if e["nrmse_sem"] is not None:
-                    cell += f" ± {e['nrmse_sem']:.4f}"
+                cell = f"{scale * e[m.mean_key]:.{digits}f}"
+                if e.get(m.spread_key) is not None:
+                    cell += f" ± {scale * e[m.spread_key]:.{digits}f}"
             if e["peak_mib"] is not None:
                 cell += f" [{e['peak_mib']:.1f}]"
             cells.append(cell)

@@ -11,7 +11,8 @@ A run directory (``out``, see :mod:`.rundir`) holds::
     checkpoint.pt        resumable state, rewritten atomically every save_every
                          iterations, at the end, and on SIGINT/SIGTERM
     metrics.jsonl        one line per logged iteration: iteration, meta_loss, elapsed_s
-    metrics.json         final metrics: nRMSE mean/s.e., meta-loss history, fine-tuning
+    metrics.json         final metrics: nRMSE mean/s.e. (regression) or query accuracy
+                         mean/95% CI (classification), meta-loss history, fine-tuning
                          curve, timings
     init.pt              the learned initialisation (read by ``amaml eval --checkpoint``)
     training_curve.png   meta-loss against iterations
@@ -56,7 +57,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .distributed import DistInfo, barrier, init_distributed
-from .evaluate import evaluate_run
+from .evaluate import evaluate_run, evaluation_fields, metric_of
 from .loop import MetaLossError, RunState, meta_train
 from .plots import plot_finetune, plot_training_curve
 from .references import REFERENCES, reference_metrics
@@ -116,9 +117,9 @@ def train(config: TrainConfig, out: str | os.PathLike[str] | None = None, *,
         handle_signals: Catch SIGINT/SIGTERM (main thread only) to checkpoint and stop.
         dist_info: Process group (``None``: initialise from the torchrun environment, or
             a single process).
-        references: Also evaluate the reference rows (``no-meta``, ``oracle``): their
-            nRMSE goes into ``metrics["references"]`` and the fine-tuning curves, the
-            run's beside ``no-meta``'s, into ``out/finetune.png``.
+        references: Also evaluate the reference rows (``no-meta``, ``oracle`` where it
+            applies): their metric goes into ``metrics["references"]`` and the fine-tuning
+            curves, the run's beside ``no-meta``'s, into ``out/finetune.png``.
 
     Returns:
         The :class:`TrainResult`.
@@ -170,7 +171,7 @@ def _restore(config: TrainConfig, family: TaskFamily, state: dict[str, Any] | No
     if config.meta_batch > n_train:
         raise ValueError(f"meta_batch (--meta-batch) is {config.meta_batch} but the family has "
                          f"only {n_train} meta-training tasks; use --meta-batch <= {n_train}.")
-    model = build_model(config, family.input_dim)
+    model = build_model(config, family.input_shape)
     run = RunState(model, make_meta_optimizer(config, model), batch_generator(config))
     if state is None:
         return run
@@ -216,8 +217,9 @@ def _train(config: TrainConfig, family: TaskFamily, state: dict[str, Any] | None
     metrics = _metrics(config, algorithm, run, evaluation, train_s, info)
     refs = _references(config, family) if references else {}
     if refs:
-        metrics["references"] = {n: {k: r[k] for k in ("nrmse_mean", "nrmse_sem",
-                                                       "finetune_final_nrmse")}
+        m = metric_of(metrics)
+        metrics["references"] = {n: {k: r[k] for k in (m.mean_key, m.spread_key,
+                                                       f"finetune_final_{m.name}")}
                                  for n, r in refs.items()}
     if files is not None:
         files.finish(family, metrics, refs, train_s)
@@ -243,9 +245,11 @@ class _RunFiles:
                  info: DistInfo) -> None:
         self.out_dir, self.config, self.run, self.info = out_dir, config, run, info
         self.created: list[Path] = []  # removed if the run fails before its first checkpoint
+        self.input_shape: tuple[int, ...] = ()
 
     def start(self, family: TaskFamily, *, fresh: bool) -> None:
         """Write ``config.json`` (a fresh run) and ``metrics.jsonl`` (the history so far)."""
+        self.input_shape = family.input_shape
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if fresh:
             atomic_write_json(self.out_dir / "config.json", {
@@ -272,7 +276,8 @@ class _RunFiles:
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "generator": run.generator.get_state(), "iteration": iteration,
             "history": run.history, "finished": finished, "train_s": train_s,
-            "resumes": run.resumes, "world_size": self.info.world_size})
+            "resumes": run.resumes, "world_size": self.info.world_size,
+            "input_shape": list(self.input_shape)})
         self.created.clear()  # a checkpoint exists: the directory is a resumable run now
 
     def remove_created(self) -> None:
@@ -287,22 +292,31 @@ class _RunFiles:
         config, history = self.config, self.run.history
         save_checkpoint(self.out_dir / INIT_FILE, {
             "config": config.to_dict(), "model": self.run.model.state_dict(),
-            "input_dim": family.input_dim, "amaml_version": __version__}, kind=INIT_FORMAT)
+            "input_dim": family.input_dim, "input_shape": list(family.input_shape),
+            "amaml_version": __version__}, kind=INIT_FORMAT)
         _write_jsonl(self.out_dir / "metrics.jsonl", _logged(history, config.log_every))
         title = f"{config.method} on {config.family}"
         plot_training_curve([h["iteration"] for h in history],
                             [h["meta_loss"] for h in history],
                             self.out_dir / "training_curve.png", title=title)
         if refs:
+            m = metric_of(metrics)
             plot_finetune({config.method: metrics["finetune"],
                            **{n: r["finetune"] for n, r in refs.items() if r["finetune"]}},
                           self.out_dir / "finetune.png",
-                          title=f"{title}, {config.shots} shots: meta-test error while "
+                          title=f"{title}, {_setting(config)}: meta-test {m.label} while "
                                 "fine-tuning",
-                          references={n: r["nrmse_mean"] for n, r in refs.items()
+                          references={n: r[m.mean_key] for n, r in refs.items()
                                       if not r["finetune"]})
         atomic_write_json(self.out_dir / "metrics.json", metrics)
         self.save(config.meta_iters, True, train_s)
+
+
+def _setting(config: TrainConfig) -> str:
+    """``5-way 1-shot`` (classification) or ``50 shots`` (regression), for titles."""
+    if config.kind == "classification":
+        return f"{config.ways}-way {config.shots}-shot"
+    return f"{config.shots} shots"
 
 
 def _metrics(config: TrainConfig, algorithm: AbstractAlgorithm, run: RunState,
@@ -310,20 +324,17 @@ def _metrics(config: TrainConfig, algorithm: AbstractAlgorithm, run: RunState,
     history = run.history
     losses = [h["meta_loss"] for h in history]
     tail = losses[-max(1, len(losses) // 10):]
-    ft = evaluation["finetune"]
+    kind = {"ways": config.ways, "model": config.model} if config.kind == "classification" \
+        else {}
     return {
-        "family": config.family, "method": config.method, "steps": algorithm.n_steps,
-        "config_steps": config.steps, "eval_steps": evaluation["eval_steps"],
-        "nrmse_mean": evaluation["nrmse_mean"], "nrmse_sem": evaluation["nrmse_sem"],
-        "nrmse_per_task": evaluation["nrmse_per_task"], "n_test_tasks": evaluation["n_tasks"],
-        "shots": config.shots, "queries": config.queries, "inner_lr": config.inner_lr,
+        "family": config.family, "kind": config.kind, "method": config.method,
+        "steps": algorithm.n_steps, "config_steps": config.steps,
+        "eval_steps": evaluation["eval_steps"], **evaluation_fields(evaluation),
+        "shots": config.shots, "queries": config.queries, **kind, "inner_lr": config.inner_lr,
         "meta_iters": config.meta_iters, "meta_batch": config.meta_batch,
         "meta_lr": config.meta_lr, "seed": config.seed,
         "final_meta_loss": sum(tail) / len(tail),
         "meta_loss": {"iterations": [h["iteration"] for h in history], "values": losses},
-        "finetune": ft,
-        "finetune_final_nrmse": ft["nrmse_mean"][-1],
-        "finetune_best_nrmse": min((m for m in ft["nrmse_mean"] if m == m), default=None),
         "timings": {"train_s": train_s, "s_per_meta_iter": train_s / max(1, len(history)),
                     "eval_s": evaluation["eval_s"], "finetune_s": evaluation["finetune_s"]},
         "world_size": info.world_size, "resumes": run.resumes, "amaml_version": __version__,
@@ -336,13 +347,16 @@ def _finished_result(config: TrainConfig, state: dict[str, Any], out_dir: Path) 
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{str(out_dir / 'metrics.json')!r} is unreadable ({err}).") \
             from err
-    model = build_model(config, _input_dim(state))
+    model = build_model(config, _input_shape(state))
     model.load_state_dict(state["model"])
     return TrainResult(config, model, metrics, out_dir)
 
 
-def _input_dim(state: dict[str, Any]) -> int:
+def _input_shape(state: dict[str, Any]) -> tuple[int, ...]:
+    if "input_shape" in state:
+        return tuple(int(s) for s in state["input_shape"])
     if "input_dim" in state:
-        return int(state["input_dim"])
+        return (int(state["input_dim"]),)
+    # A checkpoint of an MLP run saved before input shapes were recorded.
     first = next(k for k in state["model"] if k.endswith("weight"))
-    return int(state["model"][first].shape[1])
+    return (int(state["model"][first].shape[1]),)
