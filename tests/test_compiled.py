@@ -87,3 +87,38 @@ def test_compile_mode_reduce_overhead_is_exact() -> None:
     got = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=40, lr=0.05, memory="store",
                           compile="reduce-overhead")
     assert rel_err(got, ref) < TOL
+
+
+def test_recommend_compile_break_even() -> None:
+    # 100 steps x 5 tasks x 1000 meta-iterations = 5e5 task-steps: well past break-even
+    assert compiled.recommend_compile(100, 1000, 5, "cpu")
+    assert compiled.recommend_compile(100, 1000, 5, "cuda:0")
+    # 10 steps x 5 tasks x 100 meta-iterations = 5e3: compiling would not pay
+    assert not compiled.recommend_compile(10, 100, 5, "cpu")
+    with pytest.raises(ValueError, match="n_steps must be an int >= 1"):
+        compiled.recommend_compile(0, 10, 5, "cpu")
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        compiled.recommend_compile(10, 10, 5, "tpu")
+
+
+def test_enable_compile_cache_points_inductor_to_the_folder(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    from pathlib import Path
+
+    import torch._inductor.config as inductor_config
+
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
+                "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    base = Path(str(tmp_path))
+    monkeypatch.setenv("AMAML_CACHE", str(base / "amaml"))
+    path = compiled.enable_compile_cache()
+    assert path == (base / "amaml" / "torch-compile").resolve() and path.is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
+    assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+    assert inductor_config.fx_graph_cache is True
+    explicit = compiled.enable_compile_cache(base / "elsewhere")
+    assert explicit == (base / "elsewhere").resolve()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(explicit)
