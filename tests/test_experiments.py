@@ -214,3 +214,24 @@ def test_compile_flag_reaches_the_adjoint() -> None:
     # a speed option, not the maths: a run may be resumed with or without it
     from amaml.experiments.config import RESUME_MUTABLE
     assert "compile" in RESUME_MUTABLE
+
+
+def test_compile_auto_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fast by default: compile where the run pays for it, never where it is not exact."""
+    from amaml.experiments.build import resolve_compile
+
+    monkeypatch.setenv("AMAML_CACHE", str(tmp_path / "cache"))
+    # A tiny run does not pay for a compilation of tens of seconds.
+    choice, why = resolve_compile(tiny())
+    assert choice is False and "do not pay" in why
+    # A long one does (RK4: four field evaluations a step count towards the break-even),
+    # and its compiled code goes to the persistent cache.
+    long = tiny(steps=100, solver="rk4", meta_iters=500, meta_batch=5)
+    choice, why = resolve_compile(long)
+    assert choice is True and "auto" in why and str(tmp_path / "cache") in why
+    assert resolve_compile(long.replace(compile=False))[0] is False
+    assert resolve_compile(long.replace(method="maml"))[0] is False
+    assert resolve_compile(tiny(compile="reduce-overhead"))[0] == "reduce-overhead"
+    from amaml.experiments.build import build_algorithm
+
+    assert build_algorithm(long).adjoint.compile is True

@@ -111,7 +111,9 @@ def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
                    type=_compile_flag,
                    help="compile A-MAML's solver steps with torch.compile: same gradients, "
                         "several times faster per step after a one-off compilation of tens "
-                        "of seconds; MODE picks a torch.compile mode, e.g. reduce-overhead "
+                        "of seconds (kept on disk: a later run of the same shapes reuses it); "
+                        "MODE: auto (the default: compile when the run is long enough to pay "
+                        "for it), off (never), or a torch.compile mode, e.g. reduce-overhead "
                         "(CUDA graphs, for GPUs)")
     g.add_argument("--maml-steps", type=int, help="MAML's inner steps (default steps // 10)")
     g.add_argument("--model", choices=list(MODEL_KINDS),
@@ -160,12 +162,14 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
                    f"(default {d.finetune_weight_decay})")
 
 
-def _compile_flag(value: str) -> str:
+def _compile_flag(value: str) -> str | bool:
     from .flow.compiled import COMPILE_MODES
 
-    if value not in COMPILE_MODES:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(COMPILE_MODES)}; "
-                                         f"got {value!r}")
+    if value == "off":
+        return False
+    if value not in (*COMPILE_MODES, "auto"):
+        raise argparse.ArgumentTypeError(f"expected off, auto or one of "
+                                         f"{', '.join(COMPILE_MODES)}; got {value!r}")
     return value
 
 
@@ -306,6 +310,7 @@ def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         config = resume_config(args.out, **explicit)
     else:
         config = _config(args)
+    _say_path(config)
     result = train(config, args.out, resume=args.resume, progress=_progress(args),
                    references=True)
     m = result.metrics
@@ -360,10 +365,22 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
     return subprocess.call(cmd)
 
 
+def _say_path(config: Any, methods: Sequence[str] | None = None) -> None:
+    """Print how the meta-gradients will be computed (eager or compiled, and why)."""
+    from .experiments.build import resolve_compile
+
+    for m in [config.method] if methods is None else methods:
+        if m == "amaml":  # the other methods' inner loops always run eagerly
+            print(f"amaml: {resolve_compile(config.replace(method=m))[1]}", flush=True)
+
+
 def _run_compare(args: argparse.Namespace) -> int:
     from .experiments.comparison import compare, format_table
 
     config = _config(args)
+    from .experiments.comparison import parse_methods
+
+    _say_path(config, parse_methods(args.methods))
     if args.seeds is not None:
         from .experiments.comparison import compare_seeds
         from .experiments.summary import format_summary

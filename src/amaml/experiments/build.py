@@ -86,6 +86,40 @@ def build_model(config: TrainConfig, input_shape: int | Sequence[int]) -> nn.Mod
                       device=config.device)
 
 
+def resolve_compile(config: TrainConfig) -> tuple[bool | str, str]:
+    """Whether A-MAML's solver steps are compiled for this run, and why (one line).
+
+    ``compile="auto"`` compiles when the whole run's inner steps (solver stages x steps x
+    meta-batch x meta-iterations) pass the measured break-even of
+    :func:`amaml.flow.compiled.recommend_compile`, except where compiling is not exact or
+    not supported: batch-statistics BatchNorm under ``adapt_batch`` (``conv4``), and
+    methods other than A-MAML (their inner loops are not compiled). A compiling run keeps
+    its compiled code on disk (:func:`amaml.flow.compiled.enable_compile_cache`), so a
+    second run of the same shapes starts without recompiling.
+    """
+    from ..flow.compiled import enable_compile_cache, recommend_compile
+    from ..flow.solvers import SOLVERS
+
+    if config.method != "amaml":
+        return False, f"{config.method}: eager (only A-MAML's solver steps compile)"
+    if config.compile == "auto":
+        if config.model == "conv4":
+            return False, ("amaml: eager (auto; compiled batched BatchNorm is not exact in "
+                           "torch 2.13)")
+        work = config.steps * SOLVERS[config.solver]().stages
+        if not recommend_compile(work, config.meta_iters, config.meta_batch, config.device):
+            return False, (f"amaml: eager (auto: {work * config.meta_iters * config.meta_batch:,}"
+                           " task-steps do not pay for compiling; --compile forces it)")
+        choice: bool | str = True
+    else:
+        choice = config.compile
+    if choice is False:
+        return False, "amaml: eager (--compile off)"
+    where = enable_compile_cache()
+    how = "auto" if config.compile == "auto" else "--compile"
+    return choice, f"amaml: compiled solver steps ({how}; compile cache {where})"
+
+
 def build_algorithm(config: TrainConfig) -> AbstractAlgorithm:
     """The algorithm of a config (MAML with ``effective_maml_steps``).
 
@@ -97,7 +131,7 @@ def build_algorithm(config: TrainConfig) -> AbstractAlgorithm:
     options: dict[str, Any] = {
         "solver": config.solver, "memory": config.memory,
         "proximal": config.proximal if config.method in PROXIMAL_METHODS else 0.0,
-        "maml_steps": config.effective_maml_steps, "compile": config.compile,
+        "maml_steps": config.effective_maml_steps, "compile": resolve_compile(config)[0],
         "proximal_in_query": config.proximal_in_query}
     if config.method == "imaml" and config.proximal == 0:
         options["proximal"] = None

@@ -143,8 +143,11 @@ class TrainConfig:
         protocol: The preset the other fields started from (``amaml`` or ``paper``, see
             :data:`PROTOCOLS`); recorded only, it changes nothing by itself.
         compile: Compile A-MAML's solver steps with ``torch.compile`` (same gradients to
-            round-off, several times faster per step; tens of seconds to compile); a
-            string picks the mode, e.g. ``"reduce-overhead"`` (CUDA graphs).
+            round-off, several times faster per step; tens of seconds to compile, cached
+            on disk for later processes); a string picks the mode, e.g.
+            ``"reduce-overhead"`` (CUDA graphs). ``"auto"`` (default): compile when the
+            run is long enough to pay for it (:func:`~amaml.experiments.build.resolve_compile`);
+            ``False`` (``--compile off``): never.
         maml_steps: MAML's inner steps; ``None`` means ``max(1, steps // 10)``.
         model: Network, one of :data:`~amaml.experiments.models.MODEL_KINDS`: ``mlp``
             (regression) or ``conv4`` (classification: MAML's Conv-4 with BatchNorm);
@@ -194,7 +197,7 @@ class TrainConfig:
     proximal_in_query: bool = False
     loss: str | None = None
     protocol: str = field(default="amaml", metadata=_BOOKKEEPING)
-    compile: bool | str = field(default=False, metadata=_RESUME_MUTABLE)
+    compile: bool | str = field(default="auto", metadata=_RESUME_MUTABLE)
     maml_steps: int | None = None
     model: str | None = None
     hidden: tuple[int, ...] = (32, 32)
@@ -269,8 +272,8 @@ class TrainConfig:
             raise ValueError(f"{_flag('data_dir')} must be a path string; got {self.data_dir!r}.")
         from ..flow.compiled import COMPILE_MODES
 
-        if not (isinstance(self.compile, bool) or self.compile in COMPILE_MODES):
-            raise ValueError(f"{_flag('compile')} must be a bool or one of "
+        if not (isinstance(self.compile, bool) or self.compile in (*COMPILE_MODES, "auto")):
+            raise ValueError(f"{_flag('compile')} must be a bool, 'auto' or one of "
                              f"{list(COMPILE_MODES)}; got {self.compile!r}.")
         if not isinstance(self.download, bool):
             raise ValueError(f"{_flag('download')} must be a bool; got {self.download!r}.")

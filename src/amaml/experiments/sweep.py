@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .build import build_algorithm, build_family, build_model, config_loss
+from .build import build_algorithm, build_family, build_model, config_loss, resolve_compile
 from .checkpoint import atomic_write_json, atomic_write_text
 from .comparison import parse_methods, parse_seeds
 from .config import TrainConfig
@@ -82,7 +82,8 @@ def _probe(cfg: TrainConfig, family: Any) -> float:
         algorithm.meta_step(model, loss, batch)
 
     # Compiled steps would compile again in a child process: measure those in-process.
-    return peak_memory_mib(meta_gradient, cfg.device, isolate=not cfg.compile)
+    compiled = resolve_compile(cfg)[0] is not False
+    return peak_memory_mib(meta_gradient, cfg.device, isolate=not compiled)
 
 
 def sweep_steps(config: TrainConfig, methods: str | Sequence[str],
