@@ -371,7 +371,7 @@ def _say_path(config: Any, methods: Sequence[str] | None = None) -> None:
 
     for m in [config.method] if methods is None else methods:
         if m == "amaml":  # the other methods' inner loops always run eagerly
-            print(f"amaml: {resolve_compile(config.replace(method=m))[1]}", flush=True)
+            print(resolve_compile(config.replace(method=m))[1], flush=True)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
