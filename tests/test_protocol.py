@@ -199,3 +199,19 @@ def test_peak_memory_measures_a_real_allocation() -> None:
 def test_paper_preset_on_collaborative_families_has_no_pool() -> None:
     c = TrainConfig.from_protocol("paper", family="movielens-100k", shots=10, queries=15)
     assert (c.pool, c.n_train, c.finetune_optimizer, c.solver) == (None, None, "adam", "rk4")
+
+
+def test_summary_keeps_reference_rows_out_of_the_contest(tmp_path: Path) -> None:
+    from amaml.experiments.comparison import compare_seeds
+    from amaml.experiments.summary import format_summary
+
+    cfg = TrainConfig(family="cosmixture", shots=5, queries=5, steps=2, meta_iters=2,
+                      meta_batch=2, n_train=4, n_test=3, hidden=(4,), finetune_epochs=2)
+    summary = compare_seeds(cfg, "amaml,maml1", "0,1", tmp_path / "s", progress=False)
+    rows = {e["method"]: e for e in summary["methods"]}
+    assert rows["oracle"]["reference"] and rows["no-meta"]["reference"]
+    # The oracle (0 on noiseless synthetic data) is lowest but wins nothing: it is a bound.
+    assert rows["oracle"]["nrmse_mean"] < rows["amaml"]["nrmse_mean"]
+    assert rows["amaml"]["lowest_in"] + rows["maml1"]["lowest_in"] == 2
+    table = format_summary(summary)
+    assert "| *oracle* | - |" in table and "| *no-meta* | - / 2 |" in table

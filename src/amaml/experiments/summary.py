@@ -154,8 +154,10 @@ def summarize_seeds(directories: Sequence[str | os.PathLike[str]], *,
     pick = max if metric.higher_is_better else min
     best_key = "highest_in" if metric.higher_is_better else "lowest_in"
     best_count: dict[str, int] = dict.fromkeys(methods, 0)
+    # The reference rows (no-meta, oracle) are bounds, not contenders.
+    is_ref = {m: bool(by_seed[0][m].get("reference")) for m in methods}
     for recs in by_seed:
-        finite = {m: r[key] for m, r in recs.items() if _finite(r.get(key))}
+        finite = {m: r[key] for m, r in recs.items() if _finite(r.get(key)) and not is_ref[m]}
         if finite:
             best = pick(finite.values())
             for m, v in finite.items():
@@ -174,7 +176,10 @@ def summarize_seeds(directories: Sequence[str | os.PathLike[str]], *,
             if m != ref and all(v is not None for v in diffs) else (None, None)
         first = by_seed[0][m]
         steps = f"{first.get('steps', '?')} / {first.get('eval_steps', '?')}"
-        entries.append({"method": m, "steps": steps, f"{metric.name}_per_seed": per_seed,
+        if is_ref[m]:
+            steps = f"- / {first['eval_steps']}" if first.get("eval_steps") else "-"
+        entries.append({"method": m, "reference": is_ref[m], "steps": steps,
+                        f"{metric.name}_per_seed": per_seed,
                         key: mean, f"{metric.name}_sem": sem,
                         "diff_per_seed": None if m == ref else diffs, "diff_mean": dmean,
                         "diff_sem": dsem, best_key: best_count[m]})
@@ -202,7 +207,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         return _f(None if x is None else scale * x, spec)
 
     n = len(seeds)
-    means = [e[key] for e in summary["methods"] if e[key] is not None]
+    means = [e[key] for e in summary["methods"] if e[key] is not None
+             and not e.get("reference")]
     best = (max if metric.higher_is_better else min)(means, default=None)
     seed_cols = " / ".join(str(k) for k in seeds)
     label = "accuracy (%)" if accuracy else metric.label
@@ -232,8 +238,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             dper = " / ".join(f(v, dfmt) for v in e["diff_per_seed"])
             dmean = f(e["diff_mean"], dfmt) + ("" if e["diff_sem"] is None
                                                else f" ± {f(e['diff_sem'])}")
-        lines.append(f"| {e['method']} | {e['steps']} | {per} | {mean} | {dper} | {dmean} | "
-                     f"{e[best_key]} of {n} |")
+        ref_row = bool(e.get("reference"))
+        name = f"*{e['method']}*" if ref_row else e["method"]
+        wins = "-" if ref_row else f"{e[best_key]} of {n}"
+        lines.append(f"| {name} | {e['steps']} | {per} | {mean} | {dper} | {dmean} | {wins} |")
     return "\n".join(lines) + "\n"
 
 
