@@ -218,7 +218,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"### {s['family']}, {setting}, {n} seed{'s' * (n != 1)}",
         "",
         f"meta-iterations {s['meta_iters']}, meta-batch {s['meta_batch']}, meta-lr "
-        f"{s['meta_lr']}, inner lr {s['inner_lr']}, seeds {', '.join(map(str, seeds))}; "
+        f"{s['meta_lr']} ({s.get('meta_optimizer') or 'adam'}), inner lr {s['inner_lr']}"
+        f"{' (' + s['solver'] + ')' if s.get('solver') else ''}, seeds "
+        f"{', '.join(map(str, seeds))}; "
         f"± is the standard error over seeds.",
         "",
         f"| method | inner steps (train / eval) | {label}, seeds {seed_cols} | mean over seeds "
