@@ -48,6 +48,11 @@ def load_setting(directory: Path) -> tuple[str, dict[str, Any], dict[str, float]
                           "optimizer": rows[0]["finetune"].get("optimizer")}
     first = runs[0][0]
     title = f"{first['family']}, {first['shots']}shot-{first['queries']}val"
+    cfg_path = Path(first["run_dir"]) / "config.json"
+    if cfg_path.exists():  # say how the initialisations were meta-trained
+        cfg = json.loads(cfg_path.read_text())
+        title += (f"\n{cfg.get('meta_optimizer', 'adam')} meta-lr {cfg['meta_lr']:g}, "
+                  f"{cfg['meta_iters']} meta-updates")
     return title, curves, levels, len(runs)
 
 
@@ -64,16 +69,20 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     settings = [load_setting(d) for d in args.dirs]
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.2),
-                             squeeze=False)
-    for ax, (title, curves, levels, n_seeds) in zip(axes[0], settings):
+    cols = min(2, len(settings))
+    rows = (len(settings) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.4 * rows), squeeze=False)
+    for ax in axes.flat[len(settings):]:
+        ax.set_visible(False)
+    for ax, (title, curves, levels, n_seeds) in zip(axes.flat, settings):
         draw_finetune(ax, curves, levels)
-        ax.set_title(f"{title} ({n_seeds} seeds)")
+        ax.set_title(f"{title} ({n_seeds} seed{'s' * (n_seeds != 1)})", fontsize=10)
         ax.set_xlabel("fine-tuning epochs (Adam on the support set)")
         ax.set_ylabel("meta-test nRMSE")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.savefig(args.out, dpi=110, bbox_inches="tight")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=90, bbox_inches="tight")
     for title, curves, levels, n_seeds in settings:
         print(f"\n{title}, {n_seeds} seeds: meta-test nRMSE after E fine-tuning epochs "
               "(mean ± s.e. over seeds)\n")
