@@ -1,4 +1,4 @@
-"""The ``amaml`` command: ``amaml train``, ``amaml compare``, ``amaml eval``.
+"""The ``amaml`` command: ``train``, ``compare``, ``sweep-steps``, ``eval``, ``summarize``.
 
 Flags mirror :class:`amaml.experiments.config.TrainConfig` (``--meta-iters`` sets
 ``meta_iters``). Bad values, missing data, a diverged inner loop or a damaged
@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["main"]
+from ._cli_flags import (
+    add_config_flags,
+    add_eval_flags,
+    add_runtime_flags,
+    config_from_args,
+    explicit_fields,
+)
+
+__all__ = ["build_parser", "main"]
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -34,172 +42,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"amaml: error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(EXIT_ERROR)
-
-
-def _hidden(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(w) for w in text.split(",") if w.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"invalid --hidden {text!r}; give comma-separated widths such as 32,32") from err
-
-
-def _add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
-    """Flags of TrainConfig fields; all default to None so that explicit ones are known."""
-    from .algorithms import list_algorithms
-    from .experiments.config import (
-        DTYPES,
-        KIND_LOSSES,
-        LOSSES,
-        META_OPTIMIZERS,
-        PROTOCOLS,
-        TrainConfig,
-    )
-    from .experiments.models import MODEL_KINDS
-    from .flow import MEMORIES, SOLVERS
-    from .tasks import list_families
-
-    d = TrainConfig()
-    p.add_argument("--protocol", choices=list(PROTOCOLS),
-                   help="preset of the settings below; every flag given overrides it. "
-                        "amaml (default): this project's; paper: the authors' released "
-                        "protocol (SGD meta-lr 0.01, 5000 meta-updates, 0.5*MSE, RK4, "
-                        "proximal 1 in the inner and query loss, float64, 1000-point pools, "
-                        "Adam fine-tuning lr 1e-3 / weight decay 1e-6 for 1000 epochs)")
-    g = p.add_argument_group("task family")
-    g.add_argument("--family", help=f"task family (default {d.family}); one of "
-                   f"{', '.join(list_families())}")
-    g.add_argument("--shots", type=int, help=f"support points per task, per class for "
-                   f"classification (default {d.shots})")
-    g.add_argument("--queries", type=int,
-                   help=f"query points per task, per class for classification (default "
-                        f"{d.queries})")
-    g.add_argument("--ways", type=int, help="classes per episode N >= 2 (classification "
-                   "families only; default 5)")
-    g.add_argument("--n-train", type=int,
-                   help="meta-training tasks (default: 100 functions / all other users)")
-    g.add_argument("--n-test", type=int, help=f"meta-test tasks (default {d.n_test})")
-    g.add_argument("--pool", type=int, help="points per meta-training function from which "
-                   "each meta-iteration draws a fresh support and query set (synthetic "
-                   "families; default: one fixed set per function)")
-    g.add_argument("--data-dir", help="folder of the collaborative-filtering data "
-                   "(default $AMAML_DATA or ~/.cache/amaml)")
-    g.add_argument("--download", action="store_true", default=None,
-                   help="download missing data (official archives)")
-    g = p.add_argument_group("method")
-    if method:
-        g.add_argument("--method", help=f"algorithm (default {d.method}); one of "
-                       f"{', '.join(list_algorithms())}")
-    g.add_argument("--steps", type=int, help=f"inner steps N (default {d.steps})")
-    g.add_argument("--inner-lr", type=float,
-                   help=f"inner learning rate / solver step (default {d.inner_lr})")
-    g.add_argument("--solver", help=f"inner solver: {', '.join(sorted(SOLVERS))} "
-                   f"(default {d.solver})")
-    g.add_argument("--memory", help=f"A-MAML memory strategy: {', '.join(sorted(MEMORIES))} "
-                   f"(default {d.memory})")
-    g.add_argument("--proximal", type=float,
-                   help=f"proximal weight mu >= 0 of A-MAML's inner flow and of iMAML "
-                        f"(default {d.proximal}; iMAML uses 1 if 0)")
-    g.add_argument("--proximal-in-query", action=argparse.BooleanOptionalAction, default=None,
-                   help="A-MAML's meta-objective carries the proximal term too (the "
-                        "authors' code)")
-    g.add_argument("--loss", choices=list(LOSSES),
-                   help="inner and query loss (default: the family kind's first; "
-                        + "; ".join(f"{k}: {', '.join(v)}" for k, v in KIND_LOSSES.items())
-                        + ")")
-    g.add_argument("--compile", nargs="?", const=True, default=None, metavar="MODE",
-                   type=_compile_flag,
-                   help="compile A-MAML's solver steps with torch.compile: same gradients, "
-                        "several times faster per step after a one-off compilation of tens "
-                        "of seconds (kept on disk: a later run of the same shapes reuses it); "
-                        "MODE: auto (the default: compile when the run is long enough to pay "
-                        "for it), off (never), or a torch.compile mode, e.g. reduce-overhead "
-                        "(CUDA graphs, for GPUs)")
-    g.add_argument("--maml-steps", type=int, help="MAML's inner steps (default steps // 10)")
-    g.add_argument("--model", choices=list(MODEL_KINDS),
-                   help="network (default: the family kind's; "
-                        + ", ".join(f"{m} for {k}" for m, k in MODEL_KINDS.items()) + ")")
-    g.add_argument("--hidden", type=_hidden, help="MLP hidden widths, e.g. 32,32 (default)")
-    g.add_argument("--conv-width", type=int,
-                   help=f"filters per Conv-4 block (default {d.conv_width}, MAML's)")
-    g = p.add_argument_group("meta-training")
-    g.add_argument("--meta-iters", type=int,
-                   help=f"meta-iterations (default {d.meta_iters})")
-    g.add_argument("--meta-batch", type=int, help=f"tasks per meta-iteration "
-                   f"(default {d.meta_batch})")
-    g.add_argument("--meta-lr", type=float,
-                   help=f"meta-optimiser learning rate (default {d.meta_lr})")
-    g.add_argument("--meta-optimizer", choices=list(META_OPTIMIZERS),
-                   help=f"meta-optimiser (default {d.meta_optimizer})")
-    g.add_argument("--seed", type=int, help=f"seed of everything (default {d.seed})")
-    g.add_argument("--log-every", type=int,
-                   help=f"metrics.jsonl line every k iterations (default {d.log_every})")
-    g.add_argument("--save-every", "--checkpoint-every", type=int, dest="save_every",
-                   help="save a resumable checkpoint (checkpoint.pt) every k iterations; 0: "
-                        f"only at the end and on a signal (default {d.save_every}); "
-                        "--checkpoint-every is a deprecated alias")
-    g.add_argument("--dtype", help=f"{' or '.join(DTYPES)} (default {d.dtype})")
-    g.add_argument("--device", help=f"cpu or cuda (default {d.device})")
-    _add_eval_flags(p)
-
-
-def _add_eval_flags(p: argparse.ArgumentParser) -> None:
-    from .experiments.config import FINETUNE_OPTIMIZERS, TrainConfig
-
-    d = TrainConfig()
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-steps", type=int, help="adaptation steps at meta-test time "
-                   "(default: each method's own inner loop)")
-    g.add_argument("--finetune-epochs", type=int, help="length of the fine-tuning curve "
-                   f"(default {d.finetune_epochs})")
-    g.add_argument("--finetune-every", type=int,
-                   help=f"record the curve every k epochs (default {d.finetune_every})")
-    g.add_argument("--finetune-optimizer", choices=list(FINETUNE_OPTIMIZERS),
-                   help=f"fine-tuning optimiser (default {d.finetune_optimizer})")
-    g.add_argument("--finetune-lr", type=float,
-                   help="fine-tuning learning rate (default: --inner-lr)")
-    g.add_argument("--finetune-weight-decay", type=float, help="fine-tuning L2 penalty "
-                   f"(default {d.finetune_weight_decay})")
-
-
-def _compile_flag(value: str) -> str | bool:
-    from .flow.compiled import COMPILE_MODES
-
-    if value == "off":
-        return False
-    if value not in (*COMPILE_MODES, "auto"):
-        raise argparse.ArgumentTypeError(f"expected off, auto or one of "
-                                         f"{', '.join(COMPILE_MODES)}; got {value!r}")
-    return value
-
-
-def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1; more threads can be far slower on "
-                        "shared machines)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-
-
-def _config_keys() -> tuple[str, ...]:
-    """Every TrainConfig field but ``protocol`` (the preset is applied, not copied)."""
-    import dataclasses
-
-    from .experiments.config import TrainConfig
-
-    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "protocol")
-
-
-def _explicit(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _config_keys()
-            if getattr(args, k, None) is not None}
-
-
-def _config(args: argparse.Namespace) -> Any:
-    """The TrainConfig of the flags: the --protocol preset, overridden by explicit flags."""
-    from .experiments.config import TrainConfig
-
-    return TrainConfig.from_protocol(getattr(args, "protocol", None) or "amaml",
-                                     **_explicit(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,14 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train one method and evaluate it",
                        description="Meta-train an initialisation with one method, evaluate "
                        "it on the meta-test tasks and write the run to --out.")
-    _add_config_flags(t, method=True)
+    add_config_flags(t, method=True)
     t.add_argument("--out", help="run directory (config.json, metrics.json, metrics.jsonl, "
                    "init.pt, checkpoint.pt, training_curve.png); default: write nothing")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint")
     t.add_argument("--nproc", type=int, default=1,
                    help="local processes for distributed meta-training (torchrun)")
-    _add_runtime_flags(t)
+    add_runtime_flags(t)
 
     c = sub.add_parser("compare", help="meta-train several methods under one budget",
                        description="Meta-train and evaluate several methods with the same "
@@ -235,14 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}); "
                         f"the reference rows ({', '.join(REFERENCES)}) follow where they apply")
-    _add_config_flags(c, method=False)
+    add_config_flags(c, method=False)
     c.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2,3,4): one comparison "
                    "per seed in --out/seed<S>, summarised in --out (summary.md, seeds.png); "
                    "instead of --seed")
     c.add_argument("--out", required=True, help="comparison directory")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted comparison (give the same flags)")
-    _add_runtime_flags(c)
+    add_runtime_flags(c)
 
     w = sub.add_parser("sweep-steps", help="meta-test error against inner steps N under one "
                        "memory budget",
@@ -257,10 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inner steps N, comma-separated (default 1,10,100,1000)")
     w.add_argument("--max-memory-mb", type=float,
                    help="memory budget of one meta-gradient in MiB (default: none)")
-    _add_config_flags(w, method=False)
+    add_config_flags(w, method=False)
     w.add_argument("--seeds", help="comma-separated seeds (default: --seed)")
     w.add_argument("--out", required=True, help="sweep directory")
-    _add_runtime_flags(w)
+    add_runtime_flags(w)
 
     e = sub.add_parser("eval", help="evaluate a saved initialisation",
                        description="Evaluate a saved initialisation (init.pt or "
@@ -271,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--download", action="store_true", default=None,
                    help="download missing data")
     e.add_argument("--device", help="cpu or cuda (default: the run's)")
-    _add_eval_flags(e)
+    add_eval_flags(e)
     e.add_argument("--output", help="also write the result as JSON to this file")
-    _add_runtime_flags(e)
+    add_runtime_flags(e)
 
     s = sub.add_parser("summarize", help="summarise comparisons of several seeds",
                        description="Summarise `amaml compare` runs of one setting that "
@@ -285,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", help="method to take differences against (default: the "
                    "first compared)")
     s.add_argument("--out", help="directory for summary.json, summary.md, seeds.png")
-    _add_runtime_flags(s)
+    add_runtime_flags(s)
     return parser
 
 
@@ -300,7 +142,7 @@ def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise _CliError(f"--nproc must be >= 1; got {args.nproc}.")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(args.nproc, argv)
-    explicit = _explicit(args)
+    explicit = explicit_fields(args)
     if args.resume:
         if args.out is None:
             raise _CliError("--resume needs --out DIR (the run to continue).")
@@ -309,7 +151,7 @@ def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                             "config (drop --protocol).")
         config = resume_config(args.out, **explicit)
     else:
-        config = _config(args)
+        config = config_from_args(args)
     _say_path(config)
     result = train(config, args.out, resume=args.resume, progress=_progress(args),
                    references=True)
@@ -377,7 +219,7 @@ def _say_path(config: Any, methods: Sequence[str] | None = None) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     from .experiments.comparison import compare, format_table
 
-    config = _config(args)
+    config = config_from_args(args)
     from .experiments.comparison import parse_methods
 
     _say_path(config, parse_methods(args.methods))
@@ -406,7 +248,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
     if args.seeds is not None and args.seed is not None:
         raise _CliError("give either --seed or --seeds, not both.")
-    result = sweep_steps(_config(args), args.methods, args.steps_list, args.out,
+    result = sweep_steps(config_from_args(args), args.methods, args.steps_list, args.out,
                          max_memory_mb=args.max_memory_mb, seeds=args.seeds,
                          progress=_progress(args))
     print(format_sweep(result), end="")
@@ -423,7 +265,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     state = load_state_file(args.checkpoint)
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{args.checkpoint!r} holds no config.")
-    explicit = _explicit(args)
+    explicit = explicit_fields(args)
     try:
         # Flags first: a run trained on --device cuda is evaluated with --device cpu on a
         # machine without CUDA, so the stored device must not be validated on its own.
