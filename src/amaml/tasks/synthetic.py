@@ -156,8 +156,63 @@ def _unstack(theta: FloatArray, names: tuple[str, ...]) -> dict[str, FloatArray]
     return {k: theta[..., i] for i, k in enumerate(names)}
 
 
+class _ScalarParameters(AbstractSyntheticFunction):
+    """A family whose parameters are scalars ``name`` drawn from ``U[name_range]`` in the
+    order of ``_names`` (the subclass's fields hold the ranges)."""
+
+    _names: tuple[str, ...] = ()
+
+    def _ranges(self) -> list[tuple[float, float]]:
+        return [getattr(self, f"{n}_range") for n in self._names]
+
+    def __post_init__(self) -> None:
+        for n, r in zip(self._names, self._ranges(), strict=True):
+            _check_range(f"{n}_range", r)
+
+    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
+        return {n: np.asarray(rng.uniform(*r))
+                for n, r in zip(self._names, self._ranges(), strict=True)}
+
+    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
+        return _bounds(*self._ranges())
+
+    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
+        return _stack(params, self._names)
+
+    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
+        return _unstack(theta, self._names)
+
+
+class _AlpineShifts(AbstractSyntheticFunction):
+    """``y = sum_i |x_i * sin(x_i + offset + s_i) + x_i / 10|``, ``s_i = k_i pi / 12`` with
+    ``k_i ~ U[k_range]`` drawn independently per input dimension."""
+
+    _offset: float = 0.0
+    k_range: tuple[float, float]
+
+    def __post_init__(self) -> None:
+        _check_range("k_range", self.k_range)
+
+    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
+        k = rng.uniform(*self.k_range, size=self.input_dim)
+        return {"s": k * np.pi / 12.0}
+
+    def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
+        s = np.asarray(params["s"])[..., None, :]
+        return np.abs(x * np.sin(x + self._offset + s) + x / 10.0).sum(axis=-1)
+
+    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
+        return _alpine_shifts(self.k_range, self.input_dim)
+
+    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
+        return np.asarray(params["s"], dtype=np.float64)
+
+    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
+        return {"s": theta}
+
+
 @dataclass(frozen=True)
-class CosMixture(AbstractSyntheticFunction):
+class CosMixture(_ScalarParameters):
     """``y = -c * sum_i cos(w * pi * x_i + phi) - sum_i x_i**2`` on ``[-1, 1]^2``.
 
     ``c ~ U[c_range]``, ``phi ~ U[phi_range]``, ``w ~ U[w_range]``, one of each per function.
@@ -176,33 +231,13 @@ class CosMixture(AbstractSyntheticFunction):
 
     _names = ("c", "phi", "w")
 
-    def __post_init__(self) -> None:
-        for name in ("c_range", "phi_range", "w_range"):
-            _check_range(name, getattr(self, name))
-
-    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
-        return {
-            "c": np.asarray(rng.uniform(*self.c_range)),
-            "phi": np.asarray(rng.uniform(*self.phi_range)),
-            "w": np.asarray(rng.uniform(*self.w_range)),
-        }
-
     def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
         c, phi, w = (_scalar(params, k) for k in self._names)
         return -c[..., 0] * np.cos(w * np.pi * x + phi).sum(axis=-1) - (x**2).sum(axis=-1)
 
-    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
-        return _bounds(self.c_range, self.phi_range, self.w_range)
-
-    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
-        return _stack(params, self._names)
-
-    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
-        return _unstack(theta, self._names)
-
 
 @dataclass(frozen=True)
-class CosMixturePaper(AbstractSyntheticFunction):
+class CosMixturePaper(_ScalarParameters):
     """``y = -0.1 * sum_i A * cos(omega * x_i + phi) - sum_i x_i**2`` on ``[-1, 1]^2``.
 
     ``A ~ U[amplitude_range]``, ``omega ~ U[omega_range]``, ``phi ~ U[phi_range]``, one of
@@ -221,30 +256,10 @@ class CosMixturePaper(AbstractSyntheticFunction):
 
     _names = ("amplitude", "omega", "phi")
 
-    def __post_init__(self) -> None:
-        for name in ("amplitude_range", "omega_range", "phi_range"):
-            _check_range(name, getattr(self, name))
-
-    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
-        return {
-            "amplitude": np.asarray(rng.uniform(*self.amplitude_range)),
-            "omega": np.asarray(rng.uniform(*self.omega_range)),
-            "phi": np.asarray(rng.uniform(*self.phi_range)),
-        }
-
     def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
         amplitude, omega, phi = (_scalar(params, k) for k in self._names)
         waves = np.cos(omega * x + phi).sum(axis=-1)
         return -0.1 * amplitude[..., 0] * waves - (x**2).sum(axis=-1)
-
-    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
-        return _bounds(self.amplitude_range, self.omega_range, self.phi_range)
-
-    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
-        return _stack(params, self._names)
-
-    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
-        return _unstack(theta, self._names)
 
 
 def _alpine_shifts(k_range: tuple[float, float], input_dim: int) -> tuple[FloatArray, FloatArray]:
@@ -253,7 +268,7 @@ def _alpine_shifts(k_range: tuple[float, float], input_dim: int) -> tuple[FloatA
 
 
 @dataclass(frozen=True)
-class Alpine(AbstractSyntheticFunction):
+class Alpine(_AlpineShifts):
     """``y = sum_i |x_i * sin(x_i + pi + s_i) + x_i / 10|`` on ``[-10, 10]^2``.
 
     ``s_i = k_i * pi / 12`` with ``k_i ~ U[k_range]`` (continuous) drawn independently for
@@ -269,29 +284,11 @@ class Alpine(AbstractSyntheticFunction):
     high: float = 10.0
     grid_points: int = 32
 
-    def __post_init__(self) -> None:
-        _check_range("k_range", self.k_range)
-
-    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
-        k = rng.uniform(*self.k_range, size=self.input_dim)
-        return {"s": k * np.pi / 12.0}
-
-    def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
-        s = np.asarray(params["s"])[..., None, :]
-        return np.abs(x * np.sin(x + np.pi + s) + x / 10.0).sum(axis=-1)
-
-    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
-        return _alpine_shifts(self.k_range, self.input_dim)
-
-    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
-        return np.asarray(params["s"], dtype=np.float64)
-
-    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
-        return {"s": theta}
+    _offset = np.pi
 
 
 @dataclass(frozen=True)
-class AlpinePaper(AbstractSyntheticFunction):
+class AlpinePaper(_AlpineShifts):
     """``y = sum_i |x_i * sin(x_i + s_i) + x_i / 10|`` on ``[-10, 10]^2``.
 
     ``s_i = k_i * pi / 12`` with ``k_i ~ U[k_range]`` (continuous) drawn independently for
@@ -305,29 +302,11 @@ class AlpinePaper(AbstractSyntheticFunction):
     high: float = 10.0
     grid_points: int = 32
 
-    def __post_init__(self) -> None:
-        _check_range("k_range", self.k_range)
-
-    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
-        k = rng.uniform(*self.k_range, size=self.input_dim)
-        return {"s": k * np.pi / 12.0}
-
-    def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
-        s = np.asarray(params["s"])[..., None, :]
-        return np.abs(x * np.sin(x + s) + x / 10.0).sum(axis=-1)
-
-    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
-        return _alpine_shifts(self.k_range, self.input_dim)
-
-    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
-        return np.asarray(params["s"], dtype=np.float64)
-
-    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
-        return {"s": theta}
+    _offset = 0.0
 
 
 @dataclass(frozen=True)
-class Sinusoid(AbstractSyntheticFunction):
+class Sinusoid(_ScalarParameters):
     """``y = A * sin(x - phase)`` on ``[-5, 5]`` (Finn et al. 2017).
 
     ``A ~ U[amplitude_range]``, ``phase ~ U[phase_range]``.
@@ -342,28 +321,9 @@ class Sinusoid(AbstractSyntheticFunction):
 
     _names = ("amplitude", "phase")
 
-    def __post_init__(self) -> None:
-        _check_range("amplitude_range", self.amplitude_range)
-        _check_range("phase_range", self.phase_range)
-
-    def sample_params(self, rng: np.random.Generator) -> dict[str, FloatArray]:
-        return {
-            "amplitude": np.asarray(rng.uniform(*self.amplitude_range)),
-            "phase": np.asarray(rng.uniform(*self.phase_range)),
-        }
-
     def __call__(self, x: FloatArray, params: dict[str, FloatArray]) -> FloatArray:
         amplitude, phase = (np.asarray(params[k])[..., None] for k in self._names)
         return amplitude * np.sin(x[:, 0] - phase)
-
-    def param_bounds(self) -> tuple[FloatArray, FloatArray]:
-        return _bounds(self.amplitude_range, self.phase_range)
-
-    def to_vector(self, params: dict[str, FloatArray]) -> FloatArray:
-        return _stack(params, self._names)
-
-    def from_vector(self, theta: FloatArray) -> dict[str, FloatArray]:
-        return _unstack(theta, self._names)
 
 
 @dataclass(frozen=True)
