@@ -117,6 +117,58 @@ def test_meta_gradient_equals_unrolled(memory: str, solver: str, steps: int) -> 
     assert torch.allclose(got[-2:], ref[-2:], rtol=TOL, atol=0)
 
 
+@pytest.mark.parametrize("solver", ["euler", "heun", "rk4"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_checkpoint_tapes_give_the_store_gradient_bit_for_bit(solver: str, batched: bool) -> None:
+    """A segment's step VJPs reuse its recomputed steps' tapes: every VJP but the
+    segment's last, and the gradient (theta, lr, mu) identical to store's."""
+    from amaml.flow import Checkpoint, Store, SweepStats
+    from amaml.flow.adjoint import DiscreteAdjoint, adjoint_sweep, forward_kept
+    from amaml.flow.hvp import Objective
+    from amaml.flow.solvers import SOLVERS
+    from amaml.flow.trajectory import FlowSpec
+
+    torch.manual_seed(4)
+    model = _net(nn.Sigmoid, bias=True)
+    x, y, _, _ = regression_data(batch=3) if batched else regression_data()
+    fused = _fused_loss(_FlatModel(model), F.mse_loss, x, batched)
+    assert fused is not None
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    dt, mu = torch.tensor(0.04, dtype=DT), torch.tensor(0.3, dtype=DT)
+    steps = 23
+    grads, stats = {}, {}
+    for name, memory in (("store", Store()), ("tapes", Checkpoint(every=5)),
+                         ("plain", Checkpoint(every=5, tapes=False))):
+        spec = FlowSpec(Objective(fused, batched), SOLVERS[solver](),
+                        DiscreteAdjoint(memory=memory), steps, True)
+        u_end, kept = forward_kept(spec, theta, dt, mu, (x, y))
+        lam = torch.linspace(-1, 1, u_end.numel(), dtype=DT).reshape(u_end.shape)
+        stats[name] = SweepStats()
+        grads[name] = adjoint_sweep(spec, kept, lam, theta, dt, mu, (x, y),
+                                    need=(True, True, True), stats=stats[name])
+    for name in ("tapes", "plain"):
+        for got, ref in zip(grads[name], grads["store"]):
+            assert torch.equal(got, ref), name
+    assert stats["tapes"].taped_steps == steps - 5  # 5 segments: all but their last step
+    assert stats["plain"].taped_steps == 0 and stats["store"].taped_steps == 0
+
+
+def test_taped_hvp_equals_untaped() -> None:
+    torch.manual_seed(5)
+    model = _net(nn.Tanh, bias=True)
+    x, y, _, _ = regression_data()
+    fused = _fused_loss(_FlatModel(model), F.mse_loss, x, False)
+    assert fused is not None and fused.tape_numel((x, y)) > 0
+    u = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    v = torch.randn_like(u)
+    tape: list = []
+    g = fused.grad(u, (x, y), tape=tape)
+    assert len(tape) == 1
+    g_ref, hv_ref = fused.grad_hvp(u, v, (x, y))
+    g_t, hv_t = fused.grad_hvp(u, v, (x, y), tape=tape[0])
+    assert torch.equal(g, g_ref) and g_t is g and torch.equal(hv_t, hv_ref)
+
+
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Sigmoid, nn.Identity])
 def test_other_activations_and_no_bias(act: type[nn.Module]) -> None:
     torch.manual_seed(2)

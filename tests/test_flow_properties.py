@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -120,7 +121,7 @@ def test_backsolve_blow_up_is_detected() -> None:
         amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=200, lr=0.05, memory="backsolve")
 
 
-def _saved_states(memory: str, steps: int) -> float:
+def _saved_states(memory: object, steps: int) -> float:
     """Numbers kept alive between forward and backward by adapt, in units of P.
 
     The pack hook also sees the short-lived graphs of each inner gradient; only the
@@ -295,10 +296,10 @@ def test_revolve_schedule_visits_every_step_once_in_reverse(snapshots: int) -> N
     in the same order (any schedule error shows as a difference)."""
     from amaml.flow import Revolve
 
-    for steps in [1, 2, 3, 7, 16, 29]:
+    for steps, ahead in itertools.product([1, 2, 3, 7, 16, 29], [True, False]):
         ref, _ = _sweep(Store(), steps)
-        got, stats = _sweep(Revolve(snapshots=snapshots), steps)
-        assert torch.equal(got, ref), (snapshots, steps)
+        got, stats = _sweep(Revolve(snapshots=snapshots, snapshots_in_forward=ahead), steps)
+        assert torch.equal(got, ref), (snapshots, steps, ahead)
         t = Revolve.repetitions(snapshots, steps)
         assert stats.peak_states <= snapshots + 2
         assert stats.recomputed_steps <= max(t, 1) * steps
@@ -312,7 +313,14 @@ def test_revolve_holds_constant_states(steps: int) -> None:
     assert stats.peak_states <= 8  # 6 snapshots + u_0 + the state being differentiated
     assert Revolve.repetitions(6, steps) == (4 if steps == 100 else 7)
     assert stats.recomputed_steps <= Revolve.repetitions(6, steps) * steps
-    assert _saved_states("revolve", steps) <= 3  # between forward and backward: u_0 only
+    # Between forward and backward: u_0 and the first descent's snapshots (at most 6), or
+    # u_0 alone when the forward pass places none.
+    first = Revolve(snapshots=6).first_snapshots(steps)
+    assert 1 <= len(first) <= 6 and first == sorted(set(first))
+    assert _saved_states(Revolve(snapshots=6), steps) <= 1 + len(first) + 2
+    assert _saved_states(Revolve(snapshots=6, snapshots_in_forward=False), steps) <= 3
+    _, lazy = _sweep(Revolve(snapshots=6, snapshots_in_forward=False), steps)
+    assert stats.recomputed_steps < lazy.recomputed_steps - 0.5 * steps
 
 
 def test_revolve_exact_with_proximal_learnable_lr_and_batch() -> None:

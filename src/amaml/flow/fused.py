@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,14 +55,23 @@ class AbstractFusedLoss(abc.ABC):
         """The loss of one task at flat parameters ``u`` ``(P,)``."""
 
     @abc.abstractmethod
-    def grad(self, u: Tensor, data: Sequence[Tensor]) -> Tensor:
-        """``g(u)``, the gradient (per task when batched), without a graph."""
+    def grad(self, u: Tensor, data: Sequence[Tensor], tape: list[Any] | None = None) -> Tensor:
+        """``g(u)``, the gradient (per task when batched), without a graph.
+
+        With ``tape`` (a list), also appends what a later :meth:`grad_hvp` at the same
+        ``u`` and data can reuse instead of recomputing it (a loss may append ``None``).
+        """
 
     @abc.abstractmethod
     def grad_hvp(self, u: Tensor, v: Tensor, data: Sequence[Tensor],
-                 with_grad: bool = True) -> tuple[Tensor | None, Tensor]:
+                 with_grad: bool = True, tape: Any = None) -> tuple[Tensor | None, Tensor]:
         """``(g(u), H(u) v)`` (per task when batched), without a graph; ``g`` is ``None``
-        unless ``with_grad``."""
+        unless ``with_grad``. ``tape``: what :meth:`grad` appended at this ``u`` (or
+        ``None``); the result is the same, bit for bit, with or without it."""
+
+    def tape_numel(self, data: Sequence[Tensor]) -> int:
+        """Numbers one tape entry of :meth:`grad` holds besides ``g`` (0: tapes unused)."""
+        return 0
 
 
 @dataclass(frozen=True)
@@ -199,90 +209,125 @@ class MLPLoss(AbstractFusedLoss):
 
     # ------------------------------------------------------------------ derivatives
 
-    def grad(self, u: Tensor, data: Sequence[Tensor]) -> Tensor:
-        x, y = data
-        batched = u.ndim == 2
-        params = self._params(u)
-        pred, tape = self._forward(params, x, batched)
+    def _loss_grad(self, pred: Tensor, y: Tensor, batched: bool) -> Tensor:
         with torch.enable_grad():
             p = pred.detach().requires_grad_(True)
             (e,) = torch.autograd.grad(self._loss_total(p, y, batched), p)
+        return e
+
+    def tape_numel(self, data: Sequence[Tensor]) -> int:
+        """Numbers a tape entry holds: each layer's cotangent, each activation's output and
+        slope, and the prediction (the input and the parameters are shared)."""
+        rows = int(data[0].shape[:-1].numel())  # points (times tasks when batched)
+        width, total = 0, 0
+        for lay in self.layers:
+            if lay.kind == "linear":
+                width = lay.out_features
+                total += width
+            else:
+                total += 3 * width
+        return rows * (total + width)
+
+    def grad(self, u: Tensor, data: Sequence[Tensor], tape: list[Any] | None = None) -> Tensor:
+        x, y = data
+        batched = u.ndim == 2
+        params = self._params(u)
+        pred, fwd = self._forward(params, x, batched)
+        e = self._loss_grad(pred, y, batched)
         buf, out = self._buffer(u)
+        keep = tape is not None
+        n_layers = len(self.layers)
+        slopes: list[Tensor | None] = [None] * n_layers
+        deltas: list[Tensor] = [e] * n_layers
         d = e
         i = len(params)
         rows = 1 if batched else 0
         mm = torch.bmm if batched else torch.mm
-        for j in range(len(self.layers) - 1, -1, -1):
+        for j in range(n_layers - 1, -1, -1):
             lay = self.layers[j]
+            deltas[j] = d
             if lay.kind == "linear":
                 if lay.bias:
                     i -= 1
                     torch.sum(d, rows, out=out[i])
                 i -= 1
-                mm(d.transpose(rows, rows + 1), tape[j], out=out[i])
+                mm(d.transpose(rows, rows + 1), fwd[j], out=out[i])
                 if j > 0:
                     d = mm(d, params[i])
             else:
-                s = _slope(lay.kind, tape[j])
+                s = _slope(lay.kind, fwd[j])
+                slopes[j] = s
                 if s is not None:
                     d = d * s
+        if keep:
+            assert tape is not None
+            tape.append(_MLPTape(params, fwd, slopes, deltas, pred, buf))
         return buf
 
     def grad_hvp(self, u: Tensor, v: Tensor, data: Sequence[Tensor],
-                 with_grad: bool = True) -> tuple[Tensor | None, Tensor]:
+                 with_grad: bool = True, tape: Any = None) -> tuple[Tensor | None, Tensor]:
         x, y = data
         batched = u.ndim == 2
         mm = torch.bmm if batched else torch.mm
         addmm = torch.baddbmm if batched else torch.addmm
         rows = 1 if batched else 0
-        params, dirs = self._params(u), self._params(v)
+        dirs = self._params(v)
 
         def tr(t: Tensor) -> Tensor:
             return t.transpose(1, 2) if batched else t.t()
 
-        # Forward pass and its directional derivative R(.) along v (Pearlmutter's R-op).
-        tape: list[Tensor] = []
+        # The forward pass (from the tape of grad(u) when given) and its directional
+        # derivative R(.) along v (Pearlmutter's R-operator).
+        taped = tape if isinstance(tape, _MLPTape) else None
+        if taped is not None:
+            params, fwd, slopes, pred = taped.params, taped.fwd, taped.slopes, taped.pred
+        else:
+            params = self._params(u)
+            pred, fwd = self._forward(params, x, batched)
+            slopes = [None if lay.kind == "linear" else _slope(lay.kind, fwd[j])
+                      for j, lay in enumerate(self.layers)]
         r_tape: list[Tensor | None] = []
-        h, r_h, i = x, None, 0
-        for lay in self.layers:
+        r_h: Tensor | None = None
+        i = 0
+        for j, lay in enumerate(self.layers):
             if lay.kind == "linear":
-                w, vw = params[i], dirs[i]
-                b = params[i + 1] if lay.bias else None
+                vw = dirs[i]
                 vb = dirs[i + 1] if lay.bias else None
+                w = params[i]
                 i += 2 if lay.bias else 1
-                tape.append(h)
                 r_tape.append(r_h)
-                r_new = self._linear(h, vw, vb, batched)
+                r_new = self._linear(fwd[j], vw, vb, batched)
                 if r_h is not None:
                     r_new = addmm(r_new, r_h, tr(w))
-                h, r_h = self._linear(h, w, b, batched), r_new
+                r_h = r_new
             else:
-                act = _FORWARD.get(lay.kind)
-                if act is not None:
-                    h = act(h)
-                    s = _slope(lay.kind, h)
-                    if r_h is not None and s is not None:
-                        r_h = s * r_h
-                tape.append(h)
+                s = slopes[j]
+                if r_h is not None and s is not None:
+                    r_h = s * r_h
                 r_tape.append(r_h)
         # The loss on the output: its gradient e and e's derivative along R(output).
         with torch.enable_grad():
-            p = h.detach().requires_grad_(True)
+            p = pred.detach().requires_grad_(True)
             (e,) = torch.autograd.grad(self._loss_total(p, y, batched), p, create_graph=True)
             r_e = None
             if e.requires_grad and r_h is not None:
                 (r_e,) = torch.autograd.grad(e, p, r_h, allow_unused=True)
         e = e.detach()
         r_d = torch.zeros_like(e) if r_e is None else r_e
-        # Backward pass and its R-derivative, written into flat buffers.
-        g_buf, g_out = self._buffer(u) if with_grad else (None, None)
+        # Backward pass (its cotangents from the tape when given) and its R-derivative,
+        # written into flat buffers.
+        g_buf, g_out = (None, None)
+        if with_grad:
+            g_buf, g_out = (taped.g, None) if taped is not None else self._buffer(u)
         h_buf, h_out = self._buffer(u)
         d = e
         i = len(params)
         for j in range(len(self.layers) - 1, -1, -1):
             lay = self.layers[j]
+            if taped is not None:
+                d = taped.deltas[j]
             if lay.kind == "linear":
-                h_in, r_in = tape[j], r_tape[j]
+                h_in, r_in = fwd[j], r_tape[j]
                 if lay.bias:
                     i -= 1
                     if g_out is not None:
@@ -298,14 +343,27 @@ class MLPLoss(AbstractFusedLoss):
                 if j > 0:
                     w, vw = params[i], dirs[i]
                     r_d = addmm(mm(d, vw), r_d, w)
-                    d = mm(d, w)
+                    if taped is None:
+                        d = mm(d, w)
             else:
-                y_out = tape[j]
-                s = _slope(lay.kind, y_out)
+                s = slopes[j]
                 if s is None:
                     continue
                 r_y = r_tape[j]
-                r_s = None if r_y is None else _r_slope(lay.kind, y_out, r_y)
+                r_s = None if r_y is None else _r_slope(lay.kind, fwd[j], r_y)
                 r_d = r_d * s if r_s is None else torch.addcmul(r_d * s, d, r_s)
-                d = d * s
+                if taped is None:
+                    d = d * s
         return g_buf, h_buf
+
+
+@dataclass
+class _MLPTape:
+    """What :meth:`MLPLoss.grad` computed at ``u`` that its ``grad_hvp`` reuses."""
+
+    params: list[Tensor]
+    fwd: list[Tensor]
+    slopes: list[Tensor | None]
+    deltas: list[Tensor]
+    pred: Tensor
+    g: Tensor

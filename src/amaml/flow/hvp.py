@@ -19,6 +19,7 @@ immutable"). ``benchmarks/bench_hvp.py`` measures one ``H v`` each way; the figu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -98,16 +99,26 @@ def make_field(
     dt: Tensor,
     mu: Tensor | None,
     create_graph: bool,
+    record: list[tuple[Tensor, Any]] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """The vector field ``F(u) = -dt * (grad L(u) + mu (u - theta))`` of a unit step.
 
     ``mu`` is ``None`` when the proximal term is absent (skipped, not multiplied by 0).
+    With ``record`` (a list; the objective must be fused, without ``create_graph``), each
+    evaluation appends ``(u, tape)``, the loss's tape of its gradient at ``u``
+    (:meth:`~amaml.flow.fused.AbstractFusedLoss.grad`).
     """
 
     neg_dt = -dt  # once, not at every evaluation
+    fused = objective.fused if record is not None and not create_graph else None
 
     def field(u: Tensor) -> Tensor:
-        g = objective.grad(u, data, create_graph=create_graph)
+        if fused is not None and record is not None:
+            tape: list[Any] = []
+            g = fused.grad(u.detach(), data, tape=tape)
+            record.append((u, tape[0] if tape else None))
+        else:
+            g = objective.grad(u, data, create_graph=create_graph)
         if mu is not None:
             g = g + mu * (u - theta)
         return neg_dt * g

@@ -29,6 +29,7 @@ from .errors import BacksolveError
 from .hvp import make_field
 from .trajectory import (
     FlowContext,
+    StepTape,
     _accumulate,
     _check_every,
     _initial_state,
@@ -99,17 +100,29 @@ class Store(AbstractMemory):
 class Checkpoint(AbstractMemory):
     """Keep every ``every``-th state; recompute each segment in the backward pass.
 
+    On the fused MLP path (:mod:`amaml.flow.fused`) the recomputed forward steps of a
+    segment keep their tapes (each layer's output and cotangent, what the gradient at
+    that state computed) and the segment's step VJPs reuse them instead of running the
+    network forward and backward again: the same gradient bit for bit, about 15% less
+    time at N = 100 on the paper's MLP, for ``every * tape_numel`` more numbers held
+    during one segment's sweep (about 11 states' worth per step on the paper's MLP with
+    100 support points). ``tapes=False`` keeps only states.
+
     Args:
         every: Segment length; ``None`` picks ``ceil(sqrt(N))``, which holds at most
             about ``2 sqrt(N)`` states at once for one extra forward pass. Exact.
+        tapes: Reuse the recomputed steps' tapes (fused path only; no effect elsewhere).
     """
 
     every: int | None = None
+    tapes: bool = True
     name: str = field(default="checkpoint", init=False)
 
     def __post_init__(self) -> None:
         if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
             raise ValueError(f"Checkpoint(every=...) must be a positive int; got {self.every!r}.")
+        if not isinstance(self.tapes, bool):
+            raise TypeError(f"Checkpoint(tapes=...) must be a bool; got {self.tapes!r}.")
 
     def segment(self, n_steps: int) -> int:
         """The segment length used for ``n_steps`` steps."""
@@ -125,17 +138,22 @@ class Checkpoint(AbstractMemory):
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
         every = self.segment(flow.n_steps)
         stats = flow.stats
+        use_tapes = self.tapes and flow.tape_numel() > 0
         for j in range(kept.shape[0] - 1, -1, -1):
             start = j * every
             stop = min(start + every, flow.n_steps)
-            # States start..stop-1 of this segment, recomputed from its checkpoint.
-            u_last, seg = flow.integrate(kept[j], start, stop - 1, keep_every=1)
+            # States start..stop-1 of this segment, recomputed from its checkpoint, with
+            # the tapes of the steps taken (all but the segment's last).
+            tapes: list[StepTape] | None = [] if use_tapes else None
+            u_last, seg = flow.integrate(kept[j], start, stop - 1, keep_every=1, tapes=tapes)
             seg.append(u_last)
             stats.recomputed_steps += stop - 1 - start
             stats.peak_states = max(stats.peak_states, kept.shape[0] + len(seg) - 1)
             for k in range(stop - 1, start - 1, -1):
-                lam = flow.vjp(seg[k - start], lam)
-            del seg
+                tape = tapes.pop() if tapes and k - start < len(tapes) else None
+                stats.taped_steps += tape is not None
+                lam = flow.vjp(seg[k - start], lam, tape)
+            del seg, tapes
         return lam
 
 
@@ -148,11 +166,21 @@ class Revolve(AbstractMemory):
     ``C(s + t, s) >= N`` (20 snapshots: ``t = 2`` for 100 steps, 3 for 1000, 4 for 10000).
     Memory stays constant as ``N`` grows; time grows by the recomputations. Exact.
 
+    The forward pass already places the schedule's first snapshots (the states the sweep's
+    first descent would recompute; at most ``snapshots`` of them), so the sweep starts
+    without re-running the forward pass: 0.9 N recomputed steps instead of 1.9 N at
+    N = 100, 1.8 N instead of 2.8 N at N = 1000 (20 snapshots).
+
     Args:
         snapshots: States held besides the one being differentiated, >= 1.
+        snapshots_in_forward: Keep the first snapshots from the forward pass (default).
+            ``False`` holds only ``u_0`` between the forward and the backward pass (one
+            state per task instead of up to ``snapshots + 1``, e.g. when many tasks' graphs
+            wait for one ``backward``) at the price of about ``N`` more recomputed steps.
     """
 
     snapshots: int = 20
+    snapshots_in_forward: bool = True
     name: str = field(default="revolve", init=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +188,9 @@ class Revolve(AbstractMemory):
                 or self.snapshots < 1:
             raise ValueError(f"Revolve(snapshots=...) must be an int >= 1; got "
                              f"{self.snapshots!r}.")
+        if not isinstance(self.snapshots_in_forward, bool):
+            raise TypeError(f"Revolve(snapshots_in_forward=...) must be a bool; got "
+                            f"{self.snapshots_in_forward!r}.")
 
     @staticmethod
     def repetitions(snapshots: int, n_steps: int) -> int:
@@ -169,13 +200,42 @@ class Revolve(AbstractMemory):
             t += 1
         return t
 
+    @staticmethod
+    def _split(a: int, b: int, free: int) -> int:
+        """Where the schedule reversing steps ``a .. b-1`` with ``free`` snapshots places
+        its next one (``b - a >= 2``, ``free >= 1``)."""
+        t = Revolve.repetitions(free, b - a)
+        return a + max(1, min(b - a - 1, math.comb(free + t - 1, free)))
+
+    def first_snapshots(self, n_steps: int) -> list[int]:
+        """The steps whose states the schedule's first descent holds: what the forward pass
+        keeps besides ``u_0`` (empty if ``snapshots_in_forward`` is false)."""
+        if not self.snapshots_in_forward:
+            return []
+        where, a, free = [], 0, self.snapshots
+        while n_steps - a > 1 and free > 0:
+            a = self._split(a, n_steps, free)
+            where.append(a)
+            free -= 1
+        return where
+
     def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
-        u0 = flow.initial_state()  # kept alone; the sweep recomputes the rest
-        u_end, _ = flow.integrate(u0)
-        return u_end, u0.detach().clone().unsqueeze(0)
+        where = self.first_snapshots(flow.n_steps)
+        u0 = flow.initial_state()
+        kept = u0.new_empty((1 + len(where), *u0.shape))
+        kept[0].copy_(u0)
+        u, k = u0, 0
+        for i, m in enumerate(where, 1):
+            u, _ = flow.integrate(u, k, m)
+            kept[i].copy_(u)
+            u, k = kept[i], m
+        u_end, _ = flow.integrate(u, k, flow.n_steps)
+        return u_end, kept
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
         stats = flow.stats
+        # The snapshots the forward pass placed, by step: used (once) by the first descent.
+        ready = dict(zip(self.first_snapshots(flow.n_steps), kept[1:]))
         held = [1]  # states alive now: u0 (the caller's), then one per open recursion level
         # The cotangent lives in one box, not in the recursion's frames: a frame that passed
         # ``lam`` down would otherwise keep that stale vector alive until it returns.
@@ -184,6 +244,8 @@ class Revolve(AbstractMemory):
         def advance(u: Tensor, start: int, stop: int) -> Tensor:
             if stop == start:
                 return u
+            if stop in ready:
+                return ready.pop(stop)
             stats.recomputed_steps += stop - start
             u_stop, _ = flow.integrate(u, start, stop)
             return u_stop
@@ -202,15 +264,14 @@ class Revolve(AbstractMemory):
             if b - a == 1:
                 vjp(u_a)
                 return
-            t = Revolve.repetitions(free, b - a)
-            m = a + max(1, min(b - a - 1, math.comb(free + t - 1, free)))
+            m = self._split(a, b, free)
             held[0] += 1
             stats.peak_states = max(stats.peak_states, held[0])
             reverse(m, advance(u_a, a, m), b, free - 1)  # u_m dies when this returns
             held[0] -= 1
             reverse(a, u_a, m, free)
 
-        stats.peak_states = max(stats.peak_states, 1)
+        stats.peak_states = max(stats.peak_states, 1 + len(ready))
         del lam
         reverse(0, kept[0], flow.n_steps, self.snapshots)
         return box[0]

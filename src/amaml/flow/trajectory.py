@@ -26,7 +26,7 @@ from .solvers import RK4, AbstractSolver, Euler, Heun
 if TYPE_CHECKING:
     from .adjoint import AbstractAdjoint
 
-__all__ = ["FlowContext", "FlowSpec", "SweepStats", "integrate"]
+__all__ = ["FlowContext", "FlowSpec", "StepTape", "SweepStats", "can_tape", "integrate"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class SweepStats:
 
     peak_states: int = 0
     recomputed_steps: int = 0
+    #: Step VJPs that reused the tape of their recomputed forward step (fused path).
+    taped_steps: int = 0
 
 
 def _initial_state(theta: Tensor, objective: Objective, data: Sequence[Tensor]) -> Tensor:
@@ -84,6 +86,7 @@ def integrate(
     start: int = 0,
     stop: int | None = None,
     out: Tensor | None = None,
+    tapes: list[StepTape] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Integrate the flow from step ``start`` (state ``u0``) to ``stop``.
 
@@ -98,6 +101,9 @@ def integrate(
         start, stop: The steps to take (``stop=None`` means ``spec.n_steps``).
         out: Optional buffer with one row per kept state (no graph): the kept states
             are written into it, so that stacking them later needs no second copy.
+        tapes: Optional list: each step appends its :data:`StepTape` (the stage states and
+            the fused loss's tapes of their gradients) for :func:`_step_vjp` to reuse.
+            Only where :func:`can_tape` (else nothing is appended).
 
     Returns:
         ``(u_stop, kept_states)`` (with ``out``, the kept states are rows of ``out``).
@@ -106,7 +112,10 @@ def integrate(
         DivergenceError: If the state becomes non-finite; names the first bad step.
     """
     stop = spec.n_steps if stop is None else stop
-    field_fn = make_field(spec.objective, data, theta, dt, mu, create_graph)
+    record: list[tuple[Tensor, Any]] | None = None
+    if tapes is not None and not create_graph and can_tape(spec):
+        record = []
+    field_fn = make_field(spec.objective, data, theta, dt, mu, create_graph, record)
     u = _initial_state(theta, spec.objective, data) if u0 is None else u0
     kept: list[Tensor] = []
     every = _check_every(spec.n_steps)
@@ -124,6 +133,9 @@ def integrate(
         if u_next is None:
             fast = None
             u_next = spec.solver.step(field_fn, u)
+            if record is not None and tapes is not None:
+                tapes.append(record[:])
+                record.clear()
         u = u_next
         if (k + 1 - start) % every == 0 or k + 1 == stop:
             if not bool(torch.isfinite(u).all()):
@@ -135,6 +147,17 @@ def integrate(
 
 
 # ----------------------------------------------------------------------------- step VJPs
+
+#: One step's stage states ``U_i`` and the fused loss's tape of ``g(U_i)`` for each stage.
+StepTape = list[tuple[Tensor, Any]]
+
+
+def can_tape(spec: FlowSpec) -> bool:
+    """Whether the steps of this flow can keep tapes that make their VJPs cheaper: a fused
+    loss that keeps any, a tableau solver, and no compiled step functions."""
+    fused = spec.objective.fused
+    return (fused is not None and spec.compiled is None
+            and type(spec.solver) in _TABLEAU_SOLVERS)
 
 
 def _leaves(
@@ -180,8 +203,12 @@ def _step_vjp(
     data: Sequence[Tensor],
     need: Need,
     bars: dict[str, Tensor],
+    tape: StepTape | None = None,
 ) -> Tensor:
-    """``(dPhi/du)^T lam``; adds ``(dPhi/dp)^T lam`` for the needed parameters to ``bars``."""
+    """``(dPhi/du)^T lam``; adds ``(dPhi/dp)^T lam`` for the needed parameters to ``bars``.
+
+    ``tape``: what :func:`integrate` recorded when it took this step from ``u`` (the
+    result is the same; the fused path then skips recomputing the stages)."""
     if spec.compiled is not None:
         res = spec.compiled.vjp(u.detach(), lam, theta.detach(), dt.detach(),
                                 None if mu is None else mu.detach(), data, need)
@@ -191,7 +218,7 @@ def _step_vjp(
             return lam_u
     if spec.objective.fused is not None and type(spec.solver) in _TABLEAU_SOLVERS:
         return _fused_step_vjp(spec, u.detach(), lam, theta.detach(), dt.detach(),
-                               None if mu is None else mu.detach(), data, need, bars)
+                               None if mu is None else mu.detach(), data, need, bars, tape)
     th, d, m, params = _leaves(theta, dt, mu, need)
     with torch.enable_grad():
         u = u.detach().requires_grad_(True)
@@ -216,6 +243,7 @@ def _fused_step_vjp(
     data: Sequence[Tensor],
     need: Need,
     bars: dict[str, Tensor],
+    tape: StepTape | None = None,
 ) -> Tensor:
     """:func:`_step_vjp` from the loss's own gradient and Hessian-vector products.
 
@@ -227,7 +255,8 @@ def _fused_step_vjp(
     ``(dPhi/du)^T lam = lam + sum_i bar_U_i``; the parameters collect
     ``bar_dt = -sum_i (g(U_i) + mu (U_i - theta)) w_i``,
     ``bar_mu = -sum_i dt (U_i - theta) . w_i``, ``bar_theta = mu sum_i dt w_i``
-    (summed over tasks when batched). No autograd graph is built.
+    (summed over tasks when batched). No autograd graph is built. With the step's
+    ``tape`` the stage states and the forward halves of their derivatives are reused.
     """
     fused = spec.objective.fused
     if fused is None:
@@ -237,8 +266,12 @@ def _fused_step_vjp(
     batched = spec.objective.batched
     # The stage states U_i, recomputed (Euler: U_0 = u, nothing to recompute).
     states = [u]
+    stage_tapes: list[Any] = [None] * stages
+    if tape is not None and len(tape) == stages:
+        states = [ui.detach() for ui, _ in tape]
+        stage_tapes = [t for _, t in tape]
     ks: list[Tensor] = []
-    for i in range(1, stages):
+    for i in range(len(states), stages):
         g = fused.grad(states[i - 1], data)
         if mu is not None:
             g = g + mu * (states[i - 1] - theta)
@@ -258,7 +291,7 @@ def _fused_step_vjp(
             if bj is not None and a[j][i] != 0.0:
                 w = w + a[j][i] * bj
         dw = dt * w
-        g_i, hv = fused.grad_hvp(states[i], dw, data, with_grad=need[1])
+        g_i, hv = fused.grad_hvp(states[i], dw, data, with_grad=need[1], tape=stage_tapes[i])
         back = hv if mu is None else hv + mu * dw
         bar_u[i] = -back
         lam_u = lam_u - back
@@ -327,6 +360,7 @@ class FlowContext:
         keep_every: int | None = None,
         out: Tensor | None = None,
         create_graph: bool = False,
+        tapes: list[StepTape] | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """Steps ``start .. stop-1`` from ``u0`` (the state at ``start``); see :func:`integrate`.
 
@@ -335,10 +369,19 @@ class FlowContext:
         """
         return integrate(self.spec, self.theta, self.dt, self.mu, self.data,
                          keep_every=keep_every, create_graph=create_graph, u0=u0,
-                         start=start, stop=stop, out=out)
+                         start=start, stop=stop, out=out, tapes=tapes)
 
-    def vjp(self, u: Tensor, lam: Tensor) -> Tensor:
+    def tape_numel(self) -> int:
+        """Numbers one step's tape holds (0 where this flow keeps none; see
+        :func:`can_tape`): a memory strategy weighs them against the states it keeps."""
+        fused = self.spec.objective.fused
+        if fused is None or not can_tape(self.spec):
+            return 0
+        return fused.tape_numel(self.data) * self.spec.solver.stages
+
+    def vjp(self, u: Tensor, lam: Tensor, tape: StepTape | None = None) -> Tensor:
         """One step back: ``(dPhi/du (u))^T lam``, where ``u`` is the state the step starts
-        from; adds ``(dPhi/dp (u))^T lam`` to :attr:`bars` for the needed parameters."""
+        from; adds ``(dPhi/dp (u))^T lam`` to :attr:`bars` for the needed parameters.
+        ``tape``: what ``integrate(..., tapes=...)`` recorded for this step, if anything."""
         return _step_vjp(self.spec, u, lam, self.theta, self.dt, self.mu, self.data,
-                         self.need, self.bars)
+                         self.need, self.bars, tape)
