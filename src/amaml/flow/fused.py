@@ -182,6 +182,11 @@ class MLPLoss(AbstractFusedLoss):
         self.n_params = sum(self.sizes)
         self._batched_loss: Callable[..., Tensor] = torch.func.vmap(loss_fn)
 
+    def cache_key(self) -> tuple[Any, ...]:
+        """What the computation depends on besides its tensors: the layers and the loss
+        function (compiled step functions are shared between losses with equal keys)."""
+        return (type(self), self.layers, self.loss_fn)
+
     # ------------------------------------------------------------------ pieces
 
     def _params(self, u: Tensor) -> list[Tensor]:
