@@ -137,8 +137,8 @@ def test_checkpoint_tapes_give_the_store_gradient_bit_for_bit(solver: str, batch
     dt, mu = torch.tensor(0.04, dtype=DT), torch.tensor(0.3, dtype=DT)
     steps = 23
     grads, stats = {}, {}
-    for name, memory in (("store", Store()), ("tapes", Checkpoint(every=5)),
-                         ("plain", Checkpoint(every=5, tapes=False))):
+    for name, memory in (("store", Store()), ("tapes", Checkpoint(every=5, tapes=True)),
+                         ("plain", Checkpoint(every=5))):
         spec = FlowSpec(Objective(fused, batched), SOLVERS[solver](),
                         DiscreteAdjoint(memory=memory), steps, True)
         u_end, kept = forward_kept(spec, theta, dt, mu, (x, y))

@@ -100,13 +100,14 @@ class Store(AbstractMemory):
 class Checkpoint(AbstractMemory):
     """Keep every ``every``-th state; recompute each segment in the backward pass.
 
-    On the fused MLP path (:mod:`amaml.flow.fused`) the recomputed forward steps of a
-    segment keep their tapes (each layer's output and cotangent, what the gradient at
-    that state computed) and the segment's step VJPs reuse them instead of running the
-    network forward and backward again: the same gradient bit for bit, about 15% less
-    time at N = 100 on the paper's MLP, for ``every * tape_numel`` more numbers held
-    during one segment's sweep (about 11 states' worth per step on the paper's MLP with
-    100 support points). ``tapes=False`` keeps only states.
+    With ``tapes=True``, on the fused MLP path (:mod:`amaml.flow.fused`), the recomputed
+    forward steps of a segment keep their tapes (each layer's output and cotangent, what
+    the gradient at that state computed) and the segment's step VJPs reuse them instead
+    of running the network forward and backward again: the same gradient bit for bit,
+    about 8% less time on the paper's MLP, but ``every * tape_numel`` more numbers held
+    during a segment's sweep, about 16 states' worth per step there (activations grow
+    with the support set and the width), so that checkpoint then holds about
+    ``18 sqrt(N)`` states instead of ``2 sqrt(N)``: off by default.
 
     Args:
         every: Segment length; ``None`` picks ``ceil(sqrt(N))``, which holds at most
@@ -115,7 +116,7 @@ class Checkpoint(AbstractMemory):
     """
 
     every: int | None = None
-    tapes: bool = True
+    tapes: bool = False
     name: str = field(default="checkpoint", init=False)
 
     def __post_init__(self) -> None:
