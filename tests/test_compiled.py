@@ -59,6 +59,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
         return run
 
     monkeypatch.setattr(compiled.torch, "compile", broken)
+    monkeypatch.setattr(compiled, "_STEP_CACHE", {})  # the failed steps stay in this test
     model = mlp(hidden=8)
     x, y, xq, yq = regression_data()
     ref = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=30, lr=0.05, memory="store")
@@ -66,6 +67,60 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
         got = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=30, lr=0.05,
                               memory="store", compile=True)
     assert torch.equal(got, ref)
+
+
+def test_cpp_wrapper_failure_rebuilds_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU the steps are compiled with a C++ wrapper first; if that build fails they are
+    compiled again without it (here: a stand-in compiler), silently, with the same result."""
+    calls: list[dict[str, object]] = []
+
+    def fake(fn, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs)
+
+        def run(*args: object) -> object:
+            if kwargs.get("options", {}).get("cpp_wrapper"):  # type: ignore[union-attr]
+                raise RuntimeError("no C++ wrapper here")
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(compiled.torch, "compile", fake)
+    monkeypatch.setattr(compiled, "_STEP_CACHE", {})
+    model = mlp(hidden=8)
+    x, y, xq, yq = regression_data()
+    ref = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=20, lr=0.05, memory="store")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        got = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=20, lr=0.05,
+                              memory="store", compile=True)
+    assert rel_err(got, ref) < TOL
+    assert calls[0] == {"dynamic": False, "options": {"cpp_wrapper": True}}
+    assert all("options" not in kw for kw in calls[1:]) and len(calls) >= 3
+    (fns,) = compiled._STEP_CACHE.values()
+    assert not fns.failed and not fns._cpp_wrapper
+
+
+def test_step_functions_are_shared_by_equal_fused_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from amaml.flow.fused import Layer, MLPLoss
+    from amaml.flow.solvers import RK4, Euler
+
+    monkeypatch.setattr(compiled, "_STEP_CACHE", {})
+    layers = [Layer("linear", 2, 4), Layer("tanh"), Layer("linear", 4, 1)]
+
+    def fns(loss_fn: object = F.mse_loss, solver: object = None, batched: bool = False):  # type: ignore[no-untyped-def]
+        return compiled.step_functions(MLPLoss(layers, loss_fn),  # type: ignore[arg-type]
+                                       solver or Euler(), batched, False)
+
+    first = fns()
+    assert fns() is first  # a new MLPLoss of the same layers and loss function
+    assert fns(F.l1_loss) is not first and fns(solver=RK4()) is not first
+    assert fns(batched=True) is not first
+    plain = compiled.step_functions(lambda u, x, y: (u.sum() * x).sum(), Euler(), False, False)
+    assert compiled.step_functions(plain._step_eager, Euler(), False, False) is not plain
+    for i in range(compiled._STEP_CACHE_SIZE + 3):  # bounded, least recently used dropped
+        fns(loss_fn=lambda p, t, i=i: F.mse_loss(p, t) * (i + 1))
+    assert len(compiled._STEP_CACHE) == compiled._STEP_CACHE_SIZE
+    assert fns() is not first
 
 
 def test_compile_argument_is_checked() -> None:
