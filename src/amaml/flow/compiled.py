@@ -257,10 +257,11 @@ def enable_compile_cache(directory: str | os.PathLike[str] | None = None) -> Pat
     ``TORCHINDUCTOR_AUTOGRAD_CACHE`` and the matching ``torch._inductor.config`` /
     ``torch._functorch.config`` flags), as torch's caches are process-wide.
 
-    Measured on the paper's MLP (``benchmarks/bench_compile_cache.py``, 2 shared CPU cores,
+    Measured on the paper's MLP (``benchmarks/bench_compile_cache.py``, 2 CPU cores,
     torch 2.13, 2026-11-28): the first compiled ``adapt(..., memory="store",
-    compile=True)`` meta-gradient of a fresh process took 71.3 s with an empty cache and
-    10.6 s in a second process with the cache the first one filled.
+    compile=True)`` meta-gradient of a fresh process took 16.7 s with an empty cache and
+    3.2 s in a second process with the cache the first one filled (idle machine; 71.3 s
+    and 10.6 s under a load of 6).
 
     Args:
         directory: The cache folder; created if missing.
@@ -295,16 +296,17 @@ def recommend_compile(n_steps: int, meta_iters: int, n_tasks: int, device: str) 
     Compiling costs a one-off ``C`` seconds per process (model, loss and shapes) and saves
     ``s`` seconds per inner step and task on every later meta-gradient; it pays when
     ``n_steps * meta_iters * n_tasks * s > C``. Measured on the paper's MLP (2-32-32-1
-    tanh, 100 support points, float32, one CPU thread, torch 2.13, 2 shared cores;
-    ``benchmarks/bench_compile_cache.py``, 2026-11-28): eager store (the fused MLP path)
-    0.95 to 1.40 ms per inner step and task, compiled store 0.45 to 0.72 ms, so ``s`` is
-    about 0.5 ms; ``C`` was 71 s with an empty cache and 11 s with a warm one
-    (:func:`enable_compile_cache`). Break-even is therefore about 1.4 x 10^5 task-steps
-    with an empty cache (e.g. 100 steps x 5 tasks x 280 meta-iterations) and 2 x 10^4
-    with a warm one. The rule asks for 1.5 times the empty-cache break-even
-    (2.1 x 10^5 task-steps): the timings of this shared machine vary by 20 to 50%, and
-    the saving per step shrinks for larger models, where arithmetic rather than dispatch
-    dominates.
+    tanh, 100 support points, float32, one CPU thread, torch 2.13, 2 cores;
+    ``benchmarks/bench_compile_cache.py``, 2026-11-28, after the C++-wrapped compiled
+    steps and the leaner fused eager path): eager store 0.62 ms per inner step and task,
+    compiled store 0.28 to 0.33 ms, so ``s`` is about 0.32 ms; ``C`` was 16 to 17 s with
+    an empty cache and 3.2 to 3.6 s with a warm one (:func:`enable_compile_cache`) on an
+    idle machine, and 71 s (empty cache) on the same machine under a load of 6. Break-even
+    is therefore about 5 x 10^4 task-steps with an empty cache on an idle machine (e.g.
+    100 steps x 5 tasks x 100 meta-iterations) and 10^4 with a warm one. The rule asks for
+    1.5 times the empty-cache break-even (7.5 x 10^4 task-steps): the timings of this
+    shared machine vary by 20 to 50% (and compilation by 4x under load), and the saving
+    per step shrinks for larger models, where arithmetic rather than dispatch dominates.
 
     On CUDA, per-op launch latency makes eager steps dispatch-bound too, and compilation
     (Triton) is slower; the same threshold is used, unmeasured on GPUs here.
@@ -334,5 +336,5 @@ def recommend_compile(n_steps: int, meta_iters: int, n_tasks: int, device: str) 
 
 
 #: Inner task-steps after which compilation has paid for itself (empty cache, CPU, the
-#: paper's MLP): about 71 s / 0.5 ms; see :func:`recommend_compile`.
-_BREAK_EVEN_TASK_STEPS = 140_000
+#: paper's MLP, idle machine): about 16 s / 0.32 ms; see :func:`recommend_compile`.
+_BREAK_EVEN_TASK_STEPS = 50_000
