@@ -244,7 +244,8 @@ def adjoint_sweep(
         spec: The flow (its adjoint must be an :class:`AbstractSweepAdjoint`, e.g.
             :class:`DiscreteAdjoint` or :class:`Implicit`).
         kept: What :func:`forward_kept` kept: all states (``Store``), the checkpoints
-            (``Checkpoint``), ``u_0`` (``Revolve``) or ``u_N`` alone (``Backsolve``,
+            (``Checkpoint``), ``u_0`` and the first snapshots (``Revolve``) or ``u_N``
+            alone (``Backsolve``,
             ``Implicit``), stacked on dim 0.
         lam: Cotangent of ``u_N``, same shape as ``u_N``.
         theta, dt, mu: The flow's parameters (``mu`` is ``None`` without proximal term).
