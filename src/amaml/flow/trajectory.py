@@ -154,7 +154,8 @@ StepTape = list[tuple[Tensor, Any]]
 
 def can_tape(spec: FlowSpec) -> bool:
     """Whether the steps of this flow can keep tapes that make their VJPs cheaper: a fused
-    loss that keeps any, a tableau solver, and no compiled step functions."""
+    loss, a tableau solver, and no compiled step functions (whether the loss keeps
+    anything is its :meth:`~amaml.flow.fused.AbstractFusedLoss.tape_numel`)."""
     fused = spec.objective.fused
     return (fused is not None and spec.compiled is None
             and type(spec.solver) in _TABLEAU_SOLVERS)
