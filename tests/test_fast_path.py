@@ -255,3 +255,28 @@ def test_layer_kind_is_checked() -> None:
         Layer("gelu")
     with pytest.raises(ValueError, match="at least one linear layer"):
         MLPLoss([Layer("tanh")], F.mse_loss)
+
+
+def test_loss_gradient_through_the_engine_equals_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused loss calls the autograd engine directly; the public ``torch.autograd.grad``
+    (used for tensor subclasses and other torch versions) gives the same numbers."""
+    from amaml.flow import fused as fused_mod
+
+    p = torch.randn(7, 1, dtype=DT, requires_grad=True)
+    y = torch.randn(7, 1, dtype=DT)
+    r = torch.randn(7, 1, dtype=DT)
+    with torch.enable_grad():
+        e = fused_mod._autograd_grad(F.mse_loss(p, y), p, create_graph=True)
+        assert e is not None
+        r_e = fused_mod._autograd_grad(e, p, r)
+        (e_ref,) = torch.autograd.grad(F.mse_loss(p, y), p, create_graph=True)
+        (r_ref,) = torch.autograd.grad(e_ref, p, r)
+    assert r_e is not None and torch.equal(e, e_ref) and torch.equal(r_e, r_ref)
+    # an output that does not depend on the input: None, as allow_unused=True gives
+    q = torch.randn(3, dtype=DT, requires_grad=True)
+    with torch.enable_grad():
+        assert fused_mod._autograd_grad((q * 2).sum(), p) is None
+    monkeypatch.setattr(fused_mod, "_ENGINE", None)  # the public path
+    with torch.enable_grad():
+        e_pub = fused_mod._autograd_grad(F.mse_loss(p, y), p)
+    assert e_pub is not None and torch.equal(e_pub, e_ref.detach())

@@ -131,8 +131,9 @@ def _autograd_grad(output: Tensor, inp: Tensor, grad_output: Tensor | None = Non
     """``torch.autograd.grad(output, inp, grad_output, create_graph=...)[0]`` (``None`` if
     ``output`` does not depend on ``inp``), calling the autograd engine directly where
     torch allows it: the public wrapper's argument handling costs about 17 us a call, a
-    quarter of the loss's whole gradient on the paper's workload. Same engine, same result."""
-    if _ENGINE is not None:
+    quarter of the loss's whole gradient on the paper's workload. Same engine, same result.
+    Tensor subclasses (``__torch_function__`` overrides) take the public path."""
+    if _ENGINE is not None and type(output) is Tensor and type(inp) is Tensor:
         go = torch.ones_like(output) if grad_output is None else grad_output
         try:
             res = _ENGINE.run_backward((output,), (go,), create_graph, create_graph, (inp,),
