@@ -5,6 +5,7 @@ discrete adjoint of the solver, so memory no longer grows with the number of
 inner steps. Start with :func:`adapt` and :func:`adapt_batch`.
 """
 
+from . import optim
 from .api import BATCH_NORM_MODES, adapt, adapt_batch, functional_call, functional_call_batch
 from .flow import (
     RK4,
@@ -22,12 +23,14 @@ from .flow import (
     Unrolled,
     gradient_flow,
 )
+from .support import MiniBatches
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BATCH_NORM_MODES", "Backsolve", "BacksolveError", "Checkpoint", "DiscreteAdjoint",
-    "DivergenceError", "Euler", "FirstOrder", "Heun", "Implicit", "RK4", "Revolve", "Store",
+    "DivergenceError", "Euler", "FirstOrder", "Heun", "Implicit", "MiniBatches", "RK4", "Revolve",
+    "Store",
     "Unrolled", "__version__", "adapt", "adapt_batch", "functional_call",
-    "functional_call_batch", "gradient_flow",
+    "functional_call_batch", "gradient_flow", "optim",
 ]

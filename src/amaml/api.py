@@ -18,13 +18,16 @@ from .flow import (
     AbstractMemory,
     AbstractSolver,
     DiscreteAdjoint,
+    Euler,
     gradient_flow,
 )
 from .flow.compiled import compile_mode
-from .flow.fused import Layer, MLPLoss
+from .fastpath import fused_loss as _fused_loss
+from .flow.optimizers import AbstractInnerOptimizer, resolve_optimizer
+from .support import Packed, call_args, check_support, schedule
 
 __all__ = ["BATCH_NORM_MODES", "adapt", "adapt_batch", "functional_call", "functional_call_batch",
-           "resolve_solver", "resolve_memory"]
+           "resolve_solver", "resolve_memory", "resolve_optimizer"]
 
 #: Accepted values of ``batch_norm=``: ``"batch"`` normalises with the statistics of the
 #: batch each call sees (training-mode BatchNorm, the MAML convention), ``"running"`` with
@@ -81,29 +84,47 @@ class _FlatModel:
         return {n: t.reshape(*lead, *s) for n, t, s in zip(self.names, u.split(self.sizes, -1),
                                                           self.shapes)}
 
-    def flat_lr(self, lr: LearningRate, like: Tensor) -> Tensor:
+    def flat_lr(self, lr: LearningRate, like: Tensor, steps: int) -> tuple[Tensor, bool]:
+        """``lr`` as the flow's ``dt`` and whether it is a per-step schedule.
+
+        A scalar (0-d); a ``(steps,)`` tensor (one rate a step); a dict of per-parameter
+        rates broadcastable to each parameter (``(P,)``), where a value with one more
+        dimension than its parameter and ``steps`` rows is a per-step rate of that
+        parameter (then every value is expanded to ``(steps, P)``).
+        """
         if isinstance(lr, Mapping):
             missing = [n for n in self.names if n not in lr]
             extra = [n for n in lr if n not in self.names]
             if missing or extra:
                 raise ValueError(f"lr as a dict needs exactly the trainable parameter names; "
                                  f"missing {missing}, unknown {extra}.")
+            values = {n: (v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=like.dtype)
+                          ).to(like.dtype).to(like.device) for n, v in lr.items()}
+            per_step = any(values[n].ndim == len(s) + 1 and values[n].shape[0] == steps
+                           for n, s in zip(self.names, self.shapes))
             parts = []
             for n, shape in zip(self.names, self.shapes):
-                v = lr[n]
-                t = v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=like.dtype)
-                t = t.to(like.dtype).to(like.device)
+                t = values[n]
+                rows = t.ndim == len(shape) + 1 and t.shape[0] == steps
+                target = (steps, *shape) if per_step else tuple(shape)
                 try:
-                    parts.append(t.expand(shape).reshape(-1))
+                    t = t.expand(target) if rows or not per_step else t.expand(*shape).expand(
+                        steps, *shape)
                 except RuntimeError as err:
                     raise ValueError(f"lr[{n!r}] of shape {tuple(t.shape)} does not broadcast "
-                                     f"to the parameter's shape {tuple(shape)}.") from err
-            return torch.cat(parts)
+                                     f"to the parameter's shape {tuple(shape)}"
+                                     f"{f' (or ({steps}, *shape) per step)' if per_step else ''}"
+                                     ".") from err
+                parts.append(t.reshape(steps, -1) if per_step else t.reshape(-1))
+            return torch.cat(parts, dim=-1), per_step
         t = lr if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=like.dtype)
+        if t.ndim == 1 and t.shape[0] == steps:
+            return t.to(like.dtype).to(like.device), True
         if t.ndim != 0:
-            raise ValueError("lr as a tensor must be a scalar; give a dict of per-parameter "
-                             f"tensors for Meta-SGD style rates (got shape {tuple(t.shape)}).")
-        return t.to(like.dtype).to(like.device)
+            raise ValueError("lr as a tensor must be a scalar or a per-step schedule of shape "
+                             f"({steps},); give a dict of per-parameter tensors for Meta-SGD "
+                             f"style rates (got shape {tuple(t.shape)}).")
+        return t.to(like.dtype).to(like.device), False
 
 
 # ----------------------------------------------------------------------------- BatchNorm
@@ -153,13 +174,13 @@ def _forward(model: nn.Module, batch_norm: Any) -> _Forward:
             f"{n}.{b}" if n else b: None
             for n, m in layers for b in _RUNNING_BUFFERS if getattr(m, b, None) is not None}
         if not hidden:  # no BatchNorm, or none tracking statistics: batch statistics anyway
-            return lambda params, x: fcall(model, params, (x,))
+            return lambda params, x: fcall(model, params, *call_args(x))
 
         def batch_call(params: Params, x: Tensor) -> Tensor:
             # Merged, not passed as a second dict: a buffer also in ``params`` is then
             # hidden too rather than a duplicate-key error.
             merged: dict[str, Tensor | None] = {**params, **hidden}
-            return fcall(model, merged, (x,))  # type: ignore[arg-type]  # None hides it
+            return fcall(model, merged, *call_args(x))  # type: ignore[arg-type]  # None hides it
 
         return batch_call
     untracked = [n or type(m).__name__ for n, m in layers
@@ -169,98 +190,14 @@ def _forward(model: nn.Module, batch_norm: Any) -> _Forward:
                          f"layer(s) {untracked} have none (track_running_stats=False); use "
                          "batch_norm='batch'.")
     if not layers:
-        return lambda params, x: fcall(model, params, (x,))
+        return lambda params, x: fcall(model, params, *call_args(x))
     modules = [m for _, m in layers]
 
     def call(params: Params, x: Tensor) -> Tensor:
         with _eval_mode(modules):
-            return fcall(model, params, (x,))
+            return fcall(model, params, *call_args(x))
 
     return call
-
-
-# ----------------------------------------------------------------------------- fused path
-
-_ACTIVATION_KINDS: dict[type[nn.Module], str] = {nn.Tanh: "tanh", nn.ReLU: "relu",
-                                                 nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return any(bool(getattr(module, name, None)) for name in (
-        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-        "_state_dict_hooks", "_load_state_dict_pre_hooks"))
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as _module
-    return any(bool(getattr(_module, name, None)) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-        "_global_backward_pre_hooks"))
-
-
-def _fused_loss(flat: _FlatModel, loss_fn: LossFn, x: Tensor, batched: bool) -> MLPLoss | None:
-    """The fused MLP loss (:class:`~amaml.flow.fused.MLPLoss`) when ``flat.model`` is a plain
-    perceptron that it computes exactly as the module does; ``None`` otherwise.
-
-    Plain means: exactly ``nn.Sequential`` (not a subclass, which may override ``forward``)
-    of distinct ``nn.Linear`` and ``nn.Tanh`` / ``nn.ReLU`` / ``nn.Sigmoid`` /
-    ``nn.Identity`` modules (exact types: parametrised or subclassed layers are not), no
-    hooks, no buffers, every parameter trainable, inputs ``[n, features]`` (``[B, n,
-    features]`` batched) of the parameters' dtype and device. Everything else, BatchNorm
-    included, takes the generic path.
-    """
-    model = flat.model
-    if type(model) is not nn.Sequential or flat.frozen or _has_hooks(model) or _global_hooks():
-        return None
-    children = list(model._modules.values())  # children() would hide a repeated layer
-    if (len({id(m) for m in children}) != len(children) or any(m is None for m in children)
-            or any(True for _ in model.buffers())):
-        return None
-    layers: list[Layer] = []
-    for m in children:
-        if _has_hooks(m):
-            return None
-        if type(m) is nn.Linear:
-            layers.append(Layer("linear", m.in_features, m.out_features, m.bias is not None))
-        elif type(m) in _ACTIVATION_KINDS:
-            layers.append(Layer(_ACTIVATION_KINDS[type(m)]))
-        else:
-            return None
-    linear = [lay for lay in layers if lay.kind == "linear"]
-    p0 = flat.params[0]
-    if (not linear or x.ndim != (3 if batched else 2) or x.dtype != p0.dtype
-            or x.device != p0.device or x.shape[-1] != linear[0].in_features):
-        return None
-    fused = MLPLoss(layers, loss_fn)
-    return fused if fused.n_params == sum(flat.sizes) else None
-
-
-def _check_support(data: Any, batched: bool) -> tuple[Tensor, Tensor]:
-    name = "(xs, ys)" if batched else "(x, y)"
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise TypeError(f"The support set must be a pair {name} of tensors.")
-    x, y = data
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise TypeError(f"The support set {name} must hold tensors; got "
-                        f"{type(x).__name__}, {type(y).__name__}.")
-    need = 2 if batched else 1
-    if x.ndim < need or y.ndim < need:
-        raise ValueError(f"Support tensors need at least {need} dimension(s)"
-                         f"{' [B, n, ...]' if batched else ' [n, ...]'}; got x {tuple(x.shape)}, "
-                         f"y {tuple(y.shape)}.")
-    if batched and x.shape[0] != y.shape[0]:
-        raise ValueError(f"xs and ys must have the same number of tasks; got xs "
-                         f"{tuple(x.shape)} and ys {tuple(y.shape)}.")
-    axis = 1 if batched else 0
-    if x.shape[axis] != y.shape[axis]:
-        raise ValueError(f"x and y must have the same number of examples; got x {tuple(x.shape)}"
-                         f" and y {tuple(y.shape)}.")
-    if x.shape[axis] == 0:
-        raise ValueError("The support set is empty.")
-    for nm, t in (("x", x), ("y", y)):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"The support {nm} contains NaN or infinite values.")
-    return x, y
 
 
 def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
@@ -279,10 +216,16 @@ def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
 def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
            solver: str | AbstractSolver, memory: str | AbstractMemory, proximal: Scalar,
            adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str = False,
-           batch_norm: str = "batch") -> Params:
+           batch_norm: str = "batch",
+           optimizer: str | AbstractInnerOptimizer | None = None) -> Params:
     flat = _FlatModel(model)
     forward = _forward(model, batch_norm)  # ValueError naming batch_norm
-    x, y = _check_support(data, batched)
+    opt = resolve_optimizer(optimizer)  # ValueError naming the registered names
+    batches = None
+    if callable(data) and not isinstance(data, (tuple, list)):
+        packed, first, batches = schedule(data, batched)
+    else:
+        packed, first = check_support(data, batched)
     _check_steps_lr(steps, lr, proximal)
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable: loss_fn(prediction, target) -> scalar.")
@@ -307,19 +250,26 @@ def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Lear
                          "derivative of batch statistics is wrong. Use compile=False (exact), "
                          "or adapt task by task.")
     theta = flat.theta()
+    if opt is not None and not isinstance(stepper, Euler):
+        raise ValueError(f"optimizer={opt.name!r} is a discrete step map with no Runge-Kutta "
+                         f"form; it cannot be combined with solver={stepper.name!r}. Leave "
+                         "solver='euler' (the default), or optimizer=None for gradient flow.")
 
-    def loss(u: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+    def loss(u: Tensor, *tensors: Tensor) -> Tensor:
+        xb, yb = packed.unflatten(tensors)
         return loss_fn(forward(flat.unflatten(u), xb), yb)
 
     # A plain MLP computes its own gradient and Hessian-vector products (exact, without
     # autograd graphs); any other model is differentiated through functional_call.
-    fused = _fused_loss(flat, loss_fn, x, batched)
-    u_end = gradient_flow(loss if fused is None else fused, theta,
-                          dt=flat.flat_lr(lr, theta), n_steps=steps, data=(x, y),
-                          solver=stepper, adjoint=adj, mu=proximal, batched=batched)
+    fused = _fused_loss(flat, loss_fn, first[0], batched) if packed.kind == "tensor" else None
+    dt, per_step = flat.flat_lr(lr, theta, steps)
+    u_end = gradient_flow(loss if fused is None else fused, theta, dt=dt, n_steps=steps,
+                          data=first if batches is None else (), batches=batches,
+                          solver=stepper, adjoint=adj, mu=proximal, batched=batched,
+                          optimizer=opt, dt_per_step=per_step)
     out = flat.unflatten(u_end)
     for n, p in flat.frozen.items():
-        out[n] = p.expand(x.shape[0], *p.shape) if batched else p
+        out[n] = p.expand(first[-1].shape[0], *p.shape) if batched else p
     return out
 
 
@@ -336,6 +286,7 @@ def adapt(
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
     batch_norm: str = "batch",
+    optimizer: str | AbstractInnerOptimizer | None = None,
 ) -> Params:
     """Adapt a model to one task by gradient flow; differentiable by the adjoint method.
 
@@ -344,8 +295,18 @@ def adapt(
     ``T = steps * lr`` with ``steps`` solver steps of size ``lr``. With
     ``solver="euler"`` this is exactly ``steps`` steps of gradient descent.
 
-    The result is differentiable with respect to the model's parameters (and ``lr``,
-    ``proximal`` when they are tensors requiring grad). Evaluate a query loss with
+    With ``optimizer=`` (``amaml.optim.SGD(momentum=0.9)``, ``Adam()``, ``AdamW()``,
+    ``RMSprop()`` or their names) the inner loop is ``steps`` steps of that optimiser
+    instead, torch.optim's update rules with learning rate ``lr``; the meta-gradient is the
+    exact discrete adjoint of those steps (the optimiser's buffers are part of each kept
+    state: 3 parameter vectors a state for Adam).
+
+    The result is differentiable with respect to the model's parameters and every other
+    tensor that requires grad and that the inner loop reads: ``lr`` and ``proximal`` when
+    they are tensors, the support data (dataset distillation), the optimiser's
+    hyperparameters given as tensors, and the tensors the loss reads (a loss weight in a
+    closure, the parameters of a loss module), which are found by evaluating the loss
+    once and walking its autograd graph. Evaluate a query loss with
     :func:`functional_call` ``(model, params, x_query)`` (for a model without BatchNorm,
     the same as ``torch.func.functional_call(model, params, (x_query,))``) and call
     ``.backward()``: the meta-gradient lands in each parameter's ``.grad``. No graph of
@@ -354,14 +315,21 @@ def adapt(
 
     Args:
         model: Any ``torch.nn.Module``; its trainable parameters are adapted (frozen
-            ones pass through). It should be deterministic (no dropout): the backward
-            pass re-evaluates it.
+            ones pass through). It must be deterministic: a model or loss that draws
+            random numbers (dropout in training mode) is refused, since the backward
+            pass re-evaluates it (``adjoint=Unrolled()`` accepts it).
         loss_fn: ``loss_fn(prediction, target) -> scalar tensor``.
-        support: The support set ``(x, y)``, with matching first dimensions.
+        support: The support set ``(inputs, y)``, with matching first dimensions;
+            ``inputs`` is a tensor (``model(x)``), a tuple (``model(*inputs)``) or a dict
+            (``model(**inputs)``). Or a mini-batch schedule: a callable ``k -> (inputs_k,
+            y_k)`` for step ``k``, deterministic (it is called again in the backward pass),
+            e.g. :class:`amaml.MiniBatches`.
         steps: Number of solver steps, >= 1.
-        lr: Inner learning rate (the step size) > 0: a float, a 0-d tensor, or a dict
-            name -> tensor of per-parameter rates broadcastable to each parameter
-            (Meta-SGD). Tensors requiring grad get their meta-gradient too.
+        lr: Inner learning rate (the step size) > 0: a float, a 0-d tensor, a ``(steps,)``
+            tensor (a per-step schedule), or a dict name -> tensor of per-parameter rates
+            broadcastable to each parameter (Meta-SGD); a dict value of shape
+            ``(steps, *broadcastable)`` is a per-step rate of that parameter. Tensors
+            requiring grad get their meta-gradient too.
         solver: ``"euler"``, ``"heun"``, ``"rk4"`` or an ``AbstractSolver``.
         memory: ``"store"`` (all states), ``"checkpoint"`` (O(sqrt(steps)) states, one
             extra forward pass; exact), ``"revolve"`` (binomial checkpointing: 21 states
@@ -389,14 +357,20 @@ def adapt(
             ``num_batches_tracked``), in the forward or the backward pass: to maintain
             them, run the model in training mode on data yourself. Evaluate the query
             set with the same choice: :func:`functional_call` ``(..., batch_norm=...)``.
+        optimizer: ``None`` (default: gradient flow with ``solver``), an inner optimiser
+            from :mod:`amaml.optim`, or its name (``"sgd"``, ``"adam"``, ``"adamw"``,
+            ``"rmsprop"``, with torch.optim's defaults). Needs ``solver="euler"``; not with
+            ``memory="backsolve"`` or ``Implicit()``.
 
     Returns:
         Adapted parameters by name (the keys of ``model.named_parameters()``; buffers
         are not included: the model's own are used).
 
     Raises:
-        ValueError: Bad ``steps``, ``lr``, ``proximal``, ``batch_norm``, shapes or
-            non-finite data, or ``compile`` together with ``adjoint``.
+        ValueError: Bad ``steps``, ``lr``, ``proximal``, ``batch_norm``, ``optimizer``,
+            shapes or non-finite data, ``compile`` together with ``adjoint``, an optimiser
+            with a solver other than Euler, a loss that draws random numbers, or a loss
+            that reads a non-leaf tensor requiring grad (compute it inside the loss).
         DivergenceError: The trajectory became non-finite (names the step).
         BacksolveError: ``memory="backsolve"`` could not reconstruct the start.
 
@@ -411,7 +385,7 @@ def adapt(
     """
     return _adapt(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
                   proximal=proximal, adjoint=adjoint, batched=False, compile=compile,
-                  batch_norm=batch_norm)
+                  batch_norm=batch_norm, optimizer=optimizer)
 
 
 def adapt_batch(
@@ -427,6 +401,7 @@ def adapt_batch(
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
     batch_norm: str = "batch",
+    optimizer: str | AbstractInnerOptimizer | None = None,
 ) -> Params:
     """Adapt to a meta-batch of ``B`` tasks at once, as one batched computation.
 
@@ -448,7 +423,7 @@ def adapt_batch(
     """
     return _adapt(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
                   proximal=proximal, adjoint=adjoint, batched=True, compile=compile,
-                  batch_norm=batch_norm)
+                  batch_norm=batch_norm, optimizer=optimizer)
 
 
 def functional_call(model: nn.Module, params: Params, x: Tensor, *,

@@ -34,6 +34,7 @@ most ``snapshots + 1`` states whatever ``N``, exact) or
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -81,7 +82,7 @@ class Unrolled(AbstractAdjoint):
 
     def solve(self, flow: FlowContext) -> Tensor:
         u_end, _ = flow.integrate(create_graph=torch.is_grad_enabled())
-        return u_end
+        return flow.params(u_end)
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,10 @@ class FirstOrder(AbstractAdjoint):
     def solve(self, flow: FlowContext) -> Tensor:
         with torch.no_grad():
             u_end, _ = flow.integrate()
+        u_end = flow.params(u_end)
         start = flow.theta
         if flow.spec.objective.batched:
-            start = start.expand(flow.data[0].shape[0], *start.shape)
+            start = start.expand(u_end.shape[0], *start.shape)
         return start + (u_end - start).detach()
 
 
@@ -114,8 +116,9 @@ class AbstractSweepAdjoint(AbstractAdjoint):
         """From ``lam_N`` (shaped like ``u_N``) to ``lam_0``, given what ``forward`` kept."""
 
     def solve(self, flow: FlowContext) -> Tensor:
-        u_end, _ = _FlowFn.apply(flow.theta, flow.dt, flow.mu, flow.spec, *flow.data)
-        return u_end
+        u_end, _ = _FlowFn.apply(flow.theta, flow.dt, flow.mu, flow.spec, *flow.data,
+                                 *flow.extras)
+        return flow.params(u_end)
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,9 @@ class DiscreteAdjoint(AbstractSweepAdjoint):
 
     def solve(self, flow: FlowContext) -> Tensor:
         mode = compile_mode(self.compile)
-        if mode is not None and flow.spec.compiled is None:
+        if mode is not None and flow.spec.inner is not None:
+            _warn_eager_once()
+        elif mode is not None and flow.spec.compiled is None:
             spec = flow.spec
             fns = step_functions(spec.objective.loss, spec.solver, spec.objective.batched,
                                  spec.has_mu, mode)
@@ -182,6 +187,11 @@ class Implicit(AbstractSweepAdjoint):
             )
 
     def solve(self, flow: FlowContext) -> Tensor:
+        if flow.spec.inner is not None:
+            raise ValueError("The implicit (iMAML) adjoint differentiates the fixed point of "
+                             "gradient flow on a fixed support set; it does not apply to an "
+                             "inner optimiser, a per-step learning rate, mini-batches or "
+                             "meta-parameters beyond theta. Use DiscreteAdjoint().")
         mu = 0.0 if flow.mu is None else float(flow.mu.detach())
         if mu <= 0:
             raise ValueError(f"The implicit (iMAML) adjoint needs proximal weight mu > 0; got "
@@ -221,10 +231,13 @@ def _sweep_adjoint(spec: FlowSpec) -> AbstractSweepAdjoint:
 
 
 def forward_kept(
-    spec: FlowSpec, theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor]
+    spec: FlowSpec, theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor],
+    extras: Sequence[Tensor] = (),
 ) -> tuple[Tensor, Tensor]:
-    """Run the forward pass and stack what the adjoint needs to keep: ``(u_N, kept)``."""
-    return _sweep_adjoint(spec).forward(FlowContext(spec, theta, dt, mu, data))
+    """Run the forward pass and stack what the adjoint needs to keep: ``(u_N, kept)``
+    (for a general step map, the state ``z_N`` and kept states)."""
+    return _sweep_adjoint(spec).forward(FlowContext(spec, theta, dt, mu, data,
+                                                    extras=extras))
 
 
 def adjoint_sweep(
@@ -237,6 +250,10 @@ def adjoint_sweep(
     data: Sequence[Tensor],
     need: Need = (True, False, False),
     stats: SweepStats | None = None,
+    extras: Sequence[Tensor] = (),
+    need_data: Sequence[bool] = (),
+    need_extras: Sequence[bool] = (),
+    more: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The backward pass: from ``lam = dJ/du_N`` to ``(dJ/dtheta, dJ/ddt, dJ/dmu)``.
 
@@ -252,15 +269,23 @@ def adjoint_sweep(
         data: The support data tensors.
         need: Which of ``(theta, dt, mu)`` need a gradient.
         stats: Filled with the peak number of states held and the steps recomputed.
+        extras: A general step map's extra tensors (hyperparameters, captured tensors).
+        need_data, need_extras: Which data and extra tensors need a gradient.
+        more: Filled with the gradients of the data (``"data{i}"``) and extra tensors
+            (``"extra{j}"``) that need one.
 
     Returns:
         Gradients for ``theta``, ``dt``, ``mu`` (``None`` where not needed), with
         the shapes of the inputs.
     """
     flow = FlowContext(spec, theta, dt, mu, data, need, {},
-                       SweepStats() if stats is None else stats)
-    lam0 = _sweep_adjoint(spec).sweep(flow, kept, lam)
+                       SweepStats() if stats is None else stats, extras,
+                       tuple(need_data) or (False,) * len(data),
+                       tuple(need_extras) or (False,) * len(extras))
+    lam0 = flow.params(_sweep_adjoint(spec).sweep(flow, kept, lam))
     bars = flow.bars
+    if more is not None:
+        more.update({n: g for n, g in bars.items() if n.startswith(("data", "extra"))})
     g_theta = None
     if need[0]:
         g_theta = lam0.sum(0) if spec.objective.batched else lam0
@@ -288,23 +313,57 @@ class _FlowFn(torch.autograd.Function):
 
     @staticmethod
     def forward(theta: Tensor, dt: Tensor, mu: Tensor | None,  # type: ignore[override]
-                spec: FlowSpec, *data: Tensor) -> tuple[Tensor, Tensor]:
-        u_end, kept = forward_kept(spec, theta, dt, mu, data)
+                spec: FlowSpec, *tensors: Tensor) -> tuple[Tensor, Tensor]:
+        data, extras = _split(spec, tensors)
+        u_end, kept = forward_kept(spec, theta, dt, mu, data, extras)
         return u_end.clone(), kept
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        theta, dt, mu, spec, *data = inputs
+        theta, dt, mu, spec, *tensors = inputs
         ctx.spec = spec
-        ctx.n_data = len(data)
+        ctx.n_tensors = len(tensors)
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1], theta, dt, mu, *data)
+        ctx.save_for_backward(output[1], theta, dt, mu, *tensors)
 
     @staticmethod
     def backward(ctx: Any, lam: Tensor, _: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        kept, theta, dt, mu, *data = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.needs_input_grad[2] and mu is not None)
-        g_theta, g_dt, g_mu = adjoint_sweep(ctx.spec, kept, lam.contiguous(), theta, dt, mu,
-                                            data, need)
-        return (g_theta, g_dt, g_mu, None, *([None] * ctx.n_data))
+        kept, theta, dt, mu, *tensors = ctx.saved_tensors
+        spec = ctx.spec
+        data, extras = _split(spec, tensors)
+        needs = ctx.needs_input_grad
+        need = (needs[0], needs[1], needs[2] and mu is not None)
+        need_data = needs[4:4 + len(data)]
+        need_extras = needs[4 + len(data):]
+        if spec.inner is None and any(need_data):
+            raise RuntimeError("internal: a data gradient was asked of a gradient-flow spec; "
+                               "gradient_flow routes such flows to the general step map.")
+        more: dict[str, Tensor] = {}
+        g_theta, g_dt, g_mu = adjoint_sweep(spec, kept, lam.contiguous(), theta, dt, mu, data,
+                                            need, extras=extras, need_data=need_data,
+                                            need_extras=need_extras, more=more)
+        g_data = [more.get(f"data{i}") if n else None for i, n in enumerate(need_data)]
+        g_data = [torch.zeros_like(d) if n and g is None else g
+                  for d, n, g in zip(data, need_data, g_data)]
+        g_extra = [more.get(f"extra{j}") if n else None for j, n in enumerate(need_extras)]
+        g_extra = [torch.zeros_like(t) if n and g is None else g
+                   for t, n, g in zip(extras, need_extras, g_extra)]
+        return (g_theta, g_dt, g_mu, None, *g_data, *g_extra)
+
+
+def _split(spec: FlowSpec, tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The Function's trailing inputs: the data, then ``spec.n_extra`` extra tensors."""
+    cut = len(tensors) - spec.n_extra
+    return list(tensors[:cut]), list(tensors[cut:])
+
+
+_WARNED: list[bool] = []
+
+
+def _warn_eager_once() -> None:
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn("compile=True has no compiled kernel for an inner optimiser, a "
+                      "per-step learning rate, mini-batches or meta-parameters beyond theta, "
+                      "lr and mu yet: these flows run eagerly (the same gradient).",
+                      RuntimeWarning, stacklevel=4)

@@ -9,9 +9,13 @@ import torch
 from torch import Tensor
 
 from .._types import FlatLoss, Scalar
-from .adjoint import AbstractAdjoint, DiscreteAdjoint
+from .adjoint import AbstractAdjoint, AbstractSweepAdjoint, DiscreteAdjoint
+from .capture import captured_leaves
 from .hvp import Objective
+from .memory import Backsolve
+from .optimizers import SGD, AbstractInnerOptimizer
 from .solvers import AbstractSolver, Euler
+from .steps import Batches, InnerLoop
 from .trajectory import FlowContext, FlowSpec
 
 __all__ = ["gradient_flow"]
@@ -37,6 +41,10 @@ def gradient_flow(
     adjoint: AbstractAdjoint = DiscreteAdjoint(),
     mu: Scalar = 0.0,
     batched: bool = False,
+    optimizer: AbstractInnerOptimizer | None = None,
+    batches: Batches | None = None,
+    dt_per_step: bool = False,
+    meta_parameters: Sequence[Tensor] = (),
 ) -> Tensor:
     """Integrate ``du/dt = -grad loss(u) - mu (u - theta)``, ``u(0) = theta``, up to ``t1``.
 
@@ -59,6 +67,21 @@ def gradient_flow(
         mu: Proximal weight ``mu >= 0`` (float or tensor; may require grad).
         batched: ``data`` tensors carry a leading task dimension ``B``; the result is
             ``(B, P)``, one adapted vector per task, all from the same ``theta``.
+        optimizer: An inner optimiser (:mod:`amaml.flow.optimizers`) instead of the
+            solver: step ``k`` is its update with the gradient at ``u_k`` and learning rate
+            ``dt`` (needs ``solver=Euler()``).
+        batches: A mini-batch schedule ``k -> data of step k`` (deterministic: it is called
+            again in the backward pass), instead of ``data``.
+        dt_per_step: ``dt`` has a leading dimension ``n_steps`` (a learning-rate schedule:
+            ``(n_steps,)`` or ``(n_steps, P)``); step ``k`` uses ``dt[k]``.
+        meta_parameters: Tensors the loss reads whose gradient is wanted, besides those
+            found by walking the loss's autograd graph (leaves that require grad are found
+            by themselves; this argument is for completeness).
+
+    Every tensor that requires grad and that a step reads gets its exact gradient: theta,
+    ``dt``, ``mu``, the data (or the tensors a mini-batch schedule indexes), the
+    optimiser's hyperparameters given as tensors, and the leaves the loss captures (a loss
+    weight in a closure, a loss module's parameters), found by evaluating the loss once.
 
     Returns:
         ``u(T)``: ``(P,)``, or ``(B, P)`` if batched. Differentiable with respect to
@@ -77,7 +100,14 @@ def gradient_flow(
         raise ValueError("theta must be a flat floating-point tensor of shape (P,); got "
                          f"{getattr(theta, 'shape', type(theta))}.")
     dt_t = _as_tensor(dt, theta, "dt")
-    if dt_t.ndim not in (0, 1) or (dt_t.ndim == 1 and dt_t.shape[0] != theta.shape[0]):
+    if dt_per_step:
+        if n_steps is None or t1 is not None:
+            raise ValueError("dt_per_step=True needs n_steps (and no t1).")
+        if (dt_t.ndim not in (1, 2) or dt_t.shape[0] != n_steps
+                or (dt_t.ndim == 2 and dt_t.shape[1] != theta.shape[0])):
+            raise ValueError(f"A per-step dt must have shape ({n_steps},) or ({n_steps}, "
+                             f"{theta.shape[0]}); got {tuple(dt_t.shape)}.")
+    elif dt_t.ndim not in (0, 1) or (dt_t.ndim == 1 and dt_t.shape[0] != theta.shape[0]):
         raise ValueError(f"dt must be a scalar or have shape ({theta.shape[0]},); got "
                          f"{tuple(dt_t.shape)}.")
     if not bool((dt_t > 0).all()):
@@ -101,8 +131,75 @@ def gradient_flow(
         raise TypeError(f"solver must be an AbstractSolver instance; got {solver!r}.")
     if not isinstance(adjoint, AbstractAdjoint):
         raise TypeError(f"adjoint must be an AbstractAdjoint instance; got {adjoint!r}.")
-    if batched and (not data or data[0].ndim < 1):
+    if optimizer is not None and not isinstance(optimizer, AbstractInnerOptimizer):
+        raise TypeError(f"optimizer must be an amaml.optim optimiser instance or None; got "
+                        f"{optimizer!r}.")
+    if batches is not None:
+        if data:
+            raise ValueError("Give either data or batches (a mini-batch schedule), not both.")
+        if not callable(batches):
+            raise TypeError(f"batches must be callable k -> data of step k; got {batches!r}.")
+    first = tuple(data) if batches is None else tuple(batches(0))
+    if batched and (not first or first[0].ndim < 1):
         raise ValueError("batched=True needs data tensors with a leading task dimension.")
+    objective = Objective(loss, batched)
+    n_tasks = first[0].shape[0] if batched else None
+    # Leaves the loss reads besides u and the data (loss weights, a loss module's
+    # parameters, a data set a mini-batch schedule indexes): their gradient must not go
+    # missing. Autograd's own adjoints (unrolled, first order) see them by themselves.
+    captured: list[Tensor] = []
+    if isinstance(adjoint, AbstractSweepAdjoint):
+        u_at = theta if n_tasks is None else theta.expand(n_tasks, *theta.shape)
+        captured = captured_leaves(objective.total, u_at, first)
+    for t in meta_parameters:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"meta_parameters must hold tensors; got {type(t).__name__}.")
+        if not any(t is c for c in captured):
+            captured.append(t)
+    general = (optimizer is not None or batches is not None or dt_per_step or bool(captured)
+               or any(d.requires_grad for d in data))
+    if not general:
+        spec = FlowSpec(objective, solver, adjoint, n_steps, has_mu)
+        return adjoint.solve(FlowContext(spec, theta, dt_t, mu_t if has_mu else None, data))
+    if optimizer is not None and not isinstance(solver, Euler):
+        raise ValueError(f"An inner optimizer ({optimizer.name}) is a discrete step map with "
+                         f"no Runge-Kutta form; solver={solver.name!r} cannot be combined "
+                         "with it. Leave solver='euler' (the default).")
+    if isinstance(adjoint, DiscreteAdjoint) and isinstance(adjoint.memory, Backsolve):
+        raise ValueError("memory='backsolve' integrates gradient flow backward in time; it has "
+                         "no version for an inner optimizer, a per-step learning rate, "
+                         "mini-batches or meta-parameters beyond theta, lr and mu (here: "
+                         f"{_why_general(optimizer, batches, dt_per_step, captured, data)}). "
+                         "Use memory='revolve' or 'checkpoint' (exact).")
+    if optimizer is None and isinstance(solver, Euler):
+        optimizer = SGD()  # gradient descent: the same map, with the optimisers' kernels
+    hyper = {} if optimizer is None else optimizer.hyperparameters()
+    tensors = {n: v for n, v in hyper.items() if isinstance(v, Tensor)}
+    for n, v in tensors.items():
+        if not v.is_floating_point():
+            raise TypeError(f"The optimizer's {n} must be a float or a floating-point tensor.")
+    extras = [v.to(dtype=theta.dtype, device=theta.device) for v in tensors.values()]
+    inner = InnerLoop(optimizer, dt_per_step, batches, n_tasks,
+                      tuple((n, v) for n, v in hyper.items() if n not in tensors),
+                      tuple(tensors))
+    extras += captured
+    spec = FlowSpec(objective, solver, adjoint, n_steps, has_mu, inner=inner,
+                    n_extra=len(extras))
+    return adjoint.solve(FlowContext(spec, theta, dt_t, mu_t if has_mu else None, data,
+                                     extras=extras))
 
-    spec = FlowSpec(Objective(loss, batched), solver, adjoint, n_steps, has_mu)
-    return adjoint.solve(FlowContext(spec, theta, dt_t, mu_t if has_mu else None, data))
+
+def _why_general(optimizer: AbstractInnerOptimizer | None, batches: Batches | None,
+                 dt_per_step: bool, captured: Sequence[Tensor], data: Sequence[Tensor]) -> str:
+    reasons = []
+    if optimizer is not None:
+        reasons.append(f"optimizer {optimizer.name}")
+    if batches is not None:
+        reasons.append("mini-batches")
+    if dt_per_step:
+        reasons.append("a per-step learning rate")
+    if captured:
+        reasons.append(f"{len(captured)} tensor(s) the loss reads that require grad")
+    if any(d.requires_grad for d in data):
+        reasons.append("support data that requires grad")
+    return ", ".join(reasons)

@@ -92,7 +92,7 @@ class Store(AbstractMemory):
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
         flow.stats.peak_states = max(flow.stats.peak_states, kept.shape[0])
         for k in range(flow.n_steps - 1, -1, -1):
-            lam = flow.vjp(kept[k], lam)
+            lam = flow.vjp(kept[k], lam, k=k)
         return lam
 
 
@@ -153,7 +153,7 @@ class Checkpoint(AbstractMemory):
             for k in range(stop - 1, start - 1, -1):
                 tape = tapes.pop() if tapes and k - start < len(tapes) else None
                 stats.taped_steps += tape is not None
-                lam = flow.vjp(seg[k - start], lam, tape)
+                lam = flow.vjp(seg[k - start], lam, tape, k=k)
             del seg, tapes
         return lam
 
@@ -251,19 +251,19 @@ class Revolve(AbstractMemory):
             u_stop, _ = flow.integrate(u, start, stop)
             return u_stop
 
-        def vjp(u: Tensor) -> None:
-            box[0] = flow.vjp(u, box[0])
+        def vjp(u: Tensor, k: int) -> None:
+            box[0] = flow.vjp(u, box[0], k=k)
 
         def reverse(a: int, u_a: Tensor, b: int, free: int) -> None:
             # Reverse steps a .. b-1 holding u_a, with ``free`` more states allowed.
             while b - a > 1 and free == 0:  # no room: recompute each state from u_a
                 held[0] += 1
                 stats.peak_states = max(stats.peak_states, held[0])
-                vjp(advance(u_a, a, b - 1))
+                vjp(advance(u_a, a, b - 1), b - 1)
                 held[0] -= 1
                 b -= 1
             if b - a == 1:
-                vjp(u_a)
+                vjp(u_a, a)
                 return
             m = self._split(a, b, free)
             held[0] += 1
@@ -305,6 +305,11 @@ class Backsolve(AbstractMemory):
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
         spec, data = flow.spec, flow.data
+        if spec.inner is not None:
+            raise ValueError("memory='backsolve' integrates gradient flow backward in time; it "
+                             "has no version for an inner optimiser, a per-step learning "
+                             "rate, mini-batches or meta-parameters beyond theta, lr and mu. "
+                             "Use memory='revolve' or 'checkpoint' (exact).")
         th, d, m, params = _leaves(flow.theta, flow.dt, flow.mu, flow.need)
         names = _param_names(th, d, m)
 

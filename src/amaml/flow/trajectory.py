@@ -22,6 +22,7 @@ from .compiled import Need, StepFunctions
 from .errors import DivergenceError
 from .hvp import Objective, make_field
 from .solvers import RK4, AbstractSolver, Euler, Heun
+from .steps import InnerLoop, initial_state, integrate_steps, params_of, step_vjp
 
 if TYPE_CHECKING:
     from .adjoint import AbstractAdjoint
@@ -39,6 +40,11 @@ class FlowSpec:
     n_steps: int
     has_mu: bool
     compiled: StepFunctions | None = None
+    #: A general step map (inner optimiser, per-step rates, mini-batches, meta-parameters
+    #: beyond theta): the state is ``(rows, P)`` per task; ``None``: gradient flow on ``u``.
+    inner: InnerLoop | None = None
+    #: How many extra tensors (hyperparameters, then captured ones) follow the data.
+    n_extra: int = 0
 
 
 @dataclass
@@ -330,8 +336,11 @@ class FlowContext:
         data: The support data tensors.
         need: Which of ``(theta, dt, mu)`` need a gradient (backward pass only).
         bars: Parameter cotangents ``(dPhi/dp)^T lam`` summed so far, by name
-            (``"theta"``, ``"dt"``, ``"mu"``); :meth:`vjp` adds to it.
+            (``"theta"``, ``"dt"``, ``"mu"``, and for a general step map ``"data{i}"``,
+            ``"extra{j}"``); :meth:`vjp` adds to it.
         stats: Peak states held and steps recomputed, for tests and benchmarks.
+        extras: A general step map's extra tensors (hyperparameters, captured tensors).
+        need_data, need_extras: Which data and extra tensors need a gradient.
     """
 
     spec: FlowSpec
@@ -342,6 +351,11 @@ class FlowContext:
     need: Need = (False, False, False)
     bars: dict[str, Tensor] = field(default_factory=dict)
     stats: SweepStats = field(default_factory=SweepStats)
+    extras: Sequence[Tensor] = ()
+    need_data: Sequence[bool] = ()
+    need_extras: Sequence[bool] = ()
+    #: The step the next :meth:`vjp` without ``k`` transposes (strategies go N-1 .. 0).
+    _cursor: list[int] = field(default_factory=list, repr=False)
 
     @property
     def n_steps(self) -> int:
@@ -349,8 +363,16 @@ class FlowContext:
         return self.spec.n_steps
 
     def initial_state(self) -> Tensor:
-        """``u_0 = theta``: ``(P,)``, or ``(B, P)`` (one row per task) if batched."""
+        """``u_0 = theta``: ``(P,)``, or ``(B, P)`` (one row per task) if batched. For a
+        general step map the state ``z_0 = (theta, 0, ...)``: ``(rows, P)`` or ``(B, rows,
+        P)``."""
+        if self.spec.inner is not None:
+            return initial_state(self.spec.inner, self.theta.detach())
         return _initial_state(self.theta, self.spec.objective, self.data)
+
+    def params(self, state: Tensor) -> Tensor:
+        """The parameters ``u`` of a state (the state itself for gradient flow)."""
+        return state if self.spec.inner is None else params_of(state)
 
     def integrate(
         self,
@@ -368,6 +390,17 @@ class FlowContext:
         Returns:
             ``(u_stop, kept_states)``.
         """
+        spec = self.spec
+        if spec.inner is not None:
+            z0 = self.initial_state() if u0 is None else u0
+            if create_graph and u0 is None:  # unrolled: the graph starts at theta
+                z0 = torch.cat([self.theta.expand(*z0.shape[:-2], 1, -1),
+                                z0[..., 1:, :]], dim=-2)
+            return integrate_steps(spec.inner, spec.objective, spec.solver, spec.n_steps,
+                                   self.theta, self.dt, self.mu, self.data, self.extras, z0,
+                                   start, spec.n_steps if stop is None else stop,
+                                   keep_every=keep_every, out=out, create_graph=create_graph,
+                                   check_every=_check_every(spec.n_steps))
         return integrate(self.spec, self.theta, self.dt, self.mu, self.data,
                          keep_every=keep_every, create_graph=create_graph, u0=u0,
                          start=start, stop=stop, out=out, tapes=tapes)
@@ -380,9 +413,21 @@ class FlowContext:
             return 0
         return fused.tape_numel(self.data) * self.spec.solver.stages
 
-    def vjp(self, u: Tensor, lam: Tensor, tape: StepTape | None = None) -> Tensor:
+    def vjp(self, u: Tensor, lam: Tensor, tape: StepTape | None = None,
+            k: int | None = None) -> Tensor:
         """One step back: ``(dPhi/du (u))^T lam``, where ``u`` is the state the step starts
         from; adds ``(dPhi/dp (u))^T lam`` to :attr:`bars` for the needed parameters.
-        ``tape``: what ``integrate(..., tapes=...)`` recorded for this step, if anything."""
+        ``tape``: what ``integrate(..., tapes=...)`` recorded for this step, if anything.
+        ``k``: the step's index; without it, the steps are taken to come in the order the
+        contract of :class:`~amaml.flow.memory.AbstractMemory` fixes (``N-1`` down to 0)
+        (a general step map depends on ``k``: rates, bias corrections, mini-batches)."""
+        if k is None:
+            k = self._cursor[0] if self._cursor else self.n_steps - 1
+        self._cursor[:] = [k - 1]
+        spec = self.spec
+        if spec.inner is not None:
+            return step_vjp(spec.inner, spec.objective, spec.solver, k, u, lam, self.theta,
+                            self.dt, self.mu, self.data, self.extras, self.need,
+                            self.need_data, self.need_extras, self.bars)
         return _step_vjp(self.spec, u, lam, self.theta, self.dt, self.mu, self.data,
                          self.need, self.bars, tape)

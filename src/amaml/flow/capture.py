@@ -1,0 +1,121 @@
+"""Which tensors that require grad a loss reads besides its arguments: they are meta-parameters.
+
+A loss closure such as ``lambda p, t: w * F.mse_loss(p, t)`` with ``w`` requiring grad, or
+an ``nn.Module`` loss with parameters, depends on tensors that the flow is never handed.
+Their meta-gradient must not go missing silently. :func:`captured_leaves` finds them by
+evaluating the loss once and walking its autograd graph down to the leaves
+(``AccumulateGrad`` nodes); the flow then passes them to its autograd Function as inputs and
+its sweep accumulates their gradients.
+
+A captured tensor that requires grad but is not a leaf (computed from a leaf outside the
+loss, e.g. ``w = raw.exp()`` before the call) cannot be differentiated step after step
+without keeping its outside graph alive; it is refused with a message that says how to
+write it (compute it inside the loss). It is recognised as a node that two evaluations of
+the loss share: every node a loss evaluation creates is new.
+
+A loss that draws random numbers (dropout in training mode) is refused too: the backward
+pass evaluates the loss again and would draw other masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["RandomLossError", "captured_leaves"]
+
+
+class RandomLossError(ValueError):
+    """The support loss draws random numbers (e.g. dropout in training mode)."""
+
+
+def _rng_states(device: torch.device) -> list[Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda" and torch.cuda.is_available():
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _restore(device: torch.device, states: list[Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if len(states) > 1:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def _nodes(root: Any) -> tuple[list[Any], list[Tensor]]:
+    """Every node below ``root`` and the leaf variables of its ``AccumulateGrad`` nodes."""
+    seen: set[int] = set()
+    nodes: list[Any] = []
+    leaves: list[Tensor] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        var = getattr(node, "variable", None)
+        if isinstance(var, Tensor):
+            leaves.append(var)
+            continue
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return nodes, leaves
+
+
+def captured_leaves(total: Callable[[Tensor, Sequence[Tensor]], Tensor], u: Tensor,
+                    data: Sequence[Tensor], check_random: bool = True) -> list[Tensor]:
+    """The leaf tensors requiring grad that ``total(u, data)`` reads besides ``u`` and
+    ``data``, in the order met.
+
+    Args:
+        total: The support loss (summed over tasks when batched).
+        u: A parameter vector (any values: the state at which to evaluate).
+        data: The data tensors (their own graphs are not walked).
+        check_random: Refuse a loss that draws random numbers (for adjoints that evaluate
+            the loss again in their backward pass).
+
+    Raises:
+        ValueError: The loss reads a tensor that requires grad but is not a leaf.
+        RandomLossError: The loss draws random numbers.
+    """
+    with torch.enable_grad():
+        ul = u.detach().requires_grad_(True)
+        dl = [d.detach() for d in data]
+        before = _rng_states(u.device)
+        out = total(ul, dl)
+        after = _rng_states(u.device)
+        if check_random and any(not torch.equal(a, b) for a, b in zip(before, after)):
+            _restore(u.device, before)
+            raise RandomLossError(
+                "The support loss draws random numbers (dropout in training mode, or a "
+                "random op in the model or loss): the adjoint's backward pass evaluates it "
+                "again and would draw other masks, giving a wrong meta-gradient. Put the "
+                "dropout layers in eval mode for the inner loop (model.eval(), or "
+                "module.p = 0), or use adjoint=Unrolled(), which differentiates the draws it "
+                "made.")
+        if not isinstance(out, Tensor) or out.grad_fn is None:
+            return []
+        nodes, leaves = _nodes(out.grad_fn)
+        found = [t for t in leaves if t is not ul]
+        if not found:
+            return []
+        # A node that a second evaluation shares with the first was made outside the loss:
+        # a non-leaf tensor that requires grad, captured.
+        out2 = total(ul, dl)
+        nodes2, _ = _nodes(out2.grad_fn)
+        first = {id(n) for n in nodes}
+        shared = [n for n in nodes2 if id(n) in first and getattr(n, "variable", None) is None]
+        if shared:
+            raise ValueError(
+                f"The support loss reads a tensor that requires grad but is not a leaf (made "
+                f"by {type(shared[0]).__name__} outside the loss): its meta-gradient would "
+                "need that outside graph at every inner step. Compute it inside loss_fn from "
+                "its leaf (e.g. lambda p, t: raw.exp() * F.mse_loss(p, t)), or detach it.")
+    unique: list[Tensor] = []
+    for t in found:
+        if not any(t is s for s in unique):
+            unique.append(t)
+    return unique

@@ -1,0 +1,270 @@
+"""Any inner step map ``z_{k+1} = Phi_k(z_k; theta, phi)`` and its vector-Jacobian product.
+
+The state is ``z = (u, s)``: the parameters and the inner optimiser's buffers, stacked as
+one tensor ``(1 + n_buffers, P)`` (``(B, 1 + n_buffers, P)`` for a batch of tasks), so that
+the memory strategies keep and recompute it as they keep ``u`` (``3 P`` numbers a state for
+Adam). Step ``k`` reads the gradient ``g = grad_u L(u_k; batch_k, phi) (+ mu (u_k -
+theta))``, then applies an inner optimiser (:mod:`amaml.flow.optimizers`) or a Runge-Kutta
+solver on ``-lr g``; ``phi`` holds everything else a step reads: the support data of step
+``k`` (a fixed set or a mini-batch schedule ``k -> batch``), the step's learning rate (a
+per-step schedule), the optimiser's hyperparameters, and the tensors the loss captures.
+
+The VJP of a step (section 6 of the design notes): the cotangent ``lam = (lam_u, lam_s)``
+of ``z_{k+1}`` is pulled through the optimiser's elementwise update, giving cotangents for
+``u``, ``s``, the hyperparameters and ``g``; the last, ``w``, costs one Hessian-vector product
+``H(u_k) w`` (and the mixed product ``d/dphi (g . w)`` for data and captured tensors).
+
+Two kernels evaluate it, chosen by :func:`select_kernel`, the one place that decides:
+    ``"fused"``: the loss's own gradient and Hessian-vector product
+        (:class:`~amaml.flow.fused.AbstractFusedLoss`, the plain-MLP path) and autograd on
+        the elementwise update only; for inner optimisers, when no data or captured tensor
+        needs a gradient;
+    ``"autograd"``: one step differentiated by double backward, for every loss, solver and
+        meta-parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import DivergenceError
+from .hvp import Objective
+from .optimizers import AbstractInnerOptimizer, Hyper
+from .solvers import AbstractSolver
+
+__all__ = ["InnerLoop", "KERNELS", "Leaves", "initial_state", "integrate_steps", "params_of",
+           "select_kernel", "step_vjp"]
+
+#: Mini-batch schedule: ``k -> data tensors of step k`` (deterministic).
+Batches = Callable[[int], Sequence[Tensor]]
+
+#: The kernels :func:`select_kernel` chooses from.
+KERNELS = ("fused", "autograd")
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """What makes a flow a general step map (beyond :class:`~amaml.flow.trajectory.FlowSpec`).
+
+    Attributes:
+        optimizer: The inner optimiser, or ``None`` for the flow's Runge-Kutta solver on
+            ``-lr g`` (state ``(1, P)``).
+        per_step: ``dt`` has a leading dimension ``n_steps``: step ``k`` uses ``dt[k]``.
+        batches: ``k -> data of step k``; ``None``: every step reads the flow's data.
+        n_tasks: ``B`` of a batched flow (``None`` for one task).
+        hyper: The optimiser's hyperparameters by name; those listed in ``hyper_tensors``
+            are taken from the flow's extra tensors instead (they may need a gradient).
+        hyper_tensors: Names of the hyperparameters passed as extra tensors, in order.
+    """
+
+    optimizer: AbstractInnerOptimizer | None
+    per_step: bool = False
+    batches: Batches | None = None
+    n_tasks: int | None = None
+    hyper: tuple[tuple[str, Hyper], ...] = ()
+    hyper_tensors: tuple[str, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        """``1 + n_buffers``: the rows of one task's state."""
+        return 1 + (0 if self.optimizer is None else self.optimizer.n_buffers)
+
+
+@dataclass
+class Leaves:
+    """The tensors one step reads besides its state, as the step uses them."""
+
+    theta: Tensor
+    lr: Tensor
+    mu: Tensor | None
+    data: Sequence[Tensor]
+    hyper: dict[str, Hyper]
+
+
+def params_of(z: Tensor) -> Tensor:
+    """The parameters ``u``: row 0 of the state ``(..., rows, P)``."""
+    return z[..., 0, :]
+
+
+def initial_state(inner: InnerLoop, theta: Tensor) -> Tensor:
+    """``z_0 = (theta, 0, ..., 0)``: ``(rows, P)``, or ``(B, rows, P)`` batched."""
+    z = theta.new_zeros((inner.rows, theta.shape[-1]))
+    z[0] = theta
+    if inner.n_tasks is not None:
+        z = z.expand(inner.n_tasks, *z.shape).contiguous()
+    return z
+
+
+def _data_at(inner: InnerLoop, data: Sequence[Tensor], k: int) -> Sequence[Tensor]:
+    return data if inner.batches is None else inner.batches(k)
+
+
+def _lr_at(inner: InnerLoop, dt: Tensor, k: int) -> Tensor:
+    return dt[k] if inner.per_step else dt
+
+
+def _hyper(inner: InnerLoop, extras: Sequence[Tensor]) -> dict[str, Hyper]:
+    h = dict(inner.hyper)
+    for name, t in zip(inner.hyper_tensors, extras):
+        h[name] = t
+    return h
+
+
+def _phi(inner: InnerLoop, objective: Objective, solver: AbstractSolver, k: int, z: Tensor,
+         leaves: Leaves, create_graph: bool) -> Tensor:
+    """One step ``z_k -> z_{k+1}`` (with the autograd graph when ``create_graph``)."""
+    data, mu, theta, lr = leaves.data, leaves.mu, leaves.theta, leaves.lr
+
+    def gradient(v: Tensor) -> Tensor:
+        g = objective.grad(v, data, create_graph=create_graph)
+        return g if mu is None else g + mu * (v - theta)
+
+    u = params_of(z)
+    opt = inner.optimizer
+    if opt is None:
+        u_next = solver.step(lambda v: -lr * gradient(v), u)
+        return u_next.unsqueeze(-2)
+    bufs = [z[..., i, :] for i in range(1, inner.rows)]
+    u_next, new = opt.update(k, u, bufs, gradient(u), lr, leaves.hyper)
+    return torch.stack([u_next, *new], dim=-2)
+
+
+def integrate_steps(
+    inner: InnerLoop, objective: Objective, solver: AbstractSolver, n_steps: int,
+    theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor],
+    extras: Sequence[Tensor], z0: Tensor, start: int, stop: int, *,
+    keep_every: int | None, out: Tensor | None, create_graph: bool, check_every: int,
+) -> tuple[Tensor, list[Tensor]]:
+    """Steps ``start .. stop-1`` from ``z0``; see :func:`amaml.flow.trajectory.integrate`."""
+    hyper = _hyper(inner, extras)
+    if not create_graph:
+        theta, dt = theta.detach(), dt.detach()
+        mu = None if mu is None else mu.detach()
+        hyper = {n: v.detach() if isinstance(v, Tensor) else v for n, v in hyper.items()}
+    z = z0
+    kept: list[Tensor] = []
+    for k in range(start, stop):
+        if keep_every is not None and (k - start) % keep_every == 0:
+            if out is not None:
+                row = out[len(kept)]
+                row.copy_(z)
+                z = row
+            kept.append(z)
+        leaves = Leaves(theta, _lr_at(inner, dt, k), mu, _data_at(inner, data, k), hyper)
+        z = _phi(inner, objective, solver, k, z, leaves, create_graph)
+        if ((k + 1 - start) % check_every == 0 or k + 1 == stop) \
+                and not bool(torch.isfinite(z).all()):
+            raise DivergenceError(k + 1, n_steps, " (inner optimiser "
+                                  f"{inner.optimizer.name})" if inner.optimizer else "")
+    return z, kept
+
+
+# ----------------------------------------------------------------------------- the VJP
+
+
+def select_kernel(inner: InnerLoop, objective: Objective, need_data: Sequence[bool],
+                  need_extras: Sequence[bool], n_hyper: int) -> str:
+    """The kernel of one step's VJP, and the one place that chooses it (see the module).
+
+    ``"fused"`` needs a loss with its own derivatives, an inner optimiser (one gradient per
+    step, at ``u_k``), and no data or captured tensor that needs a gradient (the fused loss
+    gives ``H w`` only, not the mixed products); else ``"autograd"``.
+    """
+    captured_need = any(need_extras[n_hyper:])
+    if (objective.fused is not None and inner.optimizer is not None and not any(need_data)
+            and not captured_need):
+        return "fused"
+    return "autograd"
+
+
+def _add(bars: dict[str, Tensor], name: str, g: Tensor | None, index: int | None = None,
+         like: Tensor | None = None) -> None:
+    if g is None:
+        return
+    if index is not None:
+        if name not in bars:
+            assert like is not None
+            bars[name] = torch.zeros_like(like)
+        bars[name][index] += g
+        return
+    bars[name] = g if name not in bars else bars[name] + g
+
+
+def step_vjp(
+    inner: InnerLoop, objective: Objective, solver: AbstractSolver, k: int, z: Tensor,
+    lam: Tensor, theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor],
+    extras: Sequence[Tensor], need: tuple[bool, bool, bool], need_data: Sequence[bool],
+    need_extras: Sequence[bool], bars: dict[str, Tensor],
+) -> Tensor:
+    """``(dPhi_k/dz (z))^T lam``; adds ``(dPhi_k/dp)^T lam`` to ``bars`` for every needed
+    ``p``: ``"theta"``, ``"dt"`` (per step: row ``k``), ``"mu"``, ``"data{i}"``,
+    ``"extra{j}"`` (hyperparameter tensors first, then captured tensors)."""
+    n_hyper = len(inner.hyper_tensors)
+    kernel = select_kernel(inner, objective, need_data, need_extras, n_hyper)
+    lr_full = dt
+    with torch.enable_grad():
+        th = theta.detach().requires_grad_(need[0] and mu is not None)
+        lr = _lr_at(inner, dt, k).detach().requires_grad_(need[1])
+        m = None if mu is None else mu.detach().requires_grad_(need[2])
+        hyp = [t.detach().requires_grad_(n) for t, n in zip(extras[:n_hyper], need_extras)]
+        if inner.batches is None:
+            dk = [d.detach().requires_grad_(n) for d, n in zip(data, need_data)]
+        else:  # called again: the schedule's own graph to captured tensors is rebuilt
+            dk = list(inner.batches(k))
+        leaves = Leaves(th, lr, m, dk, _hyper(inner, hyp))
+        named: list[tuple[str, Tensor | None]] = [("theta", th), ("dt", lr), ("mu", m)]
+        named += [(f"extra{j}", t) for j, t in enumerate(hyp)]
+        if inner.batches is None:
+            named += [(f"data{i}", d) for i, d in enumerate(dk)]
+        named += [(f"extra{n_hyper + j}", t) for j, t in enumerate(extras[n_hyper:])
+                  if need_extras[n_hyper + j]]
+        wanted = [(n, t) for n, t in named if t is not None and t.requires_grad]
+        if kernel == "fused":
+            lam_z, grads = _fused_vjp(inner, objective, k, z, lam, leaves, [t for _, t in wanted])
+        else:
+            zl = z.detach().requires_grad_(True)
+            z_next = _phi(inner, objective, solver, k, zl, leaves, create_graph=True)
+            res = torch.autograd.grad(z_next, [zl, *(t for _, t in wanted)], lam,
+                                      allow_unused=True)
+            lam_z = res[0] if res[0] is not None else torch.zeros_like(z)
+            grads = list(res[1:])
+    for (name, _), g in zip(wanted, grads):
+        if name == "dt" and inner.per_step:
+            _add(bars, "dt", g, index=k, like=lr_full)
+        else:
+            _add(bars, name, g)
+    return lam_z
+
+
+def _fused_vjp(inner: InnerLoop, objective: Objective, k: int, z: Tensor, lam: Tensor,
+               leaves: Leaves, wanted: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
+    """The optimiser's update differentiated by autograd (elementwise), the gradient's
+    cotangent ``w`` by the fused loss's ``H(u) w``: no graph through the model."""
+    fused, opt = objective.fused, inner.optimizer
+    assert fused is not None and opt is not None
+    u = params_of(z).detach()
+    tape: list[object] = []
+    g = fused.grad(u, leaves.data, tape=tape)
+    ul = u.clone().requires_grad_(True)
+    bl = [z[..., i, :].detach().clone().requires_grad_(True) for i in range(1, inner.rows)]
+    gl = g.detach().requires_grad_(True)
+    mu, theta = leaves.mu, leaves.theta
+    g_eff = gl if mu is None else gl + mu * (ul - theta)
+    u_next, new = opt.update(k, ul, bl, g_eff, leaves.lr, leaves.hyper)
+    outs = [u_next, *new]
+    cots = [lam[..., i, :] for i in range(inner.rows)]
+    pairs = [(o, c) for o, c in zip(outs, cots) if o.requires_grad]
+    res = torch.autograd.grad([o for o, _ in pairs], [ul, *bl, gl, *wanted],
+                              [c for _, c in pairs], allow_unused=True)
+    lam_u = res[0] if res[0] is not None else torch.zeros_like(u)
+    w = res[1 + len(bl)]
+    if w is not None:
+        _, hw = fused.grad_hvp(u, w, leaves.data, with_grad=False,
+                               tape=tape[0] if tape else None)
+        lam_u = lam_u + hw
+    lam_bufs = [r if r is not None else torch.zeros_like(u) for r in res[1:1 + len(bl)]]
+    return torch.stack([lam_u, *lam_bufs], dim=-2), list(res[2 + len(bl):])
