@@ -45,6 +45,14 @@ def _restore(device: torch.device, states: list[Tensor]) -> None:
         torch.cuda.set_rng_state(states[1], device)
 
 
+def _drop(_: Tensor) -> None:
+    return None
+
+
+def _unreachable(_: Any) -> Tensor:
+    raise RuntimeError("internal: the graph of captured_leaves is never differentiated.")
+
+
 def _nodes(root: Any) -> tuple[list[Any], list[Tensor]]:
     """Every node below ``root`` and the leaf variables of its ``AccumulateGrad`` nodes."""
     seen: set[int] = set()
@@ -81,7 +89,9 @@ def captured_leaves(total: Callable[[Tensor, Sequence[Tensor]], Tensor], u: Tens
         ValueError: The loss reads a tensor that requires grad but is not a leaf.
         RandomLossError: The loss draws random numbers.
     """
-    with torch.enable_grad():
+    # The graphs are walked, never differentiated: what they would save is dropped at once
+    # (less memory, and no cycle through a caller's own saved-tensor hooks).
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _unreachable):
         ul = u.detach().requires_grad_(True)
         dl = [d.detach() for d in data]
         before = _rng_states(u.device)
