@@ -74,14 +74,17 @@ def _nodes(root: Any) -> tuple[list[Any], list[Tensor]]:
 
 
 def captured_leaves(total: Callable[[Tensor, Sequence[Tensor]], Tensor], u: Tensor,
-                    data: Sequence[Tensor], check_random: bool = True) -> list[Tensor]:
+                    data: Sequence[Tensor] | Callable[[], Sequence[Tensor]],
+                    check_random: bool = True) -> list[Tensor]:
     """The leaf tensors requiring grad that ``total(u, data)`` reads besides ``u`` and
     ``data``, in the order met.
 
     Args:
         total: The support loss (summed over tasks when batched).
         u: A parameter vector (any values: the state at which to evaluate).
-        data: The data tensors (their own graphs are not walked).
+        data: The data tensors (their own graphs are not walked), or a function that
+            makes them anew (a mini-batch schedule's first batch: its graph, e.g. an
+            indexing of a set that requires grad, is walked to that set).
         check_random: Refuse a loss that draws random numbers (for adjoints that evaluate
             the loss again in their backward pass).
 
@@ -93,9 +96,12 @@ def captured_leaves(total: Callable[[Tensor, Sequence[Tensor]], Tensor], u: Tens
     # (less memory, and no cycle through a caller's own saved-tensor hooks).
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _unreachable):
         ul = u.detach().requires_grad_(True)
-        dl = [d.detach() for d in data]
+
+        def make() -> Sequence[Tensor]:
+            return data() if callable(data) else [d.detach() for d in data]
+
         before = _rng_states(u.device)
-        out = total(ul, dl)
+        out = total(ul, make())
         after = _rng_states(u.device)
         if check_random and any(not torch.equal(a, b) for a, b in zip(before, after)):
             _restore(u.device, before)
@@ -114,7 +120,7 @@ def captured_leaves(total: Callable[[Tensor, Sequence[Tensor]], Tensor], u: Tens
             return []
         # A node that a second evaluation shares with the first was made outside the loss:
         # a non-leaf tensor that requires grad, captured.
-        out2 = total(ul, dl)
+        out2 = total(ul, make())
         nodes2, _ = _nodes(out2.grad_fn)
         first = {id(n) for n in nodes}
         shared = [n for n in nodes2 if id(n) in first and getattr(n, "variable", None) is None]

@@ -150,7 +150,8 @@ def gradient_flow(
     captured: list[Tensor] = []
     if isinstance(adjoint, AbstractSweepAdjoint):
         u_at = theta if n_tasks is None else theta.expand(n_tasks, *theta.shape)
-        captured = captured_leaves(objective.total, u_at, first)
+        captured = captured_leaves(objective.total, u_at,
+                                   first if batches is None else lambda: batches(0))
     for t in meta_parameters:
         if not isinstance(t, Tensor):
             raise TypeError(f"meta_parameters must hold tensors; got {type(t).__name__}.")

@@ -247,8 +247,9 @@ def _fused_vjp(inner: InnerLoop, objective: Objective, k: int, z: Tensor, lam: T
     fused, opt = objective.fused, inner.optimizer
     assert fused is not None and opt is not None
     u = params_of(z).detach()
+    data = [d.detach() for d in leaves.data]
     tape: list[object] = []
-    g = fused.grad(u, leaves.data, tape=tape)
+    g = fused.grad(u, data, tape=tape)
     ul = u.clone().requires_grad_(True)
     bl = [z[..., i, :].detach().clone().requires_grad_(True) for i in range(1, inner.rows)]
     gl = g.detach().requires_grad_(True)
@@ -263,7 +264,7 @@ def _fused_vjp(inner: InnerLoop, objective: Objective, k: int, z: Tensor, lam: T
     lam_u = res[0] if res[0] is not None else torch.zeros_like(u)
     w = res[1 + len(bl)]
     if w is not None:
-        _, hw = fused.grad_hvp(u, w, leaves.data, with_grad=False,
+        _, hw = fused.grad_hvp(u, w, data, with_grad=False,
                                tape=tape[0] if tape else None)
         lam_u = lam_u + hw
     lam_bufs = [r if r is not None else torch.zeros_like(u) for r in res[1:1 + len(bl)]]
