@@ -74,6 +74,7 @@ def add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
                    f"(default {d.solver})")
     g.add_argument("--memory", help=f"A-MAML memory strategy: {', '.join(sorted(MEMORIES))} "
                    f"(default {d.memory})")
+    _add_inner_optimizer_flags(g, d)
     g.add_argument("--proximal", type=float,
                    help=f"proximal weight mu >= 0 of A-MAML's inner flow and of iMAML "
                         f"(default {d.proximal}; iMAML uses 1 if 0)")
@@ -118,6 +119,41 @@ def add_config_flags(p: argparse.ArgumentParser, *, method: bool) -> None:
     g.add_argument("--dtype", help=f"{' or '.join(DTYPES)} (default {d.dtype})")
     g.add_argument("--device", help=f"cpu or cuda (default {d.device})")
     add_eval_flags(p)
+
+
+#: What each ``--inner-*`` option is, for its help (the optimisers that take it and its
+#: default come from the config and the optimisers' fields).
+_INNER_HELP: dict[str, str] = {
+    "inner_momentum": "momentum", "inner_nesterov": "Nesterov momentum",
+    "inner_betas": "moment decay rates", "inner_eps": "eps in the denominator",
+    "inner_weight_decay": "weight decay (L2; decoupled in adamw)",
+    "inner_alpha": "smoothing constant"}
+
+
+def _add_inner_optimizer_flags(g: Any, d: Any) -> None:
+    """``--inner-optimizer`` and one flag per option of :data:`INNER_OPTIONS`."""
+    from .experiments.inner_optimizer import INNER_OPTIMIZERS, INNER_OPTIONS, inner_option_users
+
+    g.add_argument("--inner-optimizer", choices=list(INNER_OPTIMIZERS),
+                   help=f"how every method adapts (default {d.inner_optimizer}): gd, the "
+                        "gradient flow of --solver (Euler: gradient descent), or an inner "
+                        "optimiser (torch.optim's rule, at --inner-lr; needs --solver euler)")
+    for option in INNER_OPTIONS:
+        kwargs: dict[str, Any] = {"type": float}
+        default = getattr(d, option)
+        if option == "inner_nesterov":
+            kwargs = {"action": argparse.BooleanOptionalAction, "default": None}
+        elif option == "inner_betas":
+            kwargs["nargs"] = 2
+            kwargs["metavar"] = ("B1", "B2")
+            default = " ".join(map(str, default))
+        elif option == "inner_weight_decay":
+            default = "the optimiser's own: 0, adamw 0.01"
+        needs = "; needs --inner-momentum > 0" if option == "inner_nesterov" else ""
+        g.add_argument(f"--{option.replace('_', '-')}", **kwargs,
+                       help=f"{_INNER_HELP[option]} of --inner-optimizer "
+                            f"{', '.join(inner_option_users(option))} (default {default}"
+                            f"{needs})")
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:

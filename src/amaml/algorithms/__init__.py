@@ -15,6 +15,7 @@ from typing import Any
 
 from ..api import resolve_memory, resolve_solver
 from ..flow import AbstractMemory, AbstractSolver, DiscreteAdjoint, FirstOrder, Implicit, Unrolled
+from ..optim import AbstractInnerOptimizer, resolve_optimizer
 from .base import AbstractAlgorithm, GradientMetaLearner, TaskBatch, check_steps, query_losses
 from .reptile import Reptile
 
@@ -33,35 +34,45 @@ def maml_default_steps(n_steps: int) -> int:
     return max(1, n_steps // 10)
 
 
+_Opt = AbstractInnerOptimizer | None
+
+
 def _amaml(n_steps: int, inner_lr: float, solver: AbstractSolver, memory: AbstractMemory,
            proximal: float = 0.0, compile: bool | str = False,
-           proximal_in_query: bool = False) -> AbstractAlgorithm:
+           proximal_in_query: bool = False, optimizer: _Opt = None) -> AbstractAlgorithm:
     return GradientMetaLearner("amaml", n_steps, inner_lr, solver,
                                DiscreteAdjoint(memory, compile=compile), proximal,
-                               proximal_in_query)
+                               proximal_in_query, optimizer=optimizer)
 
 
 def _maml(n_steps: int, inner_lr: float, solver: AbstractSolver, proximal: float = 0.0,
-          maml_steps: int | None = None) -> AbstractAlgorithm:
+          maml_steps: int | None = None, optimizer: _Opt = None) -> AbstractAlgorithm:
     steps = maml_steps if maml_steps is not None else maml_default_steps(n_steps)
-    return GradientMetaLearner("maml", steps, inner_lr, solver, Unrolled(), proximal)
+    return GradientMetaLearner("maml", steps, inner_lr, solver, Unrolled(), proximal,
+                               optimizer=optimizer)
 
 
-def _maml1(inner_lr: float, solver: AbstractSolver, proximal: float = 0.0) -> AbstractAlgorithm:
-    return GradientMetaLearner("maml1", 1, inner_lr, solver, Unrolled(), proximal)
+def _maml1(inner_lr: float, solver: AbstractSolver, proximal: float = 0.0,
+           optimizer: _Opt = None) -> AbstractAlgorithm:
+    return GradientMetaLearner("maml1", 1, inner_lr, solver, Unrolled(), proximal,
+                               optimizer=optimizer)
 
 
 def _fomaml(n_steps: int, inner_lr: float, solver: AbstractSolver,
-            proximal: float = 0.0) -> AbstractAlgorithm:
-    return GradientMetaLearner("fomaml", n_steps, inner_lr, solver, FirstOrder(), proximal)
+            proximal: float = 0.0, optimizer: _Opt = None) -> AbstractAlgorithm:
+    return GradientMetaLearner("fomaml", n_steps, inner_lr, solver, FirstOrder(), proximal,
+                               optimizer=optimizer)
 
 
-def _reptile(n_steps: int, inner_lr: float, solver: AbstractSolver) -> AbstractAlgorithm:
-    return Reptile(n_steps, inner_lr, solver)
+def _reptile(n_steps: int, inner_lr: float, solver: AbstractSolver,
+             optimizer: _Opt = None) -> AbstractAlgorithm:
+    return Reptile(n_steps, inner_lr, solver, optimizer=optimizer)
 
 
 def _imaml(n_steps: int, inner_lr: float, solver: AbstractSolver,
            proximal: float = IMAML_DEFAULT_PROXIMAL, cg_steps: int = 20) -> AbstractAlgorithm:
+    # No optimizer: the implicit gradient is that of the fixed point of the gradient flow
+    # (amaml.flow.Implicit refuses an inner optimiser).
     return GradientMetaLearner("imaml", n_steps, inner_lr, solver,
                                Implicit(cg_steps=cg_steps), proximal)
 
@@ -69,7 +80,7 @@ def _imaml(n_steps: int, inner_lr: float, solver: AbstractSolver,
 #: name -> builder, in the paper's order. A builder's keyword parameters are the
 #: :func:`make_algorithm` arguments it uses (``n_steps``, ``inner_lr``, ``solver``,
 #: ``memory``, ``proximal``, ``maml_steps``, ``cg_steps``, ``compile``,
-#: ``proximal_in_query``).
+#: ``proximal_in_query``, ``optimizer``).
 ALGORITHMS: dict[str, Callable[..., AbstractAlgorithm]] = {
     "amaml": _amaml,
     "maml": _maml,
@@ -83,7 +94,7 @@ ALGORITHMS: dict[str, Callable[..., AbstractAlgorithm]] = {
 #: neutral too); a method that does not use one refuses any other value.
 _OPTIONAL: dict[str, Any] = {"solver": "euler", "memory": "checkpoint", "proximal": 0.0,
                              "maml_steps": None, "cg_steps": 20, "compile": False,
-                             "proximal_in_query": False}
+                             "proximal_in_query": False, "optimizer": None}
 
 
 def list_algorithms() -> list[str]:
@@ -118,6 +129,7 @@ def make_algorithm(
     cg_steps: int = 20,
     compile: bool | str = False,
     proximal_in_query: bool = False,
+    optimizer: str | AbstractInnerOptimizer | None = None,
 ) -> AbstractAlgorithm:
     """Build an algorithm by name.
 
@@ -138,6 +150,10 @@ def make_algorithm(
             :class:`amaml.flow.DiscreteAdjoint`).
         proximal_in_query: A-MAML's meta-objective carries the proximal term too (see
             :class:`GradientMetaLearner`).
+        optimizer: Inner optimiser, a name of :data:`amaml.optim.OPTIMIZERS` or an
+            instance, stepped at ``inner_lr`` (with ``solver`` Euler); ``None`` (default):
+            the gradient flow of ``solver``. Every method but iMAML takes one (iMAML's
+            implicit gradient is that of the gradient flow's fixed point).
 
     Raises:
         ValueError: Unknown method, invalid step counts, or an argument the method does
@@ -149,7 +165,7 @@ def make_algorithm(
         check_steps("maml_steps", maml_steps)
     given = {"solver": solver, "memory": memory, "proximal": proximal,
              "maml_steps": maml_steps, "cg_steps": cg_steps, "compile": compile,
-             "proximal_in_query": proximal_in_query}
+             "proximal_in_query": proximal_in_query, "optimizer": optimizer}
     for arg, value in given.items():
         if arg not in used and not _is_default(arg, value):
             raise ValueError(f"Method {name!r} does not use {arg} (got {arg}={value!r}); "
@@ -160,7 +176,8 @@ def make_algorithm(
                       f"proximal={IMAML_DEFAULT_PROXIMAL}.", stacklevel=2)
         given["proximal"] = None
     kwargs: dict[str, Any] = {**given, "n_steps": n_steps, "inner_lr": inner_lr,
-                              "solver": resolve_solver(solver)}
+                              "solver": resolve_solver(solver),
+                              "optimizer": resolve_optimizer(optimizer)}
     if "memory" in used:
         kwargs["memory"] = resolve_memory(memory)
     return ALGORITHMS[name](**{k: v for k, v in kwargs.items()

@@ -11,8 +11,10 @@ from torch import Tensor, nn
 from .._types import LossFn, Params
 from ..api import adapt_batch, functional_call_batch
 from ..flow import AbstractAdjoint, AbstractSolver, DiscreteAdjoint, Euler, FirstOrder
+from ..optim import AbstractInnerOptimizer
 
-__all__ = ["AbstractAlgorithm", "GradientMetaLearner", "TaskBatch", "check_steps", "query_losses"]
+__all__ = ["AbstractAlgorithm", "GradientMetaLearner", "TaskBatch", "check_optimizer",
+           "check_steps", "query_losses"]
 
 #: ``(support_x, support_y, query_x, query_y)``, each with a leading task dimension ``B``.
 TaskBatch = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -28,6 +30,18 @@ def check_steps(name: str, value: object) -> None:
         raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
 
 
+def check_optimizer(optimizer: object) -> None:
+    """Refuse an inner ``optimizer`` that is neither ``None`` nor an :mod:`amaml.optim`
+    instance (a name is resolved by :func:`~amaml.algorithms.make_algorithm`).
+
+    Raises:
+        TypeError: Naming the value.
+    """
+    if optimizer is not None and not isinstance(optimizer, AbstractInnerOptimizer):
+        raise TypeError(f"optimizer must be an amaml.optim optimiser (e.g. amaml.optim.Adam()) "
+                        f"or None; got {optimizer!r}.")
+
+
 def query_losses(model: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor) -> Tensor:
     """Per-task losses ``(B,)`` of the adapted parameters ``params`` on ``(x, y)``."""
     return torch.func.vmap(loss_fn)(functional_call_batch(model, params, x), y)
@@ -41,19 +55,24 @@ class AbstractAlgorithm(abc.ABC):
         n_steps: Inner steps used in meta-training.
         inner_lr: Inner learning rate (solver step size).
         solver: Forward stepper of the inner loop.
+        optimizer: Inner optimiser (:mod:`amaml.optim`) stepped at ``inner_lr`` in place
+            of the gradient flow of ``solver`` (then Euler); ``None`` (default): the
+            gradient flow.
     """
 
     name: str
     n_steps: int
     inner_lr: float
     solver: AbstractSolver
+    optimizer: AbstractInnerOptimizer | None = None
 
     def adapt(self, model: nn.Module, loss_fn: LossFn, support: tuple[Tensor, Tensor], *,
               n_steps: int | None = None) -> Params:
         """Adapt to a batch of tasks without any meta-gradient (evaluation, fine-tuning)."""
         with torch.no_grad():
             return adapt_batch(model, loss_fn, support, steps=n_steps or self.n_steps,
-                               lr=self.inner_lr, solver=self.solver, adjoint=FirstOrder())
+                               lr=self.inner_lr, solver=self.solver, adjoint=FirstOrder(),
+                               optimizer=self.optimizer)
 
     @abc.abstractmethod
     def meta_step(self, model: nn.Module, loss_fn: LossFn, batch: TaskBatch, *,
@@ -77,7 +96,9 @@ class AbstractAlgorithm(abc.ABC):
 class GradientMetaLearner(AbstractAlgorithm):
     """MAML-family meta-learner: the meta-gradient of the query loss after adaptation.
 
-    A-MAML, MAML, first-order MAML and iMAML differ only in ``adjoint``.
+    A-MAML, MAML, first-order MAML and iMAML differ only in ``adjoint``. With an inner
+    ``optimizer`` (e.g. ``amaml.optim.Adam()``) each adapts by that optimiser's steps, and
+    the adjoint differentiates through them (its buffers included).
 
     With ``proximal_in_query`` the meta-objective of each task is
     ``L_query(u(T)) + proximal / 2 * ||u(T) - theta||^2`` (the authors' A-MAML code), whose
@@ -91,6 +112,7 @@ class GradientMetaLearner(AbstractAlgorithm):
     adjoint: AbstractAdjoint = field(default_factory=DiscreteAdjoint)
     proximal: float = 0.0
     proximal_in_query: bool = False
+    optimizer: AbstractInnerOptimizer | None = None
 
     def __post_init__(self) -> None:
         check_steps("n_steps", self.n_steps)
@@ -98,19 +120,21 @@ class GradientMetaLearner(AbstractAlgorithm):
             raise ValueError(f"inner_lr must be > 0; got {self.inner_lr!r}.")
         if self.proximal < 0:
             raise ValueError(f"proximal must be >= 0; got {self.proximal!r}.")
+        check_optimizer(self.optimizer)
 
     def adapt(self, model: nn.Module, loss_fn: LossFn, support: tuple[Tensor, Tensor], *,
               n_steps: int | None = None) -> Params:
         with torch.no_grad():
             return adapt_batch(model, loss_fn, support, steps=n_steps or self.n_steps,
                                lr=self.inner_lr, solver=self.solver, adjoint=FirstOrder(),
-                               proximal=self.proximal)
+                               proximal=self.proximal, optimizer=self.optimizer)
 
     def meta_step(self, model: nn.Module, loss_fn: LossFn, batch: TaskBatch, *,
                   scale: float | None = None) -> Tensor:
         xs, ys, xq, yq = batch
         params = adapt_batch(model, loss_fn, (xs, ys), steps=self.n_steps, lr=self.inner_lr,
-                             solver=self.solver, adjoint=self.adjoint, proximal=self.proximal)
+                             solver=self.solver, adjoint=self.adjoint, proximal=self.proximal,
+                             optimizer=self.optimizer)
         losses = query_losses(model, loss_fn, params, xq, yq)
         if self.proximal_in_query and self.proximal > 0:
             theta = dict(model.named_parameters())

@@ -9,7 +9,8 @@ from torch import nn
 
 from .._types import LossFn
 from ..flow import AbstractSolver, Euler
-from .base import AbstractAlgorithm, TaskBatch, check_steps, query_losses
+from ..optim import AbstractInnerOptimizer
+from .base import AbstractAlgorithm, TaskBatch, check_optimizer, check_steps, query_losses
 
 __all__ = ["Reptile"]
 
@@ -20,18 +21,21 @@ class Reptile(AbstractAlgorithm):
 
     The accumulated ``.grad`` is ``scale * sum_tasks (theta - u_N)``, so a plain SGD
     meta-step with learning rate ``epsilon`` is Reptile's interpolation; any torch
-    optimiser (Adam in the experiments) may use it as a gradient.
+    optimiser (Adam in the experiments) may use it as a gradient. The inner loop is
+    ``solver``'s gradient flow, or the inner ``optimizer``'s steps when one is given.
     """
 
     n_steps: int
     inner_lr: float
     solver: AbstractSolver = field(default_factory=Euler)
     name: str = "reptile"
+    optimizer: AbstractInnerOptimizer | None = None
 
     def __post_init__(self) -> None:
         check_steps("n_steps", self.n_steps)
         if not self.inner_lr > 0:
             raise ValueError(f"inner_lr must be > 0; got {self.inner_lr!r}.")
+        check_optimizer(self.optimizer)
 
     def meta_step(self, model: nn.Module, loss_fn: LossFn, batch: TaskBatch, *,
                   scale: float | None = None) -> torch.Tensor:

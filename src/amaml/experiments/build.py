@@ -92,8 +92,9 @@ def resolve_compile(config: TrainConfig) -> tuple[bool | str, str]:
     ``compile="auto"`` compiles when the whole run's inner steps (solver stages x steps x
     meta-batch x meta-iterations) pass the measured break-even of
     :func:`amaml.flow.compiled.recommend_compile`, except where compiling is not exact or
-    not supported: batch-statistics BatchNorm under ``adapt_batch`` (``conv4``), and
-    methods other than A-MAML (their inner loops are not compiled). A compiling run keeps
+    not supported: batch-statistics BatchNorm under ``adapt_batch`` (``conv4``), an inner
+    optimiser other than ``gd`` (no compiled kernel for its steps), and methods other than
+    A-MAML (their inner loops are not compiled). A compiling run keeps
     its compiled code on disk (:func:`amaml.flow.compiled.enable_compile_cache`), so a
     second run of the same shapes starts without recompiling.
     """
@@ -102,6 +103,11 @@ def resolve_compile(config: TrainConfig) -> tuple[bool | str, str]:
 
     if config.method != "amaml":
         return False, f"{config.method}: eager (only A-MAML's solver steps compile)"
+    if config.inner_optimizer != "gd":
+        # amaml.flow has no compiled kernel for optimiser steps (it would warn and run
+        # eagerly): do not pay for setting up compilation.
+        return False, (f"amaml: eager (--inner-optimizer {config.inner_optimizer} has no "
+                       "compiled kernel)")
     if config.compile == "auto":
         if config.model == "conv4":
             return False, ("amaml: eager (auto; compiled batched BatchNorm is not exact in "
@@ -126,16 +132,19 @@ def build_algorithm(config: TrainConfig) -> AbstractAlgorithm:
     Each method gets only the settings it uses (:func:`~amaml.algorithms.algorithm_options`):
     ``memory`` and ``compile`` reach A-MAML, ``maml_steps`` MAML; ``proximal`` reaches
     A-MAML and iMAML only (iMAML's 0 means its default 1.0, as the config documents);
-    ``proximal_in_query`` A-MAML only.
+    ``proximal_in_query`` A-MAML only. Every method adapts with the config's inner
+    optimiser (:meth:`~amaml.experiments.config.TrainConfig.inner_optimizer_instance`;
+    ``None`` for ``gd``, the gradient flow of ``solver``).
     """
     options: dict[str, Any] = {
         "solver": config.solver, "memory": config.memory,
         "proximal": config.proximal if config.method in PROXIMAL_METHODS else 0.0,
         "maml_steps": config.effective_maml_steps, "compile": resolve_compile(config)[0],
-        "proximal_in_query": config.proximal_in_query}
+        "proximal_in_query": config.proximal_in_query,
+        "optimizer": config.inner_optimizer_instance()}
     if config.method == "imaml" and config.proximal == 0:
         options["proximal"] = None
-    used = algorithm_options(config.method)
+    used = algorithm_options(config.method) | {"optimizer"}  # refused where not taken
     return make_algorithm(config.method, n_steps=config.steps, inner_lr=config.inner_lr,
                           **{k: v for k, v in options.items() if k in used})
 

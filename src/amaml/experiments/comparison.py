@@ -32,6 +32,7 @@ from .checkpoint import atomic_write_json, atomic_write_text
 from .config import TrainConfig
 from .distributed import DistInfo
 from .evaluate import metric_of, paired_difference
+from .inner_optimizer import check_methods
 from .plots import plot_finetune
 from .references import REFERENCES, reference_metrics
 from .rundir import CHECKPOINT_FILE, RunDirError, RunDirLock
@@ -130,9 +131,9 @@ def format_table(records: list[dict[str, Any]], config: TrainConfig) -> str:
         "",
         f"protocol {config.protocol}: meta-iterations {config.meta_iters}, meta-batch "
         f"{config.meta_batch}, meta-lr {config.meta_lr} ({config.meta_optimizer}), inner lr "
-        f"{config.inner_lr} ({config.solver}), seed {config.seed}, {config.n_test} meta-test "
-        f"tasks{model}, {config.dtype}; fine-tuning: {ft}. ± is the {spread} over the "
-        "meta-test tasks.",
+        f"{config.inner_lr} ({config.inner_description}), seed {config.seed}, "
+        f"{config.n_test} meta-test tasks{model}, {config.dtype}; fine-tuning: {ft}. ± is "
+        f"the {spread} over the meta-test tasks.",
         "",
         f"| method | inner steps (train / eval) | {label} after adaptation | "
         f"paired difference to {records[0]['method'] if records else '-'} | "
@@ -188,11 +189,14 @@ def compare(config: TrainConfig, methods: Sequence[str], out: str | os.PathLike[
         The records written to ``results.json``.
 
     Raises:
+        ValueError: Bad method names, or a method that takes no inner optimiser (iMAML)
+            under ``config.inner_optimizer`` other than ``gd``, before any training.
         RunDirError: ``out`` already holds a comparison (without ``resume``) or is in use
             by another process (it is locked while the comparison lasts).
         Everything :func:`amaml.experiments.train` raises.
     """
     names = parse_methods(methods)
+    check_methods(config.inner_optimizer, [m for m in names if m not in REFERENCES])
     out_dir = Path(out)
     with _lock(out_dir, dist_info):
         if not resume:
@@ -291,6 +295,7 @@ def compare_seeds(config: TrainConfig, methods: Sequence[str], seeds: str | Sequ
     """
     values = parse_seeds(seeds)
     names = parse_methods(methods)
+    check_methods(config.inner_optimizer, [m for m in names if m not in REFERENCES])
     out_dir = Path(out)
     with RunDirLock(out_dir, what="comparison"):
         return _compare_seeds(config, names, values, out_dir, resume=resume,

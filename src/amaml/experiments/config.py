@@ -10,7 +10,6 @@ a resumed run may change (:data:`RESUME_MUTABLE`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +17,21 @@ import torch
 
 from ..algorithms import list_algorithms, maml_default_steps
 from ..flow import MEMORIES, SOLVERS
+from ..optim import AbstractInnerOptimizer
 from ..tasks import DEFAULT_WAYS, family_kind, list_families
+from ._checks import check_choice, check_int, check_number, flag
+from .inner_optimizer import (
+    INNER_OPTIONS,
+    check_inner_optimizer,
+    check_methods,
+    describe_inner,
+    make_inner_optimizer,
+)
 from .models import MODEL_KINDS
 
-__all__ = ["DTYPES", "FINETUNE_OPTIMIZERS", "KIND_FINETUNE", "KIND_LOSSES", "LOSSES",
-           "META_OPTIMIZERS", "PROTOCOLS", "RENAMED_FIELDS", "RESULT_FIELDS", "RESUME_MUTABLE",
-           "TrainConfig"]
+__all__ = ["DTYPES", "FINETUNE_OPTIMIZERS", "INNER_DEFAULTS", "KIND_FINETUNE", "KIND_LOSSES",
+           "LOSSES", "META_OPTIMIZERS", "PROTOCOLS", "RENAMED_FIELDS", "RESULT_FIELDS",
+           "RESUME_MUTABLE", "TrainConfig", "describe_inner_fields"]
 
 #: Accepted ``dtype`` names.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -79,33 +87,6 @@ _BOOKKEEPING: dict[str, Any] = {"affects_results": False}
 _RESUME_MUTABLE: dict[str, Any] = {"affects_results": False, "resume_mutable": True}
 
 
-def _flag(name: str) -> str:
-    return f"{name} (--{name.replace('_', '-')})"
-
-
-def _int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{_flag(name)} must be an int; got {value!r}.")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{_flag(name)} must be {bound}; got {value}.")
-
-
-def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{_flag(name)} must be a number; got {value!r}.")
-    ok = value >= 0 if allow_zero else value > 0
-    if not (ok and math.isfinite(value)):
-        raise ValueError(f"{_flag(name)} must be a finite number {'>= 0' if allow_zero else '> 0'}"
-                         f"; got {value!r}.")
-
-
-def _choice(name: str, value: Any, allowed: list[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"Unknown {name} {value!r} for --{name.replace('_', '-')}; "
-                         f"expected one of {allowed}.")
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a meta-training run (and its evaluation).
@@ -133,6 +114,20 @@ class TrainConfig:
         solver: Inner-loop solver name (``euler``, ``heun``, ``rk4``).
         memory: A-MAML's memory strategy (``store``, ``checkpoint``, ``revolve``,
             ``backsolve``).
+        inner_optimizer: How every method adapts
+            (:data:`~amaml.experiments.inner_optimizer.INNER_OPTIMIZERS`): ``gd``, the
+            gradient flow integrated by ``solver`` (default), or an :mod:`amaml.optim`
+            optimiser (``sgd``, ``adam``, ``adamw``, ``rmsprop``) stepped at ``inner_lr``,
+            which needs ``solver="euler"`` (an optimiser step is a discrete map: it has no
+            Runge-Kutta version).
+        inner_momentum: Momentum of ``sgd`` and ``rmsprop``, >= 0.
+        inner_nesterov: Nesterov momentum of ``sgd`` (needs ``inner_momentum > 0``).
+        inner_betas: ``(beta1, beta2)`` of ``adam`` and ``adamw``, each in [0, 1).
+        inner_eps: ``eps`` of ``adam``, ``adamw`` and ``rmsprop``, > 0.
+        inner_weight_decay: Weight decay of any optimiser, >= 0 (L2; decoupled in
+            ``adamw``); ``None``: the optimiser's own (0; ``adamw`` 0.01). Each
+            ``inner_*`` option that the chosen optimiser does not take keeps its default.
+        inner_alpha: Smoothing constant of ``rmsprop``, in [0, 1).
         proximal: Proximal weight mu >= 0 of A-MAML's inner flow and of iMAML (which uses
             1.0 when 0); MAML, MAML-1, FOMAML and Reptile adapt without it.
         proximal_in_query: A-MAML's meta-objective also carries the proximal term,
@@ -193,6 +188,13 @@ class TrainConfig:
     seed: int = 0
     solver: str = "euler"
     memory: str = "checkpoint"
+    inner_optimizer: str = "gd"
+    inner_momentum: float = 0.0
+    inner_nesterov: bool = False
+    inner_betas: tuple[float, float] = (0.9, 0.999)
+    inner_eps: float = 1e-8
+    inner_weight_decay: float | None = None
+    inner_alpha: float = 0.99
     proximal: float = 0.0
     proximal_in_query: bool = False
     loss: str | None = None
@@ -219,73 +221,78 @@ class TrainConfig:
     device: str = field(default="cpu", metadata=_BOOKKEEPING)
 
     def __post_init__(self) -> None:
-        _choice("family", self.family, list_families())
-        _choice("method", self.method, list_algorithms())
-        _choice("solver", self.solver, sorted(SOLVERS))
-        _choice("memory", self.memory, sorted(MEMORIES))
-        _choice("dtype", self.dtype, sorted(DTYPES))
-        _choice("meta_optimizer", self.meta_optimizer, list(META_OPTIMIZERS))
-        _choice("finetune_optimizer", self.finetune_optimizer, list(FINETUNE_OPTIMIZERS))
+        check_choice("family", self.family, list_families())
+        check_choice("method", self.method, list_algorithms())
+        check_choice("solver", self.solver, sorted(SOLVERS))
+        check_choice("memory", self.memory, sorted(MEMORIES))
+        check_choice("dtype", self.dtype, sorted(DTYPES))
+        check_choice("meta_optimizer", self.meta_optimizer, list(META_OPTIMIZERS))
+        check_choice("finetune_optimizer", self.finetune_optimizer, list(FINETUNE_OPTIMIZERS))
         self._resolve_kind_defaults()
-        _choice("protocol", self.protocol, list(PROTOCOLS))
+        if isinstance(self.inner_betas, list):  # from JSON and argparse
+            object.__setattr__(self, "inner_betas", tuple(self.inner_betas))
+        check_inner_optimizer(self.inner_optimizer, self._inner_options(),
+                              INNER_DEFAULTS, self.solver, self.memory)
+        check_methods(self.inner_optimizer, [self.method])
+        check_choice("protocol", self.protocol, list(PROTOCOLS))
         for name in ("proximal_in_query",):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{_flag(name)} must be a bool; got {getattr(self, name)!r}.")
+                raise ValueError(f"{flag(name)} must be a bool; got {getattr(self, name)!r}.")
         if self.pool is not None:
-            _int("pool", self.pool, 1, 10_000_000)
+            check_int("pool", self.pool, 1, 10_000_000)
             for name in ("shots", "queries"):
                 if getattr(self, name) > self.pool:
-                    raise ValueError(f"{_flag(name)} ({getattr(self, name)}) must not exceed "
-                                     f"{_flag('pool')} ({self.pool}): each episode draws "
+                    raise ValueError(f"{flag(name)} ({getattr(self, name)}) must not exceed "
+                                     f"{flag('pool')} ({self.pool}): each episode draws "
                                      "its points from the pool.")
         if self.finetune_lr is not None:
-            _positive("finetune_lr", self.finetune_lr)
-        _positive("finetune_weight_decay", self.finetune_weight_decay, allow_zero=True)
-        _int("shots", self.shots, 1, 100_000)
-        _int("queries", self.queries, 1, 100_000)
-        _int("steps", self.steps, 1, 100_000)
-        _int("meta_iters", self.meta_iters, 1)
-        _int("meta_batch", self.meta_batch, 1)
-        _int("seed", self.seed, 0)
-        _int("n_test", self.n_test, 1)
-        _int("finetune_epochs", self.finetune_epochs, 0)
-        _int("finetune_every", self.finetune_every, 1)
-        _int("log_every", self.log_every, 1)
-        _int("save_every", self.save_every, 0)
+            check_number("finetune_lr", self.finetune_lr)
+        check_number("finetune_weight_decay", self.finetune_weight_decay, allow_zero=True)
+        check_int("shots", self.shots, 1, 100_000)
+        check_int("queries", self.queries, 1, 100_000)
+        check_int("steps", self.steps, 1, 100_000)
+        check_int("meta_iters", self.meta_iters, 1)
+        check_int("meta_batch", self.meta_batch, 1)
+        check_int("seed", self.seed, 0)
+        check_int("n_test", self.n_test, 1)
+        check_int("finetune_epochs", self.finetune_epochs, 0)
+        check_int("finetune_every", self.finetune_every, 1)
+        check_int("log_every", self.log_every, 1)
+        check_int("save_every", self.save_every, 0)
         for name in ("maml_steps", "eval_steps"):
             if getattr(self, name) is not None:
-                _int(name, getattr(self, name), 1, 100_000)
+                check_int(name, getattr(self, name), 1, 100_000)
         if self.n_train is not None:
-            _int("n_train", self.n_train, 1)
+            check_int("n_train", self.n_train, 1)
             if self.meta_batch > self.n_train:
-                raise ValueError(f"{_flag('meta_batch')} ({self.meta_batch}) must not exceed "
-                                 f"{_flag('n_train')} ({self.n_train}).")
-        _positive("inner_lr", self.inner_lr)
-        _positive("meta_lr", self.meta_lr)
-        _positive("proximal", self.proximal, allow_zero=True)
-        _int("conv_width", self.conv_width, 1, 4096)
+                raise ValueError(f"{flag('meta_batch')} ({self.meta_batch}) must not exceed "
+                                 f"{flag('n_train')} ({self.n_train}).")
+        check_number("inner_lr", self.inner_lr)
+        check_number("meta_lr", self.meta_lr)
+        check_number("proximal", self.proximal, allow_zero=True)
+        check_int("conv_width", self.conv_width, 1, 4096)
         if not isinstance(self.hidden, tuple) or any(
                 isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.hidden):
-            raise ValueError(f"{_flag('hidden')} must be a tuple of ints >= 1; "
+            raise ValueError(f"{flag('hidden')} must be a tuple of ints >= 1; "
                              f"got {self.hidden!r}.")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise ValueError(f"{_flag('data_dir')} must be a path string; got {self.data_dir!r}.")
+            raise ValueError(f"{flag('data_dir')} must be a path string; got {self.data_dir!r}.")
         from ..flow.compiled import COMPILE_MODES
 
         if not (isinstance(self.compile, bool) or self.compile in (*COMPILE_MODES, "auto")):
-            raise ValueError(f"{_flag('compile')} must be a bool, 'auto' or one of "
+            raise ValueError(f"{flag('compile')} must be a bool, 'auto' or one of "
                              f"{list(COMPILE_MODES)}; got {self.compile!r}.")
         if not isinstance(self.download, bool):
-            raise ValueError(f"{_flag('download')} must be a bool; got {self.download!r}.")
+            raise ValueError(f"{flag('download')} must be a bool; got {self.download!r}.")
         if not isinstance(self.device, str):
-            raise ValueError(f"{_flag('device')} must be a string; got {self.device!r}.")
+            raise ValueError(f"{flag('device')} must be a string; got {self.device!r}.")
         try:
             dev = torch.device(self.device)
         except RuntimeError as err:
-            raise ValueError(f"{_flag('device')}: {self.device!r} is not a torch device; use "
+            raise ValueError(f"{flag('device')}: {self.device!r} is not a torch device; use "
                              "'cpu' or 'cuda'.") from err
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"{_flag('device')} is {self.device!r} but CUDA is not available; "
+            raise ValueError(f"{flag('device')} is {self.device!r} but CUDA is not available; "
                              "use --device cpu.")
 
     def _resolve_kind_defaults(self) -> None:
@@ -298,29 +305,43 @@ class TrainConfig:
         if kind == "classification":
             if self.ways is None:
                 object.__setattr__(self, "ways", DEFAULT_WAYS)
-            _int("ways", self.ways, 2)
+            check_int("ways", self.ways, 2)
         elif self.ways is not None:
-            raise ValueError(f"{_flag('ways')} is for classification families; "
+            raise ValueError(f"{flag('ways')} is for classification families; "
                              f"{self.family!r} is a {kind} family: leave --ways unset.")
         if self.loss is None:
             object.__setattr__(self, "loss", KIND_LOSSES[kind][0])
         for name, default in zip(("finetune_epochs", "finetune_every"), KIND_FINETUNE[kind]):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
-        _choice("loss", self.loss, list(LOSSES))
+        check_choice("loss", self.loss, list(LOSSES))
         if self.loss not in KIND_LOSSES[kind]:
             raise ValueError(f"--loss {self.loss} does not apply to the {kind} family "
                              f"{self.family!r}; use one of {list(KIND_LOSSES[kind])}.")
         if self.model is None:
             object.__setattr__(self, "model",
                                next(m for m, k in MODEL_KINDS.items() if k == kind))
-        _choice("model", self.model, list(MODEL_KINDS))
+        check_choice("model", self.model, list(MODEL_KINDS))
         model_kind = MODEL_KINDS[str(self.model)]
         if model_kind != kind:
             fits = [m for m, k in MODEL_KINDS.items() if k == kind]
             raise ValueError(f"--model {self.model} is a {model_kind} network but "
                              f"{self.family!r} is a {kind} family; use --model "
                              f"{' or '.join(fits)}.")
+
+    def _inner_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in INNER_OPTIONS}
+
+    def inner_optimizer_instance(self) -> AbstractInnerOptimizer | None:
+        """The run's inner optimiser, an :mod:`amaml.optim` instance, or ``None`` for
+        ``gd`` (the gradient flow integrated by ``solver``)."""
+        return make_inner_optimizer(self.inner_optimizer, self._inner_options())
+
+    @property
+    def inner_description(self) -> str:
+        """How the run adapts, for tables: ``euler`` (``gd``: the solver's name) or
+        ``inner optimiser: adam(betas=(0.9, 0.999), ...)``."""
+        return describe_inner(self.inner_optimizer, self._inner_options(), self.solver)
 
     @property
     def kind(self) -> str:
@@ -344,7 +365,7 @@ class TrainConfig:
         Raises:
             ValueError: Unknown protocol, or invalid fields.
         """
-        _choice("protocol", protocol, list(PROTOCOLS))
+        check_choice("protocol", protocol, list(PROTOCOLS))
         preset = dict(PROTOCOLS[protocol])
         from ..tasks import has_fixed_data
 
@@ -360,9 +381,10 @@ class TrainConfig:
             else maml_default_steps(self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable fields (``hidden`` as a list)."""
+        """JSON-serialisable fields (``hidden`` and ``inner_betas`` as lists)."""
         out = dataclasses.asdict(self)
         out["hidden"] = list(self.hidden)
+        out["inner_betas"] = list(self.inner_betas)
         return out
 
     @classmethod
@@ -370,7 +392,8 @@ class TrainConfig:
         """Rebuild a config from :meth:`to_dict`'s output; unknown keys are refused.
 
         Old names of renamed fields (:data:`RENAMED_FIELDS`, e.g. ``checkpoint_every``) are
-        read as the new ones, so that runs saved before a rename still resume.
+        read as the new ones, so that runs saved before a rename still resume; fields added
+        since (the ``inner_*`` options) take their defaults.
 
         Raises:
             ValueError: Unknown keys, a field given under both names, or invalid values.
@@ -402,6 +425,23 @@ class TrainConfig:
         """Fields (not in ``ignore``) whose values differ: name -> (self's, other's)."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]}
+
+
+#: The defaults of ``inner_optimizer`` and its options: what a config saved before they
+#: existed had (an optimiser that does not take an option refuses any other value).
+INNER_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(TrainConfig)
+    if f.name == "inner_optimizer" or f.name in INNER_OPTIONS}
+
+
+def describe_inner_fields(fields: dict[str, Any]) -> str:
+    """:attr:`TrainConfig.inner_description` of a stored config (``config.json``, the
+    ``config`` of ``sweep.json``, a summary's setting); keys missing (or ``None``) in
+    older files take their defaults."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    return describe_inner(given.get("inner_optimizer", INNER_DEFAULTS["inner_optimizer"]),
+                          {k: given.get(k, v) for k, v in INNER_DEFAULTS.items()},
+                          str(given.get("solver", "euler")))
 
 
 #: Fields that change a run's results (all but speed and bookkeeping), in field order.

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_json, atomic_write_text
-from .config import RESULT_FIELDS
+from .config import INNER_DEFAULTS, RESULT_FIELDS, describe_inner_fields
 from .evaluate import metric_of, paired_difference, summarise
 
 __all__ = ["SETTING_KEYS", "format_summary", "load_comparison", "summarize_seeds",
@@ -35,6 +35,10 @@ __all__ = ["SETTING_KEYS", "format_summary", "load_comparison", "summarize_seeds
 #: changes results (:data:`~amaml.experiments.config.RESULT_FIELDS`) but the seed, which
 #: is what differs, and the method, which differs within each comparison.
 SETTING_KEYS: tuple[str, ...] = tuple(k for k in RESULT_FIELDS if k not in ("seed", "method"))
+
+
+#: :data:`~amaml.experiments.config.INNER_DEFAULTS` as ``config.json`` writes them (lists).
+_INNER_DEFAULTS_JSON: dict[str, Any] = json.loads(json.dumps(INNER_DEFAULTS))
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -75,7 +79,8 @@ def load_comparison(directory: str | os.PathLike[str]) -> dict[str, Any]:
         cfg = _read_json(d / r["method"] / "config.json", f"run of {r['method']!r}")
         if not isinstance(cfg, dict) or "seed" not in cfg:
             raise ValueError(f"{str(d / r['method'] / 'config.json')!r} has no seed.")
-        configs[r["method"]] = cfg
+        # Runs saved before the inner optimiser existed adapted with its defaults (gd).
+        configs[r["method"]] = {**_INNER_DEFAULTS_JSON, **cfg}
     seeds = {int(c["seed"]) for c in configs.values()}
     if len(seeds) != 1:
         raise ValueError(f"{str(d)!r} mixes seeds {sorted(seeds)} between its methods.")
@@ -219,7 +224,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         "",
         f"meta-iterations {s['meta_iters']}, meta-batch {s['meta_batch']}, meta-lr "
         f"{s['meta_lr']} ({s.get('meta_optimizer') or 'adam'}), inner lr {s['inner_lr']}"
-        f"{' (' + s['solver'] + ')' if s.get('solver') else ''}, seeds "
+        f"{' (' + describe_inner_fields(s) + ')' if s.get('solver') else ''}, seeds "
         f"{', '.join(map(str, seeds))}; "
         f"± is the standard error over seeds.",
         "",

@@ -29,8 +29,9 @@ from typing import Any
 from .build import build_algorithm, build_family, build_model, config_loss, resolve_compile
 from .checkpoint import atomic_write_json, atomic_write_text
 from .comparison import parse_methods, parse_seeds
-from .config import TrainConfig
+from .config import TrainConfig, describe_inner_fields
 from .evaluate import Metric, evaluate_adaptation, metric_of, summarise
+from .inner_optimizer import check_methods
 from .memory import peak_memory_mib
 from .plots import plot_sweep
 from .references import oracle_metrics
@@ -106,6 +107,7 @@ def sweep_steps(config: TrainConfig, methods: str | Sequence[str],
         ``{"rows": [...], "summary": [...], "references": {...}}`` as in ``sweep.json``.
     """
     names = [m for m in parse_methods(methods) if m not in ("no-meta", "oracle")]
+    check_methods(config.inner_optimizer, names)
     ns = parse_steps_list(steps_list)
     values = parse_seeds(seeds) if seeds is not None else [config.seed]
     if max_memory_mb is not None and not (max_memory_mb > 0 and math.isfinite(max_memory_mb)):
@@ -221,7 +223,8 @@ def format_sweep(result: dict[str, Any]) -> str:
     lines = [f"### {_title(cfg)}: meta-test {m.label} against inner steps N",
              "",
              f"protocol {cfg['protocol']}, {cfg['meta_iters']} meta-iterations, inner lr "
-             f"{cfg['inner_lr']} ({cfg['solver']}), A-MAML memory {cfg['memory']}, seeds "
+             f"{cfg['inner_lr']} ({describe_inner_fields(cfg)}), A-MAML memory {cfg['memory']}, "
+             "seeds "
              f"{', '.join(map(str, result['seeds']))}; memory budget of one meta-gradient: "
              f"{'none' if budget is None else f'{budget:g} MiB'}. Cells: {cell_text} "
              "[peak MiB of one meta-gradient].",
