@@ -26,16 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import BacksolveError
-from .hvp import make_field
-from .trajectory import (
-    FlowContext,
-    StepTape,
-    _accumulate,
-    _check_every,
-    _initial_state,
-    _leaves,
-    _param_names,
-)
+from .trajectory import FlowContext, StepTape
 
 __all__ = ["AbstractMemory", "Backsolve", "Checkpoint", "MEMORIES", "Revolve", "Store"]
 
@@ -304,33 +295,28 @@ class Backsolve(AbstractMemory):
         return u_end, torch.stack([u_end])
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
-        spec, data = flow.spec, flow.data
+        spec = flow.spec
         if spec.inner is not None:
             raise ValueError("memory='backsolve' integrates gradient flow backward in time; it "
                              "has no version for an inner optimiser, a per-step learning "
                              "rate, mini-batches or meta-parameters beyond theta, lr and mu. "
                              "Use memory='revolve' or 'checkpoint' (exact).")
-        th, d, m, params = _leaves(flow.theta, flow.dt, flow.mu, flow.need)
-        names = _param_names(th, d, m)
+        zeros = flow.zero_bars()
 
         def augmented(z: Sequence[Tensor]) -> list[Tensor]:
             # Reverse time tau = N - s: du/dtau = -F(u), dlam/dtau = J_F(u)^T lam,
             # d(bar_p)/dtau = (dF/dp)^T lam.
-            with torch.enable_grad():
-                u = z[0].detach().requires_grad_(True)
-                f = make_field(spec.objective, data, th, d, m, create_graph=True)(u)
-                grads = torch.autograd.grad(f, [u, *params], z[1])
-            return [-f.detach(), *grads]
+            f, lam_u, bars = flow.field_vjp(z[0], z[1])
+            return [-f, lam_u, *(bars[n] for n in zeros)]
 
-        zero_bars = [torch.zeros_like(p) for p in params]
-        z: list[Tensor] = [kept[0].detach(), lam, *zero_bars]
+        z: list[Tensor] = [kept[0].detach(), lam, *zeros.values()]
         flow.stats.peak_states = max(flow.stats.peak_states, 1)
-        check = _check_every(spec.n_steps)
+        check = flow.check_every
         for k in range(spec.n_steps):
             z = spec.solver.step_tuple(augmented, z)
             if (k + 1) % check == 0 and not bool(torch.isfinite(z[0]).all()):
                 break
-        u0 = _initial_state(flow.theta.detach(), spec.objective, data)
+        u0 = flow.initial_state().detach()
         err = float((z[0] - u0).norm() / u0.norm().clamp_min(torch.finfo(u0.dtype).tiny))
         if not math.isfinite(err) or err > self.tol or not bool(torch.isfinite(z[1]).all()):
             raise BacksolveError(
@@ -340,7 +326,7 @@ class Backsolve(AbstractMemory):
                 f"would be wrong; use memory='checkpoint' (exact, O(sqrt(steps)) memory) "
                 f"instead."
             )
-        _accumulate(flow.bars, names, z[2:])
+        flow.add_bars(dict(zip(zeros, z[2:])))
         return z[1]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,9 +24,6 @@ from .hvp import Objective, make_field
 from .solvers import RK4, AbstractSolver, Euler, Heun
 from .steps import InnerLoop, initial_state, integrate_steps, params_of, step_vjp
 
-if TYPE_CHECKING:
-    from .adjoint import AbstractAdjoint
-
 __all__ = ["FlowContext", "FlowSpec", "StepTape", "SweepStats", "can_tape", "integrate"]
 
 
@@ -36,7 +33,9 @@ class FlowSpec:
 
     objective: Objective
     solver: AbstractSolver
-    adjoint: AbstractAdjoint
+    #: The :class:`~amaml.flow.adjoint.AbstractAdjoint` (typed ``Any``: the adjoints import
+    #: this module, and it imports none of theirs).
+    adjoint: Any
     n_steps: int
     has_mu: bool
     compiled: StepFunctions | None = None
@@ -404,6 +403,37 @@ class FlowContext:
         return integrate(self.spec, self.theta, self.dt, self.mu, self.data,
                          keep_every=keep_every, create_graph=create_graph, u0=u0,
                          start=start, stop=stop, out=out, tapes=tapes)
+
+    @property
+    def check_every(self) -> int:
+        """How often (in steps) a strategy should check its states for non-finite values."""
+        return _check_every(self.spec.n_steps)
+
+    def field_vjp(self, u: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The unit-step field ``F(u) = -dt (grad L(u) + mu (u - theta))`` of gradient flow,
+        ``J_F(u)^T lam`` and ``{name: (dF/dp)^T lam}`` for the needed ``theta``, ``dt``,
+        ``mu`` (what a continuous adjoint integrates; :class:`~amaml.flow.memory.Backsolve`).
+        """
+        if self.spec.inner is not None:
+            raise ValueError("field_vjp is defined for gradient flow only, not for a general "
+                             "step map (inner optimiser, schedules, meta-parameters).")
+        th, d, m, params = _leaves(self.theta, self.dt, self.mu, self.need)
+        with torch.enable_grad():
+            u = u.detach().requires_grad_(True)
+            f = make_field(self.spec.objective, self.data, th, d, m, create_graph=True)(u)
+            grads = torch.autograd.grad(f, [u, *params], lam)
+        return f.detach(), grads[0], dict(zip(_param_names(th, d, m), grads[1:]))
+
+    def zero_bars(self) -> dict[str, Tensor]:
+        """Zeros shaped like each parameter (``theta``, ``dt``, ``mu``) that
+        :meth:`field_vjp` gives a cotangent for, in its order."""
+        th, d, m, _ = _leaves(self.theta, self.dt, self.mu, self.need)
+        like = {"theta": th, "dt": d, "mu": m}
+        return {n: torch.zeros_like(like[n].detach()) for n in _param_names(th, d, m)}
+
+    def add_bars(self, grads: dict[str, Tensor]) -> None:
+        """Add parameter cotangents by name to :attr:`bars`."""
+        _accumulate(self.bars, list(grads), list(grads.values()))
 
     def tape_numel(self) -> int:
         """Numbers one step's tape holds (0 where this flow keeps none; see
