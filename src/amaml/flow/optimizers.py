@@ -46,6 +46,17 @@ __all__ = ["OPTIMIZERS", "SGD", "AbstractInnerOptimizer", "Adam", "AdamW", "RMSp
            "resolve_optimizer"]
 
 Hyper = float | Tensor
+#: What :meth:`AbstractInnerOptimizer.update_vjp` returns: cotangents of ``u``, of each
+#: buffer, of ``g``, and of ``lr`` (or ``None``).
+_UpdateVJP = tuple[Tensor, list[Tensor], Tensor, Tensor | None]
+
+
+def _lr_bar(lr: Tensor, prod: Tensor) -> Tensor:
+    """The cotangent of ``lr`` from ``prod = d(update)/d(lr) * cotangent`` elementwise:
+    summed over everything ``lr`` was broadcast over (tasks, and parameters if scalar)."""
+    if lr.ndim == 0:
+        return prod.sum()
+    return prod.reshape(-1, lr.shape[-1]).sum(0)
 
 
 def sqrt0(v: Tensor) -> Tensor:
@@ -103,6 +114,16 @@ class AbstractInnerOptimizer(abc.ABC):
             h: The hyperparameters by field name (:meth:`hyperparameters`, possibly
                 replaced by leaves that require grad).
         """
+
+    def update_vjp(self, k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
+                   h: dict[str, Hyper], lam_u: Tensor, lam_bufs: list[Tensor],
+                   need_lr: bool) -> _UpdateVJP | None:
+        """The transpose of :meth:`update`'s Jacobian, written out (no autograd): from the
+        cotangents of ``(u_{k+1}, s_{k+1})`` to those of ``(u, s, g)`` and ``lr`` (``None``
+        unless ``need_lr``). ``None`` where not written for this configuration (the sweep
+        then differentiates :meth:`update` with autograd; the same numbers to round-off).
+        Hyperparameters in ``h`` are not differentiated here."""
+        return None
 
     def hyperparameters(self) -> dict[str, Hyper]:
         """The hyperparameters by field name, as given (floats or tensors)."""
@@ -187,6 +208,36 @@ class SGD(AbstractInnerOptimizer):
         d = d + mom * buf if self.nesterov else buf
         return u - lr * d, [buf]
 
+    def update_vjp(self, k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
+                   h: dict[str, Hyper], lam_u: Tensor, lam_bufs: list[Tensor],
+                   need_lr: bool) -> _UpdateVJP | None:
+        wd, mom, damp = h["weight_decay"], h["momentum"], h["dampening"]
+        d = g if _is_zero(wd) else g + wd * u
+        bar_dir = -lr * lam_u
+        if not bufs:
+            lr_bar = _lr_bar(lr, -(lam_u * d)) if need_lr else None
+            bar_d = bar_dir
+            return (lam_u if _is_zero(wd) else lam_u + wd * bar_d), [], bar_d, lr_bar
+        if k == 0:
+            buf = d
+        else:
+            buf = mom * bufs[0] + (d if _is_zero(damp) else (1 - damp) * d)
+        direction = d + mom * buf if self.nesterov else buf
+        lr_bar = _lr_bar(lr, -(lam_u * direction)) if need_lr else None
+        if self.nesterov:
+            bar_buf = lam_bufs[0] + mom * bar_dir
+            bar_d = bar_dir
+        else:
+            bar_buf = lam_bufs[0] + bar_dir
+            bar_d = torch.zeros_like(u)
+        if k == 0:
+            bar_d = bar_d + bar_buf
+            bar_prev = torch.zeros_like(u)
+        else:
+            bar_d = bar_d + (bar_buf if _is_zero(damp) else (1 - damp) * bar_buf)
+            bar_prev = mom * bar_buf
+        return (lam_u if _is_zero(wd) else lam_u + wd * bar_d), [bar_prev], bar_d, lr_bar
+
 
 def _check_betas(opt: AbstractInnerOptimizer, betas: Any) -> None:
     if not isinstance(betas, tuple) or len(betas) != 2:
@@ -214,6 +265,33 @@ def _adam_direction(k: int, bufs: list[Tensor], g: Tensor, h: dict[str, Hyper],
         new.append(vv)
     denom = sqrt0(vv) / bc2_sqrt + eps
     return m / denom, new, bc1
+
+
+def _adam_vjp(k: int, bufs: list[Tensor], g: Tensor, lr: Tensor, h: dict[str, Hyper],
+              lam_u: Tensor, lam_bufs: list[Tensor], need_lr: bool
+              ) -> tuple[Tensor, list[Tensor], Tensor, Tensor | None]:
+    """The transpose of Adam's direction step (without weight decay, not AMSGrad): from
+    the cotangents of ``u' = u - lr / bc1 * m' / (sqrt0(v') / c2 + eps)``, ``m'``, ``v'``
+    to those of ``m``, ``v``, ``g`` and ``lr`` (``u``'s is ``lam_u`` itself). Where
+    ``v' = 0`` the square root passes no cotangent (the limit; see :func:`sqrt0`)."""
+    b1, b2, eps = h["betas0"], h["betas1"], h["eps"]
+    t = k + 1
+    m = bufs[0] + (1 - b1) * (g - bufs[0])
+    v = b2 * bufs[1] + (1 - b2) * (g * g)
+    bc1 = 1 - _pow(b1, t)
+    c2 = _sqrt_scalar(1 - _pow(b2, t))
+    s = v.sqrt()
+    denom = s / c2 + eps
+    direction = m / denom
+    step = lr / bc1
+    lr_bar = _lr_bar(lr, -(lam_u * direction) / bc1) if need_lr else None
+    bar_dir = -step * lam_u
+    bar_m = lam_bufs[0] + bar_dir / denom
+    bar_s = -(bar_dir * direction / denom) / c2
+    pos = s > 0
+    bar_v = lam_bufs[1] + torch.where(pos, bar_s / (2 * torch.where(pos, s, 1.0)), 0.0)
+    bar_g = (1 - b1) * bar_m + (2 * (1 - b2)) * g * bar_v
+    return lam_u, [b1 * bar_m, b2 * bar_v], bar_g, lr_bar
 
 
 @dataclass(frozen=True)
@@ -252,6 +330,19 @@ class Adam(AbstractInnerOptimizer):
         direction, new, bc1 = _adam_direction(k, bufs, g, h, self.amsgrad)
         return u - (lr / bc1) * direction, new
 
+    def update_vjp(self, k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
+                   h: dict[str, Hyper], lam_u: Tensor, lam_bufs: list[Tensor],
+                   need_lr: bool) -> _UpdateVJP | None:
+        if self.amsgrad:
+            return None
+        wd = h["weight_decay"]
+        g_eff = g if _is_zero(wd) else g + wd * u
+        bar_u, bar_bufs, bar_g, lr_bar = _adam_vjp(k, bufs, g_eff, lr, h, lam_u, lam_bufs,
+                                                   need_lr)
+        if not _is_zero(wd):
+            bar_u = bar_u + wd * bar_g
+        return bar_u, bar_bufs, bar_g, lr_bar
+
 
 @dataclass(frozen=True)
 class AdamW(AbstractInnerOptimizer):
@@ -280,6 +371,21 @@ class AdamW(AbstractInnerOptimizer):
             u = u * (1 - lr * h["weight_decay"])
         direction, new, bc1 = _adam_direction(k, bufs, g, h, self.amsgrad)
         return u - (lr / bc1) * direction, new
+
+    def update_vjp(self, k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
+                   h: dict[str, Hyper], lam_u: Tensor, lam_bufs: list[Tensor],
+                   need_lr: bool) -> _UpdateVJP | None:
+        if self.amsgrad:
+            return None
+        wd = h["weight_decay"]
+        bar_u, bar_bufs, bar_g, lr_bar = _adam_vjp(k, bufs, g, lr, h, lam_u, lam_bufs,
+                                                   need_lr)
+        if not _is_zero(wd):
+            bar_u = bar_u * (1 - lr * wd)
+            if need_lr:
+                decay = _lr_bar(lr, -(lam_u * u) * wd)
+                lr_bar = decay if lr_bar is None else lr_bar + decay
+        return bar_u, bar_bufs, bar_g, lr_bar
 
 
 @dataclass(frozen=True)

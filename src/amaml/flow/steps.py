@@ -224,7 +224,7 @@ def step_vjp(
                   if need_extras[n_hyper + j]]
         wanted = [(n, t) for n, t in named if t is not None and t.requires_grad]
         if kernel == "fused":
-            lam_z, grads = _fused_vjp(inner, objective, k, z, lam, leaves, [t for _, t in wanted])
+            lam_z, grads = _fused_vjp(inner, objective, k, z, lam, leaves, wanted)
         else:
             zl = z.detach().requires_grad_(True)
             z_next = _phi(inner, objective, solver, k, zl, leaves, create_graph=True)
@@ -241,31 +241,55 @@ def step_vjp(
 
 
 def _fused_vjp(inner: InnerLoop, objective: Objective, k: int, z: Tensor, lam: Tensor,
-               leaves: Leaves, wanted: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
-    """The optimiser's update differentiated by autograd (elementwise), the gradient's
-    cotangent ``w`` by the fused loss's ``H(u) w``: no graph through the model."""
+               leaves: Leaves, wanted: list[tuple[str, Tensor]]
+               ) -> tuple[Tensor, list[Tensor | None]]:
+    """The optimiser's update transposed (by its own :meth:`update_vjp`, else autograd on
+    the elementwise update), the gradient's cotangent ``w`` by the fused loss's
+    ``H(u) w``: no graph through the model."""
     fused, opt = objective.fused, inner.optimizer
     assert fused is not None and opt is not None
     u = params_of(z).detach()
+    bufs = [z[..., i, :].detach() for i in range(1, inner.rows)]
+    lam_u, lam_bufs = lam[..., 0, :], [lam[..., i, :] for i in range(1, inner.rows)]
     data = [d.detach() for d in leaves.data]
     tape: list[object] = []
     g = fused.grad(u, data, tape=tape)
-    ul = u.clone().requires_grad_(True)
-    bl = [z[..., i, :].detach().clone().requires_grad_(True) for i in range(1, inner.rows)]
-    gl = g.detach().requires_grad_(True)
     mu, theta = leaves.mu, leaves.theta
-    g_eff = gl if mu is None else gl + mu * (ul - theta)
-    u_next, new = opt.update(k, ul, bl, g_eff, leaves.lr, leaves.hyper)
-    outs = [u_next, *new]
-    cots = [lam[..., i, :] for i in range(inner.rows)]
-    pairs = [(o, c) for o, c in zip(outs, cots) if o.requires_grad]
-    res = torch.autograd.grad([o for o, _ in pairs], [ul, *bl, gl, *wanted],
-                              [c for _, c in pairs], allow_unused=True)
-    lam_u = res[0] if res[0] is not None else torch.zeros_like(u)
-    w = res[1 + len(bl)]
+    names = [n for n, _ in wanted]
+    hand = None
+    if all(n in ("theta", "dt", "mu") for n in names):
+        g_eff = g if mu is None else g + mu.detach() * (u - theta.detach())
+        h = {n: v.detach() if isinstance(v, Tensor) else v for n, v in leaves.hyper.items()}
+        hand = opt.update_vjp(k, u, bufs, g_eff, leaves.lr.detach(), h, lam_u, lam_bufs,
+                              "dt" in names)
+    if hand is not None:
+        bar_u, bar_bufs, w, lr_bar = hand
+        grads: list[Tensor | None] = []
+        for n in names:
+            if n == "dt":
+                grads.append(lr_bar)
+            elif n == "mu":
+                grads.append((w * (u - theta.detach())).sum())
+            else:  # theta, through the proximal term
+                assert mu is not None
+                gt = -mu.detach() * w
+                grads.append(gt.sum(0) if gt.ndim > 1 else gt)
+        if mu is not None:
+            bar_u = bar_u + mu.detach() * w
+    else:
+        ul = u.clone().requires_grad_(True)
+        bl = [b.clone().requires_grad_(True) for b in bufs]
+        gl = g.detach().requires_grad_(True)
+        g_eff = gl if mu is None else gl + mu * (ul - theta)
+        u_next, new = opt.update(k, ul, bl, g_eff, leaves.lr, leaves.hyper)
+        pairs = [(o, c) for o, c in zip([u_next, *new], [lam_u, *lam_bufs]) if o.requires_grad]
+        res = torch.autograd.grad([o for o, _ in pairs], [ul, *bl, gl, *(t for _, t in wanted)],
+                                  [c for _, c in pairs], allow_unused=True)
+        bar_u = res[0] if res[0] is not None else torch.zeros_like(u)
+        bar_bufs = [r if r is not None else torch.zeros_like(u) for r in res[1:1 + len(bl)]]
+        w = res[1 + len(bl)]
+        grads = list(res[2 + len(bl):])
     if w is not None:
-        _, hw = fused.grad_hvp(u, w, data, with_grad=False,
-                               tape=tape[0] if tape else None)
-        lam_u = lam_u + hw
-    lam_bufs = [r if r is not None else torch.zeros_like(u) for r in res[1:1 + len(bl)]]
-    return torch.stack([lam_u, *lam_bufs], dim=-2), list(res[2 + len(bl):])
+        _, hw = fused.grad_hvp(u, w, data, with_grad=False, tape=tape[0] if tape else None)
+        bar_u = bar_u + hw
+    return torch.stack([bar_u, *bar_bufs], dim=-2), grads
