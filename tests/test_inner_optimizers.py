@@ -268,3 +268,42 @@ def test_errors() -> None:
         amaml.optim.RMSprop(eps=0.0)
     with pytest.raises(TypeError, match="betas"):
         amaml.optim.AdamW(betas=0.9)
+
+
+@pytest.mark.slow
+def test_compiled_optimizer_steps_equal_eager() -> None:
+    """compile=True: Adam with a learnable per-step schedule and beta1, and batched SGD with
+    momentum, compiled (one function for every step), equal the eager sweep."""
+    model = _net()
+    x, y, xq, yq = _data()
+    steps = 12
+    lr = torch.full((steps,), 0.02, dtype=DT, requires_grad=True)
+    b1 = torch.tensor(0.85, dtype=DT, requires_grad=True)
+    opt = amaml.optim.Adam(betas=(b1, 0.999))
+    got = []
+    for comp in (False, True):
+        got.append(_amaml_grad_kw(model, x, y, xq, yq, (lr, b1), steps=steps, lr=lr,
+                                  optimizer=opt, memory="checkpoint", compile=comp))
+    assert rel_err(got[1], got[0]) < TOL
+    assert "step VJP kernel: compiled" in amaml.explain(model, F.mse_loss, (x, y), steps=steps,
+                                                        lr=lr, optimizer=opt, compile=True)
+    xs, ys, xqs, yqs = _data(batch=2)
+    sgd = amaml.optim.SGD(momentum=0.9, nesterov=True)
+    out = []
+    for comp in (False, True):
+        model.zero_grad()
+        p = amaml.adapt_batch(model, F.mse_loss, (xs, ys), steps=steps, lr=0.02, optimizer=sgd,
+                              memory="revolve", compile=comp)
+        torch.func.vmap(F.mse_loss)(amaml.functional_call_batch(model, p, xqs), yqs).sum() \
+            .backward()
+        out.append(torch.cat([t.grad.reshape(-1) for t in model.parameters()]))
+    assert rel_err(out[1], out[0]) < TOL
+
+
+def _amaml_grad_kw(model, x, y, xq, yq, extra, **kw):
+    model.zero_grad()
+    for t in extra:
+        t.grad = None
+    p = amaml.adapt(model, F.mse_loss, (x, y), **kw)
+    F.mse_loss(amaml.functional_call(model, p, xq), yq).backward()
+    return torch.cat([t.grad.reshape(-1) for t in [*model.parameters(), *extra]])

@@ -6,7 +6,14 @@ inner steps. Start with :func:`adapt` and :func:`adapt_batch`.
 """
 
 from . import optim
-from .api import BATCH_NORM_MODES, adapt, adapt_batch, functional_call, functional_call_batch
+from .api import (
+    BATCH_NORM_MODES,
+    adapt,
+    adapt_batch,
+    explain,
+    functional_call,
+    functional_call_batch,
+)
 from .flow import (
     RK4,
     Backsolve,
@@ -31,6 +38,6 @@ __all__ = [
     "BATCH_NORM_MODES", "Backsolve", "BacksolveError", "Checkpoint", "DiscreteAdjoint",
     "DivergenceError", "Euler", "FirstOrder", "Heun", "Implicit", "MiniBatches", "RK4", "Revolve",
     "Store",
-    "Unrolled", "__version__", "adapt", "adapt_batch", "functional_call",
+    "Unrolled", "__version__", "adapt", "adapt_batch", "explain", "functional_call",
     "functional_call_batch", "gradient_flow", "optim",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,6 +12,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._types import Batch, LearningRate, LossFn, Params, Scalar
+from .batchnorm import BATCH_NORM_MODES, model_forward
+from .fastpath import fused_plan
 from .flow import (
     MEMORIES,
     SOLVERS,
@@ -22,17 +25,15 @@ from .flow import (
     gradient_flow,
 )
 from .flow.compiled import compile_mode
-from .fastpath import fused_loss as _fused_loss
+from .flow.integrate import flow_context
 from .flow.optimizers import AbstractInnerOptimizer, resolve_optimizer
-from .support import Packed, call_args, check_support, schedule
+from .params import FlatModel
+from .support import check_support, schedule
 
-__all__ = ["BATCH_NORM_MODES", "adapt", "adapt_batch", "functional_call", "functional_call_batch",
-           "resolve_solver", "resolve_memory", "resolve_optimizer"]
+_LOG = logging.getLogger("amaml")
 
-#: Accepted values of ``batch_norm=``: ``"batch"`` normalises with the statistics of the
-#: batch each call sees (training-mode BatchNorm, the MAML convention), ``"running"`` with
-#: the model's running statistics (eval-mode BatchNorm).
-BATCH_NORM_MODES = ("batch", "running")
+__all__ = ["BATCH_NORM_MODES", "adapt", "adapt_batch", "explain", "functional_call",
+           "functional_call_batch", "resolve_solver", "resolve_memory", "resolve_optimizer"]
 
 
 def resolve_solver(solver: str | AbstractSolver) -> AbstractSolver:
@@ -57,149 +58,6 @@ def resolve_memory(memory: str | AbstractMemory) -> AbstractMemory:
                      "or an AbstractMemory instance.")
 
 
-class _FlatModel:
-    """Flat-vector view of a module's trainable parameters."""
-
-    def __init__(self, model: nn.Module) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("model has no parameters that require grad: nothing to adapt.")
-        self.model = model
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        self.shapes = [p.shape for p in self.params]
-        self.sizes = [p.numel() for p in self.params]
-        self.frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-        dtypes = {p.dtype for p in self.params}
-        if len(dtypes) != 1:
-            raise TypeError(f"All trainable parameters must share one dtype; got {dtypes}.")
-
-    def theta(self) -> Tensor:
-        return torch.cat([p.reshape(-1) for p in self.params])
-
-    def unflatten(self, u: Tensor) -> Params:
-        lead = u.shape[:-1]
-        return {n: t.reshape(*lead, *s) for n, t, s in zip(self.names, u.split(self.sizes, -1),
-                                                          self.shapes)}
-
-    def flat_lr(self, lr: LearningRate, like: Tensor, steps: int) -> tuple[Tensor, bool]:
-        """``lr`` as the flow's ``dt`` and whether it is a per-step schedule.
-
-        A scalar (0-d); a ``(steps,)`` tensor (one rate a step); a dict of per-parameter
-        rates broadcastable to each parameter (``(P,)``), where a value with one more
-        dimension than its parameter and ``steps`` rows is a per-step rate of that
-        parameter (then every value is expanded to ``(steps, P)``).
-        """
-        if isinstance(lr, Mapping):
-            missing = [n for n in self.names if n not in lr]
-            extra = [n for n in lr if n not in self.names]
-            if missing or extra:
-                raise ValueError(f"lr as a dict needs exactly the trainable parameter names; "
-                                 f"missing {missing}, unknown {extra}.")
-            values = {n: (v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=like.dtype)
-                          ).to(like.dtype).to(like.device) for n, v in lr.items()}
-            per_step = any(values[n].ndim == len(s) + 1 and values[n].shape[0] == steps
-                           for n, s in zip(self.names, self.shapes))
-            parts = []
-            for n, shape in zip(self.names, self.shapes):
-                t = values[n]
-                rows = t.ndim == len(shape) + 1 and t.shape[0] == steps
-                target = (steps, *shape) if per_step else tuple(shape)
-                try:
-                    t = t.expand(target) if rows or not per_step else t.expand(*shape).expand(
-                        steps, *shape)
-                except RuntimeError as err:
-                    raise ValueError(f"lr[{n!r}] of shape {tuple(t.shape)} does not broadcast "
-                                     f"to the parameter's shape {tuple(shape)}"
-                                     f"{f' (or ({steps}, *shape) per step)' if per_step else ''}"
-                                     ".") from err
-                parts.append(t.reshape(steps, -1) if per_step else t.reshape(-1))
-            return torch.cat(parts, dim=-1), per_step
-        t = lr if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=like.dtype)
-        if t.ndim == 1 and t.shape[0] == steps:
-            return t.to(like.dtype).to(like.device), True
-        if t.ndim != 0:
-            raise ValueError("lr as a tensor must be a scalar or a per-step schedule of shape "
-                             f"({steps},); give a dict of per-parameter tensors for Meta-SGD "
-                             f"style rates (got shape {tuple(t.shape)}).")
-        return t.to(like.dtype).to(like.device), False
-
-
-# ----------------------------------------------------------------------------- BatchNorm
-
-_RUNNING_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-_Forward = Callable[[Params, Tensor], Tensor]
-
-
-@contextmanager
-def _eval_mode(layers: Sequence[nn.Module]) -> Iterator[None]:
-    """Put ``layers`` in eval mode for the duration of one call, then restore each flag.
-
-    The flags are read at each call, not once per :func:`adapt`: the backward pass calls
-    the model again, after the user may have switched its mode.
-    """
-    flags = [m.training for m in layers]
-    for m in layers:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, flag in zip(layers, flags):
-            m.training = flag
-
-
-def _forward(model: nn.Module, batch_norm: Any) -> _Forward:
-    """``(params, x) -> model_params(x)``, BatchNorm layers normalising per ``batch_norm``.
-
-    No BatchNorm layer: a plain :func:`torch.func.functional_call`. ``"batch"``: the
-    layers' running buffers are hidden from the call (passed as ``None``), so that
-    :class:`torch.nn.BatchNorm2d` & co. normalise with batch statistics and update nothing,
-    whatever ``model.training`` (and under :func:`torch.func.vmap` the statistics are per
-    task). ``"running"``: the layers are put in eval mode for the call only, so that they
-    normalise with their running statistics, which they then only read.
-
-    Raises:
-        ValueError: ``batch_norm`` not in :data:`BATCH_NORM_MODES`, or ``"running"`` with a
-            BatchNorm layer that has no running statistics.
-    """
-    if not isinstance(batch_norm, str) or batch_norm not in BATCH_NORM_MODES:
-        raise ValueError(f"Unknown batch_norm={batch_norm!r}; expected one of "
-                         f"{list(BATCH_NORM_MODES)}.")
-    fcall = torch.func.functional_call
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
-    if batch_norm == "batch":
-        hidden: dict[str, Tensor | None] = {
-            f"{n}.{b}" if n else b: None
-            for n, m in layers for b in _RUNNING_BUFFERS if getattr(m, b, None) is not None}
-        if not hidden:  # no BatchNorm, or none tracking statistics: batch statistics anyway
-            return lambda params, x: fcall(model, params, *call_args(x))
-
-        def batch_call(params: Params, x: Tensor) -> Tensor:
-            # Merged, not passed as a second dict: a buffer also in ``params`` is then
-            # hidden too rather than a duplicate-key error.
-            merged: dict[str, Tensor | None] = {**params, **hidden}
-            return fcall(model, merged, *call_args(x))  # type: ignore[arg-type]  # None hides it
-
-        return batch_call
-    untracked = [n or type(m).__name__ for n, m in layers
-                 if m.running_mean is None or m.running_var is None]
-    if untracked:
-        raise ValueError(f"batch_norm='running' needs running statistics, but the BatchNorm "
-                         f"layer(s) {untracked} have none (track_running_stats=False); use "
-                         "batch_norm='batch'.")
-    if not layers:
-        return lambda params, x: fcall(model, params, *call_args(x))
-    modules = [m for _, m in layers]
-
-    def call(params: Params, x: Tensor) -> Tensor:
-        with _eval_mode(modules):
-            return fcall(model, params, *call_args(x))
-
-    return call
-
-
 def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
@@ -213,13 +71,29 @@ def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
         raise ValueError(f"proximal must be >= 0; got {proximal!r}.")
 
 
-def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
-           solver: str | AbstractSolver, memory: str | AbstractMemory, proximal: Scalar,
-           adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str = False,
-           batch_norm: str = "batch",
-           optimizer: str | AbstractInnerOptimizer | None = None) -> Params:
-    flat = _FlatModel(model)
-    forward = _forward(model, batch_norm)  # ValueError naming batch_norm
+@dataclass
+class _Plan:
+    """What one ``adapt`` call runs: everything but the flow itself."""
+
+    flat: FlatModel
+    loss: Callable[..., Tensor]
+    path: str
+    theta: Tensor
+    dt: Tensor
+    per_step: bool
+    first: tuple[Tensor, ...]
+    batches: Callable[[int], tuple[Tensor, ...]] | None
+    solver: AbstractSolver
+    adjoint: AbstractAdjoint
+    optimizer: AbstractInnerOptimizer | None
+
+
+def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
+          solver: str | AbstractSolver, memory: str | AbstractMemory, proximal: Scalar,
+          adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str,
+          batch_norm: str, optimizer: str | AbstractInnerOptimizer | None) -> _Plan:
+    flat = FlatModel(model)
+    forward = model_forward(model, batch_norm)  # ValueError naming batch_norm
     opt = resolve_optimizer(optimizer)  # ValueError naming the registered names
     batches = None
     if callable(data) and not isinstance(data, (tuple, list)):
@@ -261,15 +135,32 @@ def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Lear
 
     # A plain MLP computes its own gradient and Hessian-vector products (exact, without
     # autograd graphs); any other model is differentiated through functional_call.
-    fused = _fused_loss(flat, loss_fn, first[0], batched) if packed.kind == "tensor" else None
+    if packed.kind == "tensor":
+        fused, path = fused_plan(flat, loss_fn, first[0], batched)
+    else:
+        fused, path = None, f"generic: the model takes {packed.kind} inputs"
     dt, per_step = flat.flat_lr(lr, theta, steps)
-    u_end = gradient_flow(loss if fused is None else fused, theta, dt=dt, n_steps=steps,
-                          data=first if batches is None else (), batches=batches,
-                          solver=stepper, adjoint=adj, mu=proximal, batched=batched,
-                          optimizer=opt, dt_per_step=per_step)
-    out = flat.unflatten(u_end)
-    for n, p in flat.frozen.items():
-        out[n] = p.expand(first[-1].shape[0], *p.shape) if batched else p
+    _LOG.debug("adapt: %s", path)
+    return _Plan(flat, loss if fused is None else fused, path, theta, dt, per_step, first,
+                 batches, stepper, adj, opt)
+
+
+def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
+           solver: str | AbstractSolver, memory: str | AbstractMemory, proximal: Scalar,
+           adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str = False,
+           batch_norm: str = "batch",
+           optimizer: str | AbstractInnerOptimizer | None = None) -> Params:
+    plan = _plan(model, loss_fn, data, steps=steps, lr=lr, solver=solver, memory=memory,
+                 proximal=proximal, adjoint=adjoint, batched=batched, compile=compile,
+                 batch_norm=batch_norm, optimizer=optimizer)
+    u_end = gradient_flow(plan.loss, plan.theta, dt=plan.dt, n_steps=steps,
+                          data=plan.first if plan.batches is None else (),
+                          batches=plan.batches, solver=plan.solver, adjoint=plan.adjoint,
+                          mu=proximal, batched=batched, optimizer=plan.optimizer,
+                          dt_per_step=plan.per_step)
+    out = plan.flat.unflatten(u_end)
+    for n, p in plan.flat.frozen.items():
+        out[n] = p.expand(plan.first[-1].shape[0], *p.shape) if batched else p
     return out
 
 
@@ -453,7 +344,7 @@ def functional_call(model: nn.Module, params: Params, x: Tensor, *,
         ValueError: ``batch_norm`` not in :data:`BATCH_NORM_MODES`, or ``"running"`` with
             a BatchNorm layer without running statistics.
     """
-    return _forward(model, batch_norm)(params, x)
+    return model_forward(model, batch_norm)(params, x)
 
 
 def functional_call_batch(model: nn.Module, params: Params, x: Tensor, *,
@@ -466,5 +357,75 @@ def functional_call_batch(model: nn.Module, params: Params, x: Tensor, *,
     with ``"running"``, with the model's running statistics. Running statistics are never
     updated.
     """
-    forward = _forward(model, batch_norm)
+    forward = model_forward(model, batch_norm)
     return torch.func.vmap(forward)(params, x)
+
+
+def explain(
+    model: nn.Module,
+    loss_fn: LossFn,
+    support: Any,
+    *,
+    steps: int,
+    lr: LearningRate,
+    solver: str | AbstractSolver = "euler",
+    memory: str | AbstractMemory = "checkpoint",
+    proximal: Scalar = 0.0,
+    adjoint: AbstractAdjoint | None = None,
+    compile: bool | str = False,
+    batch_norm: str = "batch",
+    optimizer: str | AbstractInnerOptimizer | None = None,
+    batched: bool = False,
+) -> str:
+    """What :func:`adapt` (``batched=True``: :func:`adapt_batch`) would run with these
+    arguments, in words, without running it: how the model is differentiated (the fused
+    MLP path or the generic one, and why), the inner step map, the meta-parameters found
+    (tensors the loss reads that require grad included), the adjoint and the kernel of
+    the step VJPs with the reasons the faster kernels were not taken. The same checks as
+    :func:`adapt` (it raises what :func:`adapt` would raise). ``logging.getLogger("amaml")``
+    at DEBUG level logs the path and the kernel of every call.
+
+    Example:
+        >>> import torch, amaml
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(8, 1))
+        >>> x, y = torch.randn(16, 2), torch.randn(16, 1)
+        >>> print(amaml.explain(net, torch.nn.functional.mse_loss, (x, y), steps=10,
+        ...                     lr=0.1).splitlines()[0])
+        model: fused MLP (nn.Sequential: 2 linear layers)
+    """
+    plan = _plan(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
+                 proximal=proximal, adjoint=adjoint, batched=batched, compile=compile,
+                 batch_norm=batch_norm, optimizer=optimizer)
+    flow = flow_context(plan.loss, plan.theta, dt=plan.dt, n_steps=steps,
+                        data=plan.first if plan.batches is None else (),
+                        batches=plan.batches, solver=plan.solver, adjoint=plan.adjoint,
+                        mu=proximal, batched=batched, optimizer=plan.optimizer,
+                        dt_per_step=plan.per_step)
+    if isinstance(plan.adjoint, DiscreteAdjoint):
+        flow = plan.adjoint.prepare(flow)
+    spec, inner = flow.spec, flow.spec.inner
+    if inner is None:
+        step = f"{steps} steps of gradient flow, solver {plan.solver.name}"
+    elif inner.optimizer is None:
+        step = f"{steps} steps of gradient flow, solver {plan.solver.name} (general step map)"
+    else:
+        step = f"{steps} steps of {inner.optimizer.describe()}"
+    found = [f"theta ({plan.theta.numel()} numbers)"]
+    if plan.dt.requires_grad:
+        found.append(f"lr {tuple(plan.dt.shape) or 'scalar'}"
+                     + (" per step" if plan.per_step else ""))
+    found += [f"support tensor {i} {tuple(d.shape)}" for i, d in enumerate(flow.data)
+              if d.requires_grad]
+    n_hyper = 0 if inner is None else len(inner.hyper_tensors)
+    found += [f"optimizer {n}" for n, t in zip(inner.hyper_tensors if inner else (),
+                                               flow.extras) if t.requires_grad]
+    found += [f"a tensor the loss reads {tuple(t.shape)}" for t in flow.extras[n_hyper:]]
+    need_data = [d.requires_grad for d in flow.data]
+    need_extras = [t.requires_grad for t in flow.extras]
+    ctx = type(flow)(spec, flow.theta, flow.dt, flow.mu, flow.data, extras=flow.extras,
+                     need_data=need_data, need_extras=need_extras)
+    kernel = ctx.kernel().describe()
+    return "\n".join([f"model: {plan.path}", f"inner loop: {step}",
+                      f"meta-parameters: {', '.join(found)}", f"adjoint: {plan.adjoint!r}",
+                      f"step VJP kernel: {kernel}"])

@@ -1,28 +1,44 @@
-"""Which models take the fused MLP path (:mod:`amaml.flow.fused`), and why the others do not."""
+"""Which models take the fused MLP path (:mod:`amaml.flow.fused`), and why the others do not.
+
+A model takes it when its computation is a chain of layers the fused loss differentiates
+by hand: ``nn.Linear`` and the activations tanh, ReLU, sigmoid, identity (as modules or as
+``torch.tanh`` / ``torch.relu`` / ``torch.sigmoid`` / ``F.relu`` calls). The chain is read
+from an exact ``nn.Sequential`` directly, and from any other module by tracing its
+``forward`` with :func:`torch.fx.symbolic_trace` (a custom ``nn.Module`` written as
+``self.l3(torch.tanh(self.l2(...)))``, a loop over an ``nn.ModuleList``): the trace is a
+chain when every operation takes the previous one's output alone. The layer kinds are a
+table keyed by module type and function (:data:`LAYER_KINDS`, :data:`FUNCTION_KINDS`).
+Traces are cached per model (and checked against its submodules at each call).
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+import weakref
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._types import LossFn
 from .flow.fused import Layer, MLPLoss
+from .params import FlatModel
 
-__all__ = ["fused_loss"]
-
-
-class _Flat(Protocol):
-    """The part of ``api._FlatModel`` this module reads."""
-
-    model: nn.Module
-    frozen: dict[str, Tensor]
-    params: list[Tensor]
-    sizes: list[int]
+__all__ = ["FUNCTION_KINDS", "LAYER_KINDS", "fused_loss", "fused_plan"]
 
 
-_ACTIVATION_KINDS: dict[type[nn.Module], str] = {nn.Tanh: "tanh", nn.ReLU: "relu",
-                                                 nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+#: Module types the fused MLP computes, by exact type (a subclass may change ``forward``).
+LAYER_KINDS: dict[type[nn.Module], str] = {nn.Linear: "linear", nn.Tanh: "tanh",
+                                           nn.ReLU: "relu", nn.Sigmoid: "sigmoid",
+                                           nn.Identity: "identity"}
+#: Functions (and tensor methods, by name) a traced ``forward`` may call between layers.
+FUNCTION_KINDS: dict[Any, str] = {torch.tanh: "tanh", torch.relu: "relu", F.relu: "relu",
+                                  torch.sigmoid: "sigmoid", "tanh": "tanh", "relu": "relu",
+                                  "sigmoid": "sigmoid"}
+
+_Chain = list[tuple[str | None, str, nn.Module | None]]  # (module name, kind, module)
+_TRACES: weakref.WeakKeyDictionary[nn.Module, tuple[_Chain | str, tuple[int, ...]]] = (
+    weakref.WeakKeyDictionary())
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -38,38 +54,132 @@ def _global_hooks() -> bool:
         "_global_backward_pre_hooks"))
 
 
-def fused_loss(flat: _Flat, loss_fn: LossFn, x: Tensor, batched: bool) -> MLPLoss | None:
-    """The fused MLP loss (:class:`~amaml.flow.fused.MLPLoss`) when ``flat.model`` is a plain
-    perceptron that it computes exactly as the module does; ``None`` otherwise.
+def _module_kind(name: str, m: nn.Module) -> tuple[str | None, str, nn.Module | None] | str:
+    kind = LAYER_KINDS.get(type(m))
+    if kind is None:
+        return f"layer {name or '?'} is a {type(m).__name__}, not one of " \
+               f"{sorted(t.__name__ for t in LAYER_KINDS)}"
+    return name, kind, m
 
-    Plain means: exactly ``nn.Sequential`` (not a subclass, which may override ``forward``)
-    of distinct ``nn.Linear`` and ``nn.Tanh`` / ``nn.ReLU`` / ``nn.Sigmoid`` /
-    ``nn.Identity`` modules (exact types: parametrised or subclassed layers are not), no
-    hooks, no buffers, every parameter trainable, inputs ``[n, features]`` (``[B, n,
-    features]`` batched) of the parameters' dtype and device. Everything else, BatchNorm
-    included, takes the generic path.
+
+def _sequential_chain(model: nn.Sequential) -> _Chain | str:
+    children = list(model._modules.items())  # children() would hide a repeated layer
+    if any(m is None for _, m in children) or len({id(m) for _, m in children}) != len(children):
+        return "the nn.Sequential repeats a layer or holds None"
+    chain: _Chain = []
+    for name, m in children:
+        assert m is not None
+        step = _module_kind(name, m)
+        if isinstance(step, str):
+            return step
+        chain.append(step)
+    return chain
+
+
+def _traced_chain(model: nn.Module) -> _Chain | str:
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as err:  # noqa: BLE001 - any tracing failure means "not a chain"
+        return f"torch.fx cannot trace {type(model).__name__}.forward ({type(err).__name__})"
+    nodes = list(graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return f"{type(model).__name__}.forward takes {len(inputs)} inputs, not one"
+    prev, chain = inputs[0], []
+    seen: set[int] = set()
+    for n in nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            if n.args[0] is not prev:
+                return "the output is not the end of one chain of layers"
+            break
+        kwargs = {k: v for k, v in n.kwargs.items() if not (k == "inplace" and v is False)}
+        if kwargs or len(n.args) != 1 or n.args[0] is not prev:
+            return f"{n.op} {n.target} does not take the previous layer's output alone"
+        if n.op == "call_module":
+            m = model.get_submodule(str(n.target))
+            if id(m) in seen:
+                return f"layer {n.target} is used twice"
+            seen.add(id(m))
+            step = _module_kind(str(n.target), m)
+            if isinstance(step, str):
+                return step
+            chain.append(step)
+        elif n.op in ("call_function", "call_method") and n.target in FUNCTION_KINDS:
+            chain.append((None, FUNCTION_KINDS[n.target], None))
+        else:
+            return f"{n.op} {getattr(n.target, '__name__', n.target)} is not a supported layer"
+        prev = n
+    return chain
+
+
+def _chain(model: nn.Module) -> _Chain | str:
+    if type(model) is nn.Sequential:
+        return _sequential_chain(model)
+    key = tuple(id(m) for m in model.modules())  # a swapped submodule traces again
+    hit = _TRACES.get(model)
+    if hit is not None and hit[1] == key:
+        return hit[0]
+    chain = _traced_chain(model)
+    _TRACES[model] = (chain, key)
+    return chain
+
+
+def fused_plan(flat: FlatModel, loss_fn: LossFn, x: Tensor, batched: bool
+               ) -> tuple[MLPLoss | None, str]:
+    """The fused MLP loss for ``flat.model`` and a sentence saying which path and why.
+
+    The fused loss is built when the model's computation is a chain of supported layers
+    (see the module) that it computes exactly as the module does: no hooks, no buffers,
+    every parameter trainable and used by the chain in the order the module registers
+    them, inputs ``[n, features]`` (``[B, n, features]`` batched) of the parameters' dtype
+    and device. Everything else (BatchNorm, convolutions, several inputs) takes the
+    generic path (``torch.func.functional_call`` and autograd).
+
+    Returns:
+        ``(loss, why)``: ``loss`` is ``None`` on the generic path.
     """
     model = flat.model
-    if type(model) is not nn.Sequential or flat.frozen or _has_hooks(model) or _global_hooks():
-        return None
-    children = list(model._modules.values())  # children() would hide a repeated layer
-    if (len({id(m) for m in children}) != len(children) or any(m is None for m in children)
-            or any(True for _ in model.buffers())):
-        return None
+    name = type(model).__name__
+    if flat.frozen:
+        return None, f"generic: {name} has frozen parameters"
+    if _has_hooks(model) or _global_hooks() or any(_has_hooks(m) for m in model.modules()):
+        return None, f"generic: {name} or a submodule has hooks"
+    if any(True for _ in model.buffers()):
+        return None, f"generic: {name} has buffers (e.g. BatchNorm statistics)"
+    chain = _chain(model)
+    if isinstance(chain, str):
+        return None, f"generic: {chain}"
     layers: list[Layer] = []
-    for m in children:
-        if _has_hooks(m):
-            return None
-        if type(m) is nn.Linear:
+    order: list[str] = []
+    for qual, kind, m in chain:
+        if kind == "linear":
+            assert isinstance(m, nn.Linear)
             layers.append(Layer("linear", m.in_features, m.out_features, m.bias is not None))
-        elif type(m) in _ACTIVATION_KINDS:
-            layers.append(Layer(_ACTIVATION_KINDS[type(m)]))
+            prefix = f"{qual}." if qual else ""
+            order += [prefix + "weight"] + ([prefix + "bias"] if m.bias is not None else [])
         else:
-            return None
+            layers.append(Layer(kind))
     linear = [lay for lay in layers if lay.kind == "linear"]
+    if not linear:
+        return None, f"generic: {name} has no linear layer"
+    if order != list(flat.names):
+        return None, (f"generic: {name}'s chain uses its parameters in another order "
+                      "than it registers them")
     p0 = flat.params[0]
-    if (not linear or x.ndim != (3 if batched else 2) or x.dtype != p0.dtype
-            or x.device != p0.device or x.shape[-1] != linear[0].in_features):
-        return None
+    if x.ndim != (3 if batched else 2) or x.shape[-1] != linear[0].in_features:
+        return None, f"generic: inputs of shape {tuple(x.shape)} are not [n, features]"
+    if x.dtype != p0.dtype or x.device != p0.device:
+        return None, "generic: inputs of another dtype or device than the parameters"
     fused = MLPLoss(layers, loss_fn)
-    return fused if fused.n_params == sum(flat.sizes) else None
+    if fused.n_params != sum(flat.sizes):
+        return None, "generic: the chain does not use every parameter"
+    how = "nn.Sequential" if type(model) is nn.Sequential else f"torch.fx chain of {name}"
+    return fused, f"fused MLP ({how}: {len(linear)} linear layers)"
+
+
+def fused_loss(flat: FlatModel, loss_fn: LossFn, x: Tensor, batched: bool) -> MLPLoss | None:
+    """:func:`fused_plan`'s loss alone."""
+    return fused_plan(flat, loss_fn, x, batched)[0]
+

@@ -34,7 +34,6 @@ most ``snapshots + 1`` states whatever ``N``, exact) or
 from __future__ import annotations
 
 import abc
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .compiled import Need, compile_mode, step_functions
+from .compiled_maps import map_functions
 from .hvp import conjugate_gradient
 from .memory import AbstractMemory, Checkpoint
 
@@ -147,16 +147,25 @@ class DiscreteAdjoint(AbstractSweepAdjoint):
                             f"(e.g. Checkpoint()); got {self.memory!r}.")
         compile_mode(self.compile)  # raises on a bad value
 
-    def solve(self, flow: FlowContext) -> Tensor:
+    def prepare(self, flow: FlowContext) -> FlowContext:
+        """The flow with its compiled step functions attached when ``compile`` asks for them
+        (:class:`~amaml.flow.compiled.StepFunctions` for gradient flow,
+        :class:`~amaml.flow.compiled_maps.MapFunctions` for a general step map); built
+        lazily, compiled at their first call."""
         mode = compile_mode(self.compile)
-        if mode is not None and flow.spec.inner is not None:
-            _warn_eager_once()
-        elif mode is not None and flow.spec.compiled is None:
-            spec = flow.spec
+        spec, inner = flow.spec, flow.spec.inner
+        if mode is None or spec.compiled is not None:
+            return flow
+        if inner is not None:
+            fns: object = map_functions(spec.objective.loss, inner, spec.solver,
+                                        spec.objective.batched, spec.has_mu, mode)
+        else:
             fns = step_functions(spec.objective.loss, spec.solver, spec.objective.batched,
                                  spec.has_mu, mode)
-            flow = replace(flow, spec=replace(spec, compiled=fns))
-        return super().solve(flow)
+        return replace(flow, spec=replace(spec, compiled=fns))
+
+    def solve(self, flow: FlowContext) -> Tensor:
+        return super().solve(self.prepare(flow))
 
     def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
         return self.memory.forward(flow)
@@ -355,15 +364,3 @@ def _split(spec: FlowSpec, tensors: Sequence[Tensor]) -> tuple[list[Tensor], lis
     """The Function's trailing inputs: the data, then ``spec.n_extra`` extra tensors."""
     cut = len(tensors) - spec.n_extra
     return list(tensors[:cut]), list(tensors[cut:])
-
-
-_WARNED: list[bool] = []
-
-
-def _warn_eager_once() -> None:
-    if not _WARNED:
-        _WARNED.append(True)
-        warnings.warn("compile=True has no compiled kernel for an inner optimiser, a "
-                      "per-step learning rate, mini-batches or meta-parameters beyond theta, "
-                      "lr and mu yet: these flows run eagerly (the same gradient).",
-                      RuntimeWarning, stacklevel=4)

@@ -27,8 +27,8 @@ from torch import Tensor
 from .._types import FlatLoss
 from .solvers import AbstractSolver
 
-__all__ = ["COMPILE_MODES", "StepFunctions", "compile_mode", "enable_compile_cache",
-           "recommend_compile", "step_functions"]
+__all__ = ["COMPILE_MODES", "CompiledCalls", "StepFunctions", "compile_mode",
+           "enable_compile_cache", "recommend_compile", "step_functions"]
 
 #: ``torch.compile`` modes accepted by ``compile=``; ``True`` means ``"default"``. The modes
 #: with CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``) replay each step as one
@@ -64,6 +64,68 @@ def _slots(need: Need, has_mu: bool) -> list[int]:
     return [i for i in range(3) if need[i] and (has_mu or i == 1)]
 
 
+class CompiledCalls:
+    """Compiled functions in tables, built on first use, with the fallbacks they need.
+
+    A failure with the C++ wrapper (CPU) rebuilds every table without it, once; any other
+    failure warns once and marks :attr:`failed`, after which callers use their eager path.
+
+    Args:
+        mode: The ``torch.compile`` mode (one of :data:`COMPILE_MODES`).
+    """
+
+    def __init__(self, mode: str = "default") -> None:
+        self.mode = None if mode == "default" else mode
+        # CUDA-graph replays write their outputs into the same buffers each time: what
+        # is kept (stored states, cotangents) is copied out.
+        self.copy = mode in _CUDAGRAPH_MODES
+        # On CPU the generated code's Python wrapper (tens of tensor views and allocations
+        # per call) is a quarter of a small model's compiled step; a C++ wrapper removes
+        # it, for a longer first compilation. Dropped if it fails to build.
+        self.cpp_wrapper = self.mode is None
+        self.failed = False
+        self._tables: list[dict[Any, Any]] = []
+
+    def table(self) -> dict[Any, Any]:
+        """A new table of compiled functions (cleared when the C++ wrapper is dropped)."""
+        t: dict[Any, Any] = {}
+        self._tables.append(t)
+        return t
+
+    def _compile(self, fn: Callable[..., Any], device: str) -> Callable[..., Any]:
+        if self.cpp_wrapper and device == "cpu":
+            return torch.compile(fn, dynamic=False, options={"cpp_wrapper": True})
+        return torch.compile(fn, dynamic=False, mode=self.mode)
+
+    def call(self, table: dict[Any, Callable[..., Any]], key: Any, make: Callable[[], Any],
+             device: str, args: tuple[Any, ...]) -> Any:
+        """Call the compiled function ``table[key]`` (built by ``make`` on first use); on a
+        failure with the C++ wrapper, rebuild without it once; on any other failure fall
+        back to the eager path (returns ``None``)."""
+        fn = table.get(key)
+        if fn is None:
+            fn = table[key] = self._compile(make(), device)
+        try:
+            with torch.no_grad():
+                return fn(*args)
+        except Exception as err:  # noqa: BLE001 - any backend failure falls back
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                raise
+            if self.cpp_wrapper and device == "cpu":
+                self.cpp_wrapper = False
+                for t in self._tables:
+                    t.clear()
+                return self.call(table, key, make, device, args)
+            self.fallback(err)
+            return None
+
+    def fallback(self, err: Exception) -> None:
+        self.failed = True
+        warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); amaml uses the "
+                      "eager (uncompiled) solver steps instead (an error of the model or loss "
+                      "itself will be raised again there).", RuntimeWarning, stacklevel=4)
+
+
 class StepFunctions:
     """One solver step ``u -> Phi(u)`` and its VJP, as compiled pure functions.
 
@@ -92,45 +154,28 @@ class StepFunctions:
             return solver.step(field, u)
 
         self._step_eager = step
-        self._mode = None if mode == "default" else mode
-        # CUDA-graph replays write their outputs into the same buffers each time: what
-        # is kept (stored states, cotangents) is copied out.
-        self._copy = mode in _CUDAGRAPH_MODES
-        # On CPU the generated code's Python wrapper (tens of tensor views and allocations
-        # per call) is a quarter of a small model's compiled step; a C++ wrapper removes
-        # it, for a longer first compilation. Dropped if it fails to build.
-        self._cpp_wrapper = self._mode is None
-        self._steps: dict[str, Callable[..., Tensor]] = {}
-        self._vjps: dict[tuple[str, Need], Callable[..., tuple[Tensor, ...]]] = {}
+        self._calls = CompiledCalls(mode)
+        self._steps: dict[str, Callable[..., Tensor]] = self._calls.table()
+        self._vjps: dict[tuple[str, Need], Callable[..., tuple[Tensor, ...]]] = \
+            self._calls.table()
         self.has_mu = has_mu
-        self.failed = False
 
-    def _compile(self, fn: Callable[..., Any], device: str) -> Callable[..., Any]:
-        if self._cpp_wrapper and device == "cpu":
-            return torch.compile(fn, dynamic=False, options={"cpp_wrapper": True})
-        return torch.compile(fn, dynamic=False, mode=self._mode)
+    @property
+    def failed(self) -> bool:
+        """Whether compilation failed (the eager path is used from then on)."""
+        return self._calls.failed
+
+    @property
+    def _cpp_wrapper(self) -> bool:
+        return self._calls.cpp_wrapper
+
+    @property
+    def _copy(self) -> bool:
+        return self._calls.copy
 
     def _call(self, table: dict[Any, Callable[..., Any]], key: Any, make: Callable[[], Any],
               device: str, args: tuple[Any, ...]) -> Any:
-        """Call the compiled function ``table[key]`` (built by ``make`` on first use); on a
-        failure with the C++ wrapper, rebuild without it once; on any other failure fall
-        back to the eager path (returns ``None``)."""
-        fn = table.get(key)
-        if fn is None:
-            fn = table[key] = self._compile(make(), device)
-        try:
-            with torch.no_grad():
-                return fn(*args)
-        except Exception as err:  # noqa: BLE001 - any backend failure falls back
-            if isinstance(err, torch.cuda.OutOfMemoryError):
-                raise
-            if self._cpp_wrapper and device == "cpu":
-                self._cpp_wrapper = False
-                self._steps.clear()
-                self._vjps.clear()
-                return self._call(table, key, make, device, args)
-            self._fallback(err)
-            return None
+        return self._calls.call(table, key, make, device, args)
 
     def _make_vjp(self, need: Need) -> Callable[..., tuple[Tensor, ...]]:
         step = self._step_eager
@@ -154,12 +199,6 @@ class StepFunctions:
             return out
 
         return step_vjp
-
-    def _fallback(self, err: Exception) -> None:
-        self.failed = True
-        warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); amaml uses the "
-                      "eager (uncompiled) solver steps instead (an error of the model or loss "
-                      "itself will be raised again there).", RuntimeWarning, stacklevel=3)
 
     def step(self, u: Tensor, theta: Tensor, dt: Tensor, mu: Tensor | None,
              data: Sequence[Tensor]) -> Tensor | None:

@@ -18,7 +18,7 @@ from .solvers import AbstractSolver, Euler
 from .steps import Batches, InnerLoop
 from .trajectory import FlowContext, FlowSpec
 
-__all__ = ["gradient_flow"]
+__all__ = ["flow_context", "gradient_flow"]
 
 
 def _as_tensor(value: Scalar, like: Tensor, name: str) -> Tensor:
@@ -96,6 +96,32 @@ def gradient_flow(
         ``Backsolve`` re-integrates ``u`` backwards with ``lam``; its gradient is
         approximate, O(dt**order), and may be unstable on long non-convex horizons.
     """
+    return flow_context(loss, theta, dt=dt, n_steps=n_steps, t1=t1, data=data, solver=solver,
+                        adjoint=adjoint, mu=mu, batched=batched, optimizer=optimizer,
+                        batches=batches, dt_per_step=dt_per_step,
+                        meta_parameters=meta_parameters).solve()
+
+
+def flow_context(
+    loss: FlatLoss,
+    theta: Tensor,
+    *,
+    dt: Scalar | Tensor,
+    n_steps: int | None = None,
+    t1: float | None = None,
+    data: Sequence[Tensor] = (),
+    solver: AbstractSolver = Euler(),
+    adjoint: AbstractAdjoint = DiscreteAdjoint(),
+    mu: Scalar = 0.0,
+    batched: bool = False,
+    optimizer: AbstractInnerOptimizer | None = None,
+    batches: Batches | None = None,
+    dt_per_step: bool = False,
+    meta_parameters: Sequence[Tensor] = (),
+) -> FlowContext:
+    """The validated flow of :func:`gradient_flow` (same arguments), not yet integrated:
+    its spec (the step map, found meta-parameters) and tensors; ``adjoint.solve`` of it is
+    :func:`gradient_flow`'s result. :func:`amaml.explain` reads it."""
     if not isinstance(theta, Tensor) or theta.ndim != 1 or not theta.is_floating_point():
         raise ValueError("theta must be a flat floating-point tensor of shape (P,); got "
                          f"{getattr(theta, 'shape', type(theta))}.")
@@ -161,7 +187,7 @@ def gradient_flow(
                or any(d.requires_grad for d in data))
     if not general:
         spec = FlowSpec(objective, solver, adjoint, n_steps, has_mu)
-        return adjoint.solve(FlowContext(spec, theta, dt_t, mu_t if has_mu else None, data))
+        return FlowContext(spec, theta, dt_t, mu_t if has_mu else None, data)
     if optimizer is not None and not isinstance(solver, Euler):
         raise ValueError(f"An inner optimizer ({optimizer.name}) is a discrete step map with "
                          f"no Runge-Kutta form; solver={solver.name!r} cannot be combined "
@@ -186,8 +212,7 @@ def gradient_flow(
     extras += captured
     spec = FlowSpec(objective, solver, adjoint, n_steps, has_mu, inner=inner,
                     n_extra=len(extras))
-    return adjoint.solve(FlowContext(spec, theta, dt_t, mu_t if has_mu else None, data,
-                                     extras=extras))
+    return FlowContext(spec, theta, dt_t, mu_t if has_mu else None, data, extras=extras)
 
 
 def _why_general(optimizer: AbstractInnerOptimizer | None, batches: Batches | None,

@@ -71,8 +71,10 @@ def sqrt0(v: Tensor) -> Tensor:
     return torch.where(pos, torch.where(pos, v, 1.0).sqrt(), 0.0)
 
 
-def _pow(base: Hyper, t: int) -> Hyper:
-    return base ** t if isinstance(base, Tensor) else float(base) ** t
+def _pow(base: Hyper, t: int | Tensor) -> Hyper:
+    if isinstance(base, Tensor) or isinstance(t, Tensor):
+        return base ** t
+    return float(base) ** t
 
 
 def _sqrt_scalar(x: Hyper) -> Hyper:
@@ -100,13 +102,14 @@ class AbstractInnerOptimizer(abc.ABC):
         """How many ``(P,)`` buffers the state holds besides the parameters."""
 
     @abc.abstractmethod
-    def update(self, k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
+    def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                h: dict[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
         """Step ``k`` (0-based): from ``(u_k, s_k)`` and the gradient ``g`` at ``u_k`` to
         ``(u_{k+1}, s_{k+1})``. Out of place (autograd differentiates it).
 
         Args:
-            k: The step index; bias corrections use ``t = k + 1``.
+            k: The step index; bias corrections use ``t = k + 1``. A 0-d tensor in compiled
+                steps (one compiled function serves every step), so no Python branch on it.
             u: Parameters, ``(..., P)``.
             bufs: The ``n_buffers`` buffers, each shaped like ``u`` (zeros at ``k = 0``).
             g: The gradient of the support loss at ``u`` (proximal term included).
@@ -158,7 +161,9 @@ class AbstractInnerOptimizer(abc.ABC):
         parts = []
         for f in fields(self):  # type: ignore[arg-type]
             v = getattr(self, f.name)
-            if isinstance(v, Tensor):
+            if isinstance(v, tuple):
+                v = tuple(float(t.detach()) if isinstance(t, Tensor) else t for t in v)
+            elif isinstance(v, Tensor):
                 v = float(v.detach())
             parts.append(f"{f.name}={v}")
         return f"{self.name}({', '.join(parts)})"
@@ -194,16 +199,17 @@ class SGD(AbstractInnerOptimizer):
     def n_buffers(self) -> int:
         return 0 if _is_zero(self.momentum) else 1
 
-    def update(self, k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
+    def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                h: dict[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
         d = g if _is_zero(h["weight_decay"]) else g + h["weight_decay"] * u
         if not bufs:
             return u - lr * d, []
-        mom = h["momentum"]
-        if k == 0:
+        mom, damp = h["momentum"], h["dampening"]
+        if isinstance(k, Tensor):  # compiled steps: the first step selected, no branch
+            buf = torch.where(k == 0, d, mom * bufs[0] + (1 - damp) * d)
+        elif k == 0:
             buf = d
         else:
-            damp = h["dampening"]
             buf = mom * bufs[0] + (d if _is_zero(damp) else (1 - damp) * d)
         d = d + mom * buf if self.nesterov else buf
         return u - lr * d, [buf]
@@ -247,7 +253,7 @@ def _check_betas(opt: AbstractInnerOptimizer, betas: Any) -> None:
     opt._check("betas[1]", betas[1], 0.0, 1.0)
 
 
-def _adam_direction(k: int, bufs: list[Tensor], g: Tensor, h: dict[str, Hyper],
+def _adam_direction(k: int | Tensor, bufs: list[Tensor], g: Tensor, h: dict[str, Hyper],
                     amsgrad: bool) -> tuple[Tensor, list[Tensor], Hyper]:
     """Adam's moments and ``m_hat-free`` direction ``m' / (sqrt(v')/sqrt(bc2) + eps)``, and
     ``1 / bc1`` (torch.optim's order: ``step_size = lr / bc1`` multiplies last)."""
@@ -323,7 +329,7 @@ class Adam(AbstractInnerOptimizer):
     def n_buffers(self) -> int:
         return 3 if self.amsgrad else 2
 
-    def update(self, k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
+    def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                h: dict[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
         if not _is_zero(h["weight_decay"]):
             g = g + h["weight_decay"] * u
@@ -365,7 +371,7 @@ class AdamW(AbstractInnerOptimizer):
     def n_buffers(self) -> int:
         return 3 if self.amsgrad else 2
 
-    def update(self, k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
+    def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                h: dict[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
         if not _is_zero(h["weight_decay"]):
             u = u * (1 - lr * h["weight_decay"])
@@ -417,7 +423,7 @@ class RMSprop(AbstractInnerOptimizer):
     def n_buffers(self) -> int:
         return 1 + int(self.centered) + int(not _is_zero(self.momentum))
 
-    def update(self, k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
+    def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                h: dict[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
         if not _is_zero(h["weight_decay"]):
             g = g + h["weight_decay"] * u

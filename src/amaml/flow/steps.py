@@ -14,19 +14,19 @@ of ``z_{k+1}`` is pulled through the optimiser's elementwise update, giving cota
 ``u``, ``s``, the hyperparameters and ``g``; the last, ``w``, costs one Hessian-vector product
 ``H(u_k) w`` (and the mixed product ``d/dphi (g . w)`` for data and captured tensors).
 
-Two kernels evaluate it, chosen by :func:`select_kernel`, the one place that decides:
-    ``"fused"``: the loss's own gradient and Hessian-vector product
-        (:class:`~amaml.flow.fused.AbstractFusedLoss`, the plain-MLP path) and autograd on
-        the elementwise update only; for inner optimisers, when no data or captured tensor
-        needs a gradient;
-    ``"autograd"``: one step differentiated by double backward, for every loss, solver and
-        meta-parameter.
+Two kernels evaluate it here, as :func:`amaml.flow.kernels.select_kernel` (the one place
+that decides) chose: ``"fused"``, the loss's own gradient and Hessian-vector product
+(:class:`~amaml.flow.fused.AbstractFusedLoss`, the plain-MLP path) and the optimiser's own
+transpose of its update (:meth:`~amaml.flow.optimizers.AbstractInnerOptimizer.update_vjp`,
+else autograd on the elementwise update only); ``"autograd"``, one step differentiated by
+double backward, for every loss, solver and meta-parameter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -36,15 +36,10 @@ from .hvp import Objective
 from .optimizers import AbstractInnerOptimizer, Hyper
 from .solvers import AbstractSolver
 
-__all__ = ["InnerLoop", "KERNELS", "Leaves", "initial_state", "integrate_steps", "params_of",
-           "select_kernel", "step_vjp"]
+__all__ = ["InnerLoop", "Leaves", "initial_state", "integrate_steps", "params_of", "step_vjp"]
 
 #: Mini-batch schedule: ``k -> data tensors of step k`` (deterministic).
 Batches = Callable[[int], Sequence[Tensor]]
-
-#: The kernels :func:`select_kernel` chooses from.
-KERNELS = ("fused", "autograd")
-
 
 @dataclass(frozen=True)
 class InnerLoop:
@@ -72,6 +67,21 @@ class InnerLoop:
     def rows(self) -> int:
         """``1 + n_buffers``: the rows of one task's state."""
         return 1 + (0 if self.optimizer is None else self.optimizer.n_buffers)
+
+
+class CompiledMap(Protocol):
+    """What a compiled kernel of a step map offers (:class:`amaml.flow.compiled_maps.
+    MapFunctions`); each returns ``None`` once compilation has failed."""
+
+    @property
+    def failed(self) -> bool: ...
+
+    def step(self, k: int, z: Tensor, theta: Tensor, lr: Tensor, mu: Tensor | None,
+             hyper: Sequence[Tensor], data: Sequence[Tensor]) -> Tensor | None: ...
+
+    def vjp(self, k: int, z: Tensor, lam: Tensor, theta: Tensor, lr: Tensor,
+            mu: Tensor | None, hyper: Sequence[Tensor], data: Sequence[Tensor],
+            need: tuple[bool, ...]) -> tuple[Tensor, dict[int, Tensor]] | None: ...
 
 
 @dataclass
@@ -138,9 +148,13 @@ def integrate_steps(
     theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor],
     extras: Sequence[Tensor], z0: Tensor, start: int, stop: int, *,
     keep_every: int | None, out: Tensor | None, create_graph: bool, check_every: int,
+    compiled: CompiledMap | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Steps ``start .. stop-1`` from ``z0``; see :func:`amaml.flow.trajectory.integrate`."""
+    """Steps ``start .. stop-1`` from ``z0``; see :func:`amaml.flow.trajectory.integrate`.
+    ``compiled``: take the steps with the compiled kernel where it works."""
     hyper = _hyper(inner, extras)
+    fast = None if create_graph else compiled
+    hyper_t = [t.detach() for t in extras[:len(inner.hyper_tensors)]]
     if not create_graph:
         theta, dt = theta.detach(), dt.detach()
         mu = None if mu is None else mu.detach()
@@ -155,7 +169,13 @@ def integrate_steps(
                 z = row
             kept.append(z)
         leaves = Leaves(theta, _lr_at(inner, dt, k), mu, _data_at(inner, data, k), hyper)
-        z = _phi(inner, objective, solver, k, z, leaves, create_graph)
+        z_next = None
+        if fast is not None:
+            z_next = fast.step(k, z, leaves.theta, leaves.lr, mu, hyper_t,
+                               [d.detach() for d in leaves.data])
+            fast = None if z_next is None else fast
+        z = _phi(inner, objective, solver, k, z, leaves, create_graph) if z_next is None \
+            else z_next
         if ((k + 1 - start) % check_every == 0 or k + 1 == stop) \
                 and not bool(torch.isfinite(z).all()):
             raise DivergenceError(k + 1, n_steps, " (inner optimiser "
@@ -164,21 +184,6 @@ def integrate_steps(
 
 
 # ----------------------------------------------------------------------------- the VJP
-
-
-def select_kernel(inner: InnerLoop, objective: Objective, need_data: Sequence[bool],
-                  need_extras: Sequence[bool], n_hyper: int) -> str:
-    """The kernel of one step's VJP, and the one place that chooses it (see the module).
-
-    ``"fused"`` needs a loss with its own derivatives, an inner optimiser (one gradient per
-    step, at ``u_k``), and no data or captured tensor that needs a gradient (the fused loss
-    gives ``H w`` only, not the mixed products); else ``"autograd"``.
-    """
-    captured_need = any(need_extras[n_hyper:])
-    if (objective.fused is not None and inner.optimizer is not None and not any(need_data)
-            and not captured_need):
-        return "fused"
-    return "autograd"
 
 
 def _add(bars: dict[str, Tensor], name: str, g: Tensor | None, index: int | None = None,
@@ -198,13 +203,23 @@ def step_vjp(
     inner: InnerLoop, objective: Objective, solver: AbstractSolver, k: int, z: Tensor,
     lam: Tensor, theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor],
     extras: Sequence[Tensor], need: tuple[bool, bool, bool], need_data: Sequence[bool],
-    need_extras: Sequence[bool], bars: dict[str, Tensor],
+    need_extras: Sequence[bool], bars: dict[str, Tensor], kernel: str = "autograd",
+    compiled: CompiledMap | None = None,
 ) -> Tensor:
     """``(dPhi_k/dz (z))^T lam``; adds ``(dPhi_k/dp)^T lam`` to ``bars`` for every needed
     ``p``: ``"theta"``, ``"dt"`` (per step: row ``k``), ``"mu"``, ``"data{i}"``,
-    ``"extra{j}"`` (hyperparameter tensors first, then captured tensors)."""
+    ``"extra{j}"`` (hyperparameter tensors first, then captured tensors). ``kernel``:
+    ``"compiled"`` (with ``compiled``), ``"fused"`` or ``"autograd"``, as
+    :func:`amaml.flow.kernels.select_kernel` chose (the compiled kernel falls back to
+    ``"autograd"`` if its compilation fails)."""
     n_hyper = len(inner.hyper_tensors)
-    kernel = select_kernel(inner, objective, need_data, need_extras, n_hyper)
+    if kernel == "compiled" and compiled is not None:
+        done = _compiled_vjp(inner, compiled, k, z, lam, theta, dt, mu, data, extras, need,
+                             need_extras, bars)
+        if done is not None:
+            return done
+        kernel = "fused" if objective.fused is not None and inner.optimizer is not None \
+            else "autograd"
     lr_full = dt
     with torch.enable_grad():
         th = theta.detach().requires_grad_(need[0] and mu is not None)
@@ -237,6 +252,32 @@ def step_vjp(
             _add(bars, "dt", g, index=k, like=lr_full)
         else:
             _add(bars, name, g)
+    return lam_z
+
+
+def _compiled_vjp(inner: InnerLoop, compiled: CompiledMap, k: int, z: Tensor, lam: Tensor,
+                  theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor],
+                  extras: Sequence[Tensor], need: tuple[bool, bool, bool],
+                  need_extras: Sequence[bool], bars: dict[str, Tensor]) -> Tensor | None:
+    n_hyper = len(inner.hyper_tensors)
+    slot_need = (need[0] and mu is not None, need[1], need[2] and mu is not None,
+                 *need_extras[:n_hyper])
+    lr = _lr_at(inner, dt, k).detach()
+    data_k = [d.detach() for d in _data_at(inner, data, k)]
+    res = compiled.vjp(k, z.detach(), lam, theta.detach(), lr,
+                       None if mu is None else mu.detach(),
+                       [t.detach() for t in extras[:n_hyper]], data_k, slot_need)
+    if res is None:
+        return None
+    lam_z, grads = res
+    for slot, g in grads.items():
+        if slot == 1:
+            if inner.per_step:
+                _add(bars, "dt", g, index=k, like=dt)
+            else:
+                _add(bars, "dt", g)
+        else:
+            _add(bars, ("theta", "dt", "mu")[slot] if slot < 3 else f"extra{slot - 3}", g)
     return lam_z
 
 

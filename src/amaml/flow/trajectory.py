@@ -10,6 +10,7 @@ tensors with both, and is what the adjoint and memory strategies receive.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,11 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .compiled import Need, StepFunctions
+from .compiled import Need
 from .errors import DivergenceError
 from .hvp import Objective, make_field
-from .solvers import RK4, AbstractSolver, Euler, Heun
+from .kernels import KernelChoice, is_tableau, select_kernel
+from .solvers import AbstractSolver
 from .steps import InnerLoop, initial_state, integrate_steps, params_of, step_vjp
+
+_LOG = logging.getLogger("amaml")
 
 __all__ = ["FlowContext", "FlowSpec", "StepTape", "SweepStats", "can_tape", "integrate"]
 
@@ -38,7 +42,9 @@ class FlowSpec:
     adjoint: Any
     n_steps: int
     has_mu: bool
-    compiled: StepFunctions | None = None
+    #: Compiled kernels: :class:`~amaml.flow.compiled.StepFunctions` for gradient flow,
+    #: :class:`~amaml.flow.compiled_maps.MapFunctions` for a general step map.
+    compiled: Any = None
     #: A general step map (inner optimiser, per-step rates, mini-batches, meta-parameters
     #: beyond theta): the state is ``(rows, P)`` per task; ``None``: gradient flow on ``u``.
     inner: InnerLoop | None = None
@@ -162,8 +168,8 @@ def can_tape(spec: FlowSpec) -> bool:
     loss, a tableau solver, and no compiled step functions (whether the loss keeps
     anything is its :meth:`~amaml.flow.fused.AbstractFusedLoss.tape_numel`)."""
     fused = spec.objective.fused
-    return (fused is not None and spec.compiled is None
-            and type(spec.solver) in _TABLEAU_SOLVERS)
+    return (fused is not None and spec.compiled is None and spec.inner is None
+            and is_tableau(spec.solver))
 
 
 def _leaves(
@@ -210,19 +216,24 @@ def _step_vjp(
     need: Need,
     bars: dict[str, Tensor],
     tape: StepTape | None = None,
+    kernel: str | None = None,
 ) -> Tensor:
     """``(dPhi/du)^T lam``; adds ``(dPhi/dp)^T lam`` for the needed parameters to ``bars``.
 
     ``tape``: what :func:`integrate` recorded when it took this step from ``u`` (the
-    result is the same; the fused path then skips recomputing the stages)."""
-    if spec.compiled is not None:
+    result is the same; the fused path then skips recomputing the stages). ``kernel``:
+    the choice of :func:`~amaml.flow.kernels.select_kernel` (made here if ``None``)."""
+    if kernel is None:
+        kernel = select_kernel(spec.objective, spec.solver, None, spec.compiled).name
+    if kernel == "compiled" and spec.compiled is not None:
         res = spec.compiled.vjp(u.detach(), lam, theta.detach(), dt.detach(),
                                 None if mu is None else mu.detach(), data, need)
         if res is not None:
             lam_u, pbars = res
             _accumulate(bars, list(pbars), list(pbars.values()))
             return lam_u
-    if spec.objective.fused is not None and type(spec.solver) in _TABLEAU_SOLVERS:
+        kernel = select_kernel(spec.objective, spec.solver, None, spec.compiled).name
+    if kernel == "fused":
         return _fused_step_vjp(spec, u.detach(), lam, theta.detach(), dt.detach(),
                                None if mu is None else mu.detach(), data, need, bars, tape)
     th, d, m, params = _leaves(theta, dt, mu, need)
@@ -233,10 +244,6 @@ def _step_vjp(
         grads = torch.autograd.grad(u_next, [u, *params], lam)
     _accumulate(bars, _param_names(th, d, m), grads[1:])
     return grads[0]
-
-
-#: Solvers whose ``step`` is their Butcher tableau (a subclass may override ``step``).
-_TABLEAU_SOLVERS = (Euler, Heun, RK4)
 
 
 def _fused_step_vjp(
@@ -355,6 +362,19 @@ class FlowContext:
     need_extras: Sequence[bool] = ()
     #: The step the next :meth:`vjp` without ``k`` transposes (strategies go N-1 .. 0).
     _cursor: list[int] = field(default_factory=list, repr=False)
+    _kernel: list[KernelChoice] = field(default_factory=list, repr=False)
+
+    def kernel(self) -> KernelChoice:
+        """The kernel of this flow's step VJPs and why not the faster ones
+        (:func:`~amaml.flow.kernels.select_kernel`; chosen once per sweep)."""
+        compiled = self.spec.compiled
+        if not self._kernel or (self._kernel[0].name == "compiled"
+                                and getattr(compiled, "failed", False)):
+            spec = self.spec
+            self._kernel[:] = [select_kernel(spec.objective, spec.solver, spec.inner, compiled,
+                                             self.need_data, self.need_extras)]
+            _LOG.debug("step VJP kernel: %s", self._kernel[0].describe())
+        return self._kernel[0]
 
     @property
     def n_steps(self) -> int:
@@ -399,10 +419,16 @@ class FlowContext:
                                    self.theta, self.dt, self.mu, self.data, self.extras, z0,
                                    start, spec.n_steps if stop is None else stop,
                                    keep_every=keep_every, out=out, create_graph=create_graph,
-                                   check_every=_check_every(spec.n_steps))
+                                   check_every=_check_every(spec.n_steps),
+                                   compiled=spec.compiled)
         return integrate(self.spec, self.theta, self.dt, self.mu, self.data,
                          keep_every=keep_every, create_graph=create_graph, u0=u0,
                          start=start, stop=stop, out=out, tapes=tapes)
+
+    def solve(self) -> Tensor:
+        """``u_N``, differentiable as the flow's adjoint provides (``spec.adjoint.solve``)."""
+        result: Tensor = self.spec.adjoint.solve(self)
+        return result
 
     @property
     def check_every(self) -> int:
@@ -429,7 +455,8 @@ class FlowContext:
         :meth:`field_vjp` gives a cotangent for, in its order."""
         th, d, m, _ = _leaves(self.theta, self.dt, self.mu, self.need)
         like = {"theta": th, "dt": d, "mu": m}
-        return {n: torch.zeros_like(like[n].detach()) for n in _param_names(th, d, m)}
+        return {n: torch.zeros_like(t.detach()) for n in _param_names(th, d, m)
+                if (t := like[n]) is not None}
 
     def add_bars(self, grads: dict[str, Tensor]) -> None:
         """Add parameter cotangents by name to :attr:`bars`."""
@@ -455,9 +482,11 @@ class FlowContext:
             k = self._cursor[0] if self._cursor else self.n_steps - 1
         self._cursor[:] = [k - 1]
         spec = self.spec
+        kernel = self.kernel().name
         if spec.inner is not None:
             return step_vjp(spec.inner, spec.objective, spec.solver, k, u, lam, self.theta,
                             self.dt, self.mu, self.data, self.extras, self.need,
-                            self.need_data, self.need_extras, self.bars)
+                            self.need_data, self.need_extras, self.bars, kernel,
+                            spec.compiled)
         return _step_vjp(self.spec, u, lam, self.theta, self.dt, self.mu, self.data,
-                         self.need, self.bars, tape)
+                         self.need, self.bars, tape, kernel)
