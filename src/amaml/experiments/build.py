@@ -92,9 +92,10 @@ def resolve_compile(config: TrainConfig) -> tuple[bool | str, str]:
     ``compile="auto"`` compiles when the whole run's inner steps (solver stages x steps x
     meta-batch x meta-iterations) pass the measured break-even of
     :func:`amaml.flow.compiled.recommend_compile`, except where compiling is not exact or
-    not supported: batch-statistics BatchNorm under ``adapt_batch`` (``conv4``), an inner
-    optimiser other than ``gd`` (no compiled kernel for its steps), and methods other than
-    A-MAML (their inner loops are not compiled). A compiling run keeps
+    not supported: batch-statistics BatchNorm under ``adapt_batch`` (``conv4``), and methods
+    other than A-MAML (their inner loops are not compiled). An inner optimiser's steps
+    compile like gradient descent's (one compiled function for every step). A compiling
+    run keeps
     its compiled code on disk (:func:`amaml.flow.compiled.enable_compile_cache`), so a
     second run of the same shapes starts without recompiling.
     """
@@ -103,11 +104,6 @@ def resolve_compile(config: TrainConfig) -> tuple[bool | str, str]:
 
     if config.method != "amaml":
         return False, f"{config.method}: eager (only A-MAML's solver steps compile)"
-    if config.inner_optimizer != "gd":
-        # amaml.flow has no compiled kernel for optimiser steps (it would warn and run
-        # eagerly): do not pay for setting up compilation.
-        return False, (f"amaml: eager (--inner-optimizer {config.inner_optimizer} has no "
-                       "compiled kernel)")
     if config.compile == "auto":
         if config.model == "conv4":
             return False, ("amaml: eager (auto; compiled batched BatchNorm is not exact in "
