@@ -8,6 +8,8 @@ points, MLP 2-32-32-1 tanh, 0.5 * MSE), with the inner loop ``N`` steps of SGD w
     torchopt      TorchOpt's MetaSGD(momentum=0.9) / MetaAdam, unrolled, one backward per task
     store, checkpoint, revolve
                   amaml.adapt(..., optimizer=...) per task, each memory strategy
+    store-compiled, revolve-compiled
+                  the same with compile=True (the warm-up pays the compilation)
 
 Every (optimiser, method, N) runs in its own subprocess: one warm-up meta-gradient, then
 the median of timed repeats (at least one, up to ``--budget`` seconds); peak memory is the
@@ -31,7 +33,8 @@ import time
 
 import torch
 
-METHODS = ["forward", "torchopt", "store", "checkpoint", "revolve"]
+METHODS = ["forward", "torchopt", "store", "checkpoint", "revolve", "store-compiled",
+           "revolve-compiled"]
 OPTIMIZERS = ["sgd", "adam"]
 
 
@@ -54,11 +57,13 @@ def _child(opt_name: str, method: str, n: int, dtype: str, budget: float, lr: fl
             for b in range(w.n_tasks):
                 amaml.adapt(model, half_mse, (w.xs[b], w.ys[b]), steps=n, lr=lr, optimizer=opt)
 
+    memory, _, compiled = method.partition("-")
+
     def run_amaml() -> None:
         model.zero_grad(set_to_none=True)
         for b in range(w.n_tasks):
             p = amaml.adapt(model, half_mse, (w.xs[b], w.ys[b]), steps=n, lr=lr, optimizer=opt,
-                            memory=method)
+                            memory=memory, compile=bool(compiled))
             (half_mse(amaml.functional_call(model, p, w.xq[b]), w.yq[b]) / w.n_tasks).backward()
 
     def run_torchopt() -> None:
@@ -117,7 +122,7 @@ def main() -> None:
           "x TO = time / TorchOpt (same N, same run)")
     for opt_name in args.optimizers:
         last: dict[str, dict] = {}
-        print(f"\n{opt_name}: {'N':>6} {'method':>10} {'seconds':>9} {'x fwd':>7} {'x TO':>7} "
+        print(f"\n{opt_name}: {'N':>6} {'method':>16} {'seconds':>9} {'x fwd':>7} {'x TO':>7} "
               f"{'peak MiB':>9} {'grad diff':>9}")
         for n in sorted(args.N):
             here: dict[str, dict] = {}
@@ -125,10 +130,11 @@ def main() -> None:
                 prev = last.get(method)
                 if prev is not None:
                     scale = n / prev["n"]
-                    est_s = prev["seconds"] * scale * (1.3 if method == "revolve" else 1.0)
-                    est_mb = prev["peak_mib"] * (scale if method in ("torchopt", "store") else 1)
+                    est_s = prev["seconds"] * scale * (1.3 if "revolve" in method else 1.0)
+                    est_mb = prev["peak_mib"] * (scale if method in ("torchopt", "store",
+                                                                     "store-compiled") else 1)
                     if est_s > args.max_s or est_mb > args.max_mb:
-                        print(f"{'':5} {n:>6} {method:>10}   skipped: estimated {est_s:.0f} s, "
+                        print(f"{'':5} {n:>6} {method:>16}   skipped: estimated {est_s:.0f} s, "
                               f"{est_mb:.0f} MiB")
                         continue
                 out = f"/tmp/bench_opt_{os.getpid()}.json"
@@ -137,7 +143,7 @@ def main() -> None:
                        str(args.lr)]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
-                    print(f"{'':5} {n:>6} {method:>10}   failed: "
+                    print(f"{'':5} {n:>6} {method:>16}   failed: "
                           f"{proc.stderr.strip().splitlines()[-1:]}")
                     continue
                 with open(out) as fh:
@@ -154,7 +160,7 @@ def main() -> None:
                     diff = f"{float((a - b).norm() / b.norm()):.1e}"
                 xf = f"{res['seconds'] / fwd:.2f}" if fwd else ""
                 xt = f"{res['seconds'] / to['seconds']:.2f}" if to else ""
-                print(f"{'':5} {n:>6} {method:>10} {res['seconds']:>9.3f} {xf:>7} {xt:>7} "
+                print(f"{'':5} {n:>6} {method:>16} {res['seconds']:>9.3f} {xf:>7} {xt:>7} "
                       f"{res['peak_mib']:>9.1f} {diff:>9}")
                 rows.append({k: v for k, v in res.items() if k != "grad"})
     if args.json:

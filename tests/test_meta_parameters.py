@@ -292,3 +292,37 @@ def test_schedule_and_support_errors() -> None:
         amaml.adapt(model, F.mse_loss, lambda k: x, steps=2, lr=0.1)
     with pytest.raises(TypeError, match="tensor, a tuple or a dict"):
         amaml.adapt(model, F.mse_loss, ("x", y), steps=2, lr=0.1)
+
+
+@pytest.mark.parametrize("memory", MEMORIES, ids=IDS)
+@pytest.mark.parametrize("optimizer,kind,h", [(None, "sgd", {}), ("adam", "adam", {}),
+                                              ("rmsprop", "rmsprop", {})],
+                         ids=["gd", "adam", "rmsprop"])
+def test_distilled_inputs_on_the_fused_kernel(memory, optimizer, kind, h) -> None:
+    """Support inputs alone requiring grad keep the fused MLP kernel (its mixed derivative
+    d/dx (g . w) from the same R-pass), per task and batched."""
+    model = _net()
+    x, y, xq, yq = _data()
+    x = x.clone().requires_grad_(True)
+    assert "step VJP kernel: fused" in amaml.explain(model, F.mse_loss, (x, y), steps=3,
+                                                     lr=0.05, optimizer=optimizer)
+    wrt = [*model.parameters(), x]
+    u = unrolled_optimizer(model, F.mse_loss, lambda k: (x, y), steps=20, lr=0.05, kind=kind,
+                           h=h)
+    ref = query_grad(model, F.mse_loss, u, xq, yq, wrt)
+    got = _run(model, F.mse_loss, (x, y), wrt, xq, yq, steps=20, lr=0.05, memory=memory,
+               optimizer=optimizer)
+    assert rel_err(got, ref) < TOL
+    xs, ys, xqs, yqs = _data(batch=2)
+    xs = xs.clone().requires_grad_(True)
+    _zero([*model.parameters(), xs])
+    p = amaml.adapt_batch(model, F.mse_loss, (xs, ys), steps=10, lr=0.05, memory=memory,
+                          optimizer=optimizer)
+    torch.func.vmap(F.mse_loss)(amaml.functional_call_batch(model, p, xqs), yqs).sum().backward()
+    got = _grads([*model.parameters(), xs])
+    ref = 0
+    for b in range(2):
+        u = unrolled_optimizer(model, F.mse_loss, lambda k, b=b: (xs[b], ys[b]), steps=10,
+                               lr=0.05, kind=kind, h=h)
+        ref = ref + query_grad(model, F.mse_loss, u, xqs[b], yqs[b], [*model.parameters(), xs])
+    assert rel_err(got, ref) < TOL

@@ -73,6 +73,16 @@ class AbstractFusedLoss(abc.ABC):
         """Numbers one tape entry of :meth:`grad` holds besides ``g`` (0: tapes unused)."""
         return 0
 
+    def hvp_input(self, u: Tensor, v: Tensor, data: Sequence[Tensor],
+                  tape: Any = None) -> tuple[Tensor, Tensor]:
+        """``(H(u) v, d/dx (g(u; x) . v))`` for the first data tensor ``x``; losses that
+        cannot give the mixed derivative raise ``NotImplementedError`` (the flow then
+        differentiates with autograd: :attr:`input_grad` says which)."""
+        raise NotImplementedError
+
+    #: Whether :meth:`hvp_input` is implemented.
+    input_grad: bool = False
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -166,6 +176,8 @@ class MLPLoss(AbstractFusedLoss):
         loss_fn: ``loss_fn(prediction, target) -> scalar``; differentiated by autograd (its
             gradient and Hessian-vector product in the prediction only).
     """
+
+    input_grad = True
 
     def __init__(self, layers: Sequence[Layer], loss_fn: LossFn) -> None:
         self.layers = tuple(layers)
@@ -301,6 +313,21 @@ class MLPLoss(AbstractFusedLoss):
 
     def grad_hvp(self, u: Tensor, v: Tensor, data: Sequence[Tensor],
                  with_grad: bool = True, tape: Any = None) -> tuple[Tensor | None, Tensor]:
+        g, hv, _ = self._grad_hvp(u, v, data, with_grad, tape, False)
+        return g, hv
+
+    def hvp_input(self, u: Tensor, v: Tensor, data: Sequence[Tensor],
+                  tape: Any = None) -> tuple[Tensor, Tensor]:
+        """``(H(u) v, d/dx (g(u; x) . v))``: the Hessian-vector product and the mixed
+        derivative with respect to the inputs ``x`` (dataset distillation), from one
+        R-pass: the input's cotangent ``d W_1`` differentiated along ``v`` is
+        ``R(d) W_1 + d V_1`` (first layer's weight ``W_1``, its direction ``V_1``)."""
+        _, hv, x_bar = self._grad_hvp(u, v, data, False, tape, True)
+        assert x_bar is not None
+        return hv, x_bar
+
+    def _grad_hvp(self, u: Tensor, v: Tensor, data: Sequence[Tensor], with_grad: bool,
+                  tape: Any, want_x: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
         x, y = data
         batched = u.ndim == 2
         mm = torch.bmm if batched else torch.mm
@@ -356,6 +383,7 @@ class MLPLoss(AbstractFusedLoss):
         if with_grad:
             g_buf, g_out = (taped.g, None) if taped is not None else self._buffer(u)
         h_buf, h_out = self._buffer(u)
+        x_bar: Tensor | None = None
         d = e
         i = len(params)
         for j in range(len(self.layers) - 1, -1, -1):
@@ -381,6 +409,8 @@ class MLPLoss(AbstractFusedLoss):
                     r_d = addmm(mm(d, vw), r_d, w)
                     if taped is None:
                         d = mm(d, w)
+                elif want_x:
+                    x_bar = addmm(mm(d, dirs[i]), r_d, params[i])
             elif lay.kind != "identity":
                 y_out, r_y = fwd[j], r_tape[j]
                 r_s = None if r_y is None else _r_slope(lay.kind, y_out, r_y)
@@ -389,7 +419,9 @@ class MLPLoss(AbstractFusedLoss):
                     r_d = torch.addcmul(r_d, d, r_s[0], value=r_s[1])
                 if taped is None:
                     d = _act_backward(lay.kind, d, y_out)
-        return g_buf, h_buf
+        if want_x and x_bar is None:  # the first layer is an activation: not a chain we fuse
+            raise ValueError("hvp_input needs an MLP whose first layer is linear.")
+        return g_buf, h_buf, x_bar
 
 
 @dataclass

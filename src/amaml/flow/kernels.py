@@ -70,9 +70,13 @@ def _fused_support(objective: Objective, solver: AbstractSolver, inner: InnerLoo
     if inner.optimizer is None:
         return ("a Runge-Kutta solver under a general step map (per-step rates, mini-batches "
                 "or meta-parameters) is transposed by autograd")
-    if any(need_data) or need_captured:
-        return ("a support tensor or a tensor the loss reads needs a gradient: the fused "
-                "loss gives H w, not the mixed derivative")
+    if need_captured:
+        return ("a tensor the loss reads needs a gradient: the fused loss gives H w, not "
+                "the mixed derivative")
+    if any(need_data[1:]):
+        return "the support targets need a gradient (the fused loss gives the inputs' only)"
+    if need_data and need_data[0] and not getattr(objective.fused, "input_grad", False):
+        return "the support inputs need a gradient and this fused loss has no mixed derivative"
     return None
 
 

@@ -297,8 +297,9 @@ def _fused_vjp(inner: InnerLoop, objective: Objective, k: int, z: Tensor, lam: T
     g = fused.grad(u, data, tape=tape)
     mu, theta = leaves.mu, leaves.theta
     names = [n for n, _ in wanted]
+    want_x = "data0" in names
     hand = None
-    if all(n in ("theta", "dt", "mu") for n in names):
+    if all(n in ("theta", "dt", "mu", "data0") for n in names):
         g_eff = g if mu is None else g + mu.detach() * (u - theta.detach())
         h = {n: v.detach() if isinstance(v, Tensor) else v for n, v in leaves.hyper.items()}
         hand = opt.update_vjp(k, u, bufs, g_eff, leaves.lr.detach(), h, lam_u, lam_bufs,
@@ -307,7 +308,9 @@ def _fused_vjp(inner: InnerLoop, objective: Objective, k: int, z: Tensor, lam: T
         bar_u, bar_bufs, w, lr_bar = hand
         grads: list[Tensor | None] = []
         for n in names:
-            if n == "dt":
+            if n == "data0":
+                grads.append(None)  # filled below, from the mixed derivative
+            elif n == "dt":
                 grads.append(lr_bar)
             elif n == "mu":
                 grads.append((w * (u - theta.detach())).sum())
@@ -324,13 +327,20 @@ def _fused_vjp(inner: InnerLoop, objective: Objective, k: int, z: Tensor, lam: T
         g_eff = gl if mu is None else gl + mu * (ul - theta)
         u_next, new = opt.update(k, ul, bl, g_eff, leaves.lr, leaves.hyper)
         pairs = [(o, c) for o, c in zip([u_next, *new], [lam_u, *lam_bufs]) if o.requires_grad]
-        res = torch.autograd.grad([o for o, _ in pairs], [ul, *bl, gl, *(t for _, t in wanted)],
+        others = [(n, t) for n, t in wanted if n != "data0"]
+        res = torch.autograd.grad([o for o, _ in pairs], [ul, *bl, gl, *(t for _, t in others)],
                                   [c for _, c in pairs], allow_unused=True)
         bar_u = res[0] if res[0] is not None else torch.zeros_like(u)
         bar_bufs = [r if r is not None else torch.zeros_like(u) for r in res[1:1 + len(bl)]]
         w = res[1 + len(bl)]
-        grads = list(res[2 + len(bl):])
+        by_name = dict(zip((n for n, _ in others), res[2 + len(bl):]))
+        grads = [by_name.get(n) for n in names]
     if w is not None:
-        _, hw = fused.grad_hvp(u, w, data, with_grad=False, tape=tape[0] if tape else None)
+        t0 = tape[0] if tape else None
+        if want_x:
+            hw, x_bar = fused.hvp_input(u, w, data, tape=t0)
+            grads[names.index("data0")] = x_bar
+        else:
+            _, hw = fused.grad_hvp(u, w, data, with_grad=False, tape=t0)
         bar_u = bar_u + hw
     return torch.stack([bar_u, *bar_bufs], dim=-2), grads
