@@ -18,6 +18,7 @@ from .flow import (
     RK4,
     Backsolve,
     BacksolveError,
+    Budget,
     Checkpoint,
     DiscreteAdjoint,
     DivergenceError,
@@ -35,7 +36,7 @@ from .support import MiniBatches
 __version__ = "0.1.0"
 
 __all__ = [
-    "BATCH_NORM_MODES", "Backsolve", "BacksolveError", "Checkpoint", "DiscreteAdjoint",
+    "BATCH_NORM_MODES", "Backsolve", "BacksolveError", "Budget", "Checkpoint", "DiscreteAdjoint",
     "DivergenceError", "Euler", "FirstOrder", "Heun", "Implicit", "MiniBatches", "RK4", "Revolve",
     "Store",
     "Unrolled", "__version__", "adapt", "adapt_batch", "explain", "functional_call",

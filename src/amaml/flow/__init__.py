@@ -28,13 +28,14 @@ from .adjoint import (
 from .errors import BacksolveError, DivergenceError
 from .hvp import Objective, conjugate_gradient
 from .integrate import gradient_flow
-from .memory import MEMORIES, AbstractMemory, Backsolve, Checkpoint, Revolve, Store
+from .memory import MEMORIES, AbstractMemory, Backsolve, Budget, Checkpoint, Revolve, Store
 from .solvers import RK4, SOLVERS, AbstractSolver, Euler, Heun
 from .trajectory import FlowContext, SweepStats
 
 __all__ = [
     "AbstractAdjoint", "AbstractMemory", "AbstractSolver", "AbstractSweepAdjoint", "Backsolve",
-    "BacksolveError", "Checkpoint", "DiscreteAdjoint", "DivergenceError", "Euler", "FirstOrder",
+    "BacksolveError", "Budget", "Checkpoint", "DiscreteAdjoint", "DivergenceError", "Euler",
+    "FirstOrder",
     "FlowContext", "Heun", "Implicit", "MEMORIES", "Objective", "RK4", "Revolve", "SOLVERS",
     "Store", "SweepStats", "Unrolled", "adjoint_sweep", "conjugate_gradient", "gradient_flow",
 ]

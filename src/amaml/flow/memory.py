@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .errors import BacksolveError
-from .trajectory import FlowContext, StepTape
+from .errors import BacksolveError, DivergenceError
+from .trajectory import AutogradTape, FlowContext, StepTape
 
-__all__ = ["AbstractMemory", "Backsolve", "Checkpoint", "MEMORIES", "Revolve", "Store"]
+__all__ = ["AbstractMemory", "Backsolve", "Budget", "Checkpoint", "MEMORIES", "Revolve", "Store"]
 
 
 class AbstractMemory(abc.ABC):
@@ -330,10 +330,105 @@ class Backsolve(AbstractMemory):
         return z[1]
 
 
+@dataclass(frozen=True)
+class Budget(AbstractMemory):
+    """Keep each step's autograd graph while the graphs fit in ``megabytes``; checkpoint
+    the rest. Exact.
+
+    The last ``T`` steps are taken with their graphs kept (:meth:`FlowContext.tape_step`:
+    what unrolled MAML keeps for every step), ``T`` the number of one step's graphs that
+    fit in the budget (measured on the first step: the bytes its graph saved); their VJPs
+    are one backward pass each through the kept graph, as in unrolling, with no
+    recomputation. The first ``N - T`` steps keep ``ceil(sqrt(N - T))``-spaced checkpoints
+    and recompute each segment in the sweep (:class:`Checkpoint`). With room for every
+    step it does what unrolling does, at its speed; with none, what ``Checkpoint`` does.
+    Peak memory: the budget, the checkpoints, and one segment's states.
+
+    The graphs live between the forward and the backward pass; one backward pass uses
+    them up. A second one through the same adapted parameters (``retain_graph=True``)
+    recomputes those steps from the state where they began, which is kept.
+
+    Args:
+        megabytes: The budget for the kept graphs, in MiB (>= 0).
+    """
+
+    megabytes: float = 256.0
+    name: str = field(default="budget", init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.megabytes, bool) or not isinstance(self.megabytes, (int, float)) \
+                or not math.isfinite(self.megabytes) or self.megabytes < 0:
+            raise ValueError(f"Budget(megabytes=...) must be a finite number >= 0; got "
+                             f"{self.megabytes!r}.")
+
+    def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
+        n = flow.n_steps
+        z0 = flow.initial_state()
+        z1, tape0 = flow.tape_step(z0, 0)
+        per_step = max(tape0.nbytes(), 1)
+        taped = min(n, int(self.megabytes * 2**20 // per_step))
+        start = n - taped
+        tapes: list[AutogradTape] = []
+        # kept: the checkpoints of steps 0 .. start-1, then the state at ``start``
+        if start == 0:
+            kept = torch.stack([z0])
+            tapes.append(tape0)
+            z, first = z1, 1
+        else:
+            del tape0, z1
+            every = max(1, math.isqrt(start - 1) + 1)
+            kept = z0.new_empty((-(-start // every) + 1, *z0.shape))
+            z, _ = flow.integrate(z0, 0, start, keep_every=every, out=kept[:-1])
+            kept[-1].copy_(z)
+            z, first = kept[-1], start
+        for k in range(first, n):
+            z, tape = flow.tape_step(z, k)
+            tapes.append(tape)
+        if taped and not bool(torch.isfinite(z).all()):
+            raise DivergenceError(n, n, " (under memory=Budget)")
+        flow.spec.scratch["budget"] = tapes
+        flow.spec.scratch["budget_start"] = start
+        flow.stats.taped_steps = taped
+        return z, kept
+
+    def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
+        n, stats = flow.n_steps, flow.stats
+        start = flow.spec.scratch["budget_start"]
+        tapes = flow.spec.scratch.pop("budget", None)
+        if tapes is not None:
+            stats.peak_states = max(stats.peak_states, kept.shape[0] + len(tapes))
+            while tapes:
+                tape = tapes.pop()
+                lam = flow.vjp(tape.start, lam, tape, k=tape.k)
+                del tape
+        else:  # a second backward pass: recompute the taped steps from their first state
+            u_last, seg = flow.integrate(kept[-1], start, n - 1, keep_every=1)
+            seg.append(u_last)
+            stats.recomputed_steps += n - 1 - start
+            for k in range(n - 1, start - 1, -1):
+                lam = flow.vjp(seg[k - start], lam, k=k)
+            del seg
+        if start == 0:
+            return lam
+        every = max(1, math.isqrt(start - 1) + 1)
+        for j in range(kept.shape[0] - 2, -1, -1):
+            s0 = j * every
+            s1 = min(s0 + every, start)
+            u_last, seg = flow.integrate(kept[j], s0, s1 - 1, keep_every=1)
+            seg.append(u_last)
+            stats.recomputed_steps += s1 - 1 - s0
+            stats.peak_states = max(stats.peak_states, kept.shape[0] + len(seg) - 1)
+            for k in range(s1 - 1, s0 - 1, -1):
+                lam = flow.vjp(seg[k - s0], lam, k=k)
+            del seg
+        return lam
+
+
 #: Registered memory strategy names.
 MEMORIES: dict[str, type[AbstractMemory]] = {
     "store": Store,
     "checkpoint": Checkpoint,
     "revolve": Revolve,
     "backsolve": Backsolve,
+    "budget": Budget,
 }

@@ -36,7 +36,8 @@ from .hvp import Objective
 from .optimizers import AbstractInnerOptimizer, Hyper
 from .solvers import AbstractSolver
 
-__all__ = ["InnerLoop", "Leaves", "initial_state", "integrate_steps", "params_of", "step_vjp"]
+__all__ = ["InnerLoop", "Leaves", "add_cotangents", "initial_state", "integrate_steps",
+           "params_of", "step_vjp", "tape_step"]
 
 #: Mini-batch schedule: ``k -> data tensors of step k`` (deterministic).
 Batches = Callable[[int], Sequence[Tensor]]
@@ -212,7 +213,6 @@ def step_vjp(
     ``"compiled"`` (with ``compiled``), ``"fused"`` or ``"autograd"``, as
     :func:`amaml.flow.kernels.select_kernel` chose (the compiled kernel falls back to
     ``"autograd"`` if its compilation fails)."""
-    n_hyper = len(inner.hyper_tensors)
     if kernel == "compiled" and compiled is not None:
         done = _compiled_vjp(inner, compiled, k, z, lam, theta, dt, mu, data, extras, need,
                              need_extras, bars)
@@ -220,24 +220,9 @@ def step_vjp(
             return done
         kernel = "fused" if objective.fused is not None and inner.optimizer is not None \
             else "autograd"
-    lr_full = dt
     with torch.enable_grad():
-        th = theta.detach().requires_grad_(need[0] and mu is not None)
-        lr = _lr_at(inner, dt, k).detach().requires_grad_(need[1])
-        m = None if mu is None else mu.detach().requires_grad_(need[2])
-        hyp = [t.detach().requires_grad_(n) for t, n in zip(extras[:n_hyper], need_extras)]
-        if inner.batches is None:
-            dk = [d.detach().requires_grad_(n) for d, n in zip(data, need_data)]
-        else:  # called again: the schedule's own graph to captured tensors is rebuilt
-            dk = list(inner.batches(k))
-        leaves = Leaves(th, lr, m, dk, _hyper(inner, hyp))
-        named: list[tuple[str, Tensor | None]] = [("theta", th), ("dt", lr), ("mu", m)]
-        named += [(f"extra{j}", t) for j, t in enumerate(hyp)]
-        if inner.batches is None:
-            named += [(f"data{i}", d) for i, d in enumerate(dk)]
-        named += [(f"extra{n_hyper + j}", t) for j, t in enumerate(extras[n_hyper:])
-                  if need_extras[n_hyper + j]]
-        wanted = [(n, t) for n, t in named if t is not None and t.requires_grad]
+        leaves, wanted = _leaves(inner, k, theta, dt, mu, data, extras, need, need_data,
+                                 need_extras)
         if kernel == "fused":
             lam_z, grads = _fused_vjp(inner, objective, k, z, lam, leaves, wanted)
         else:
@@ -247,12 +232,59 @@ def step_vjp(
                                       allow_unused=True)
             lam_z = res[0] if res[0] is not None else torch.zeros_like(z)
             grads = list(res[1:])
-    for (name, _), g in zip(wanted, grads):
+    add_cotangents(inner, bars, k, dt, [n for n, _ in wanted], grads)
+    return lam_z
+
+
+def add_cotangents(inner: InnerLoop, bars: dict[str, Tensor], k: int, dt: Tensor,
+                   names: Sequence[str], grads: Sequence[Tensor | None]) -> None:
+    """Add step ``k``'s parameter cotangents by name (a per-step rate's into row ``k``)."""
+    for name, g in zip(names, grads):
         if name == "dt" and inner.per_step:
-            _add(bars, "dt", g, index=k, like=lr_full)
+            _add(bars, "dt", g, index=k, like=dt)
         else:
             _add(bars, name, g)
-    return lam_z
+
+
+def _leaves(inner: InnerLoop, k: int, theta: Tensor, dt: Tensor, mu: Tensor | None,
+            data: Sequence[Tensor], extras: Sequence[Tensor], need: Sequence[bool],
+            need_data: Sequence[bool], need_extras: Sequence[bool]
+            ) -> tuple[Leaves, list[tuple[str, Tensor]]]:
+    """Step ``k``'s leaves (detached copies requiring grad where needed; captured tensors
+    as they are) and the named ones whose cotangent is wanted. Call with grad enabled."""
+    n_hyper = len(inner.hyper_tensors)
+    th = theta.detach().requires_grad_(need[0] and mu is not None)
+    lr = _lr_at(inner, dt, k).detach().requires_grad_(need[1])
+    m = None if mu is None else mu.detach().requires_grad_(need[2])
+    hyp = [t.detach().requires_grad_(n) for t, n in zip(extras[:n_hyper], need_extras)]
+    if inner.batches is None:
+        dk = [d.detach().requires_grad_(n) for d, n in zip(data, need_data)]
+    else:  # called again: the schedule's own graph to captured tensors is rebuilt
+        dk = list(inner.batches(k))
+    leaves = Leaves(th, lr, m, dk, _hyper(inner, hyp))
+    named: list[tuple[str, Tensor | None]] = [("theta", th), ("dt", lr), ("mu", m)]
+    named += [(f"extra{j}", t) for j, t in enumerate(hyp)]
+    if inner.batches is None:
+        named += [(f"data{i}", d) for i, d in enumerate(dk)]
+    named += [(f"extra{n_hyper + j}", t) for j, t in enumerate(extras[n_hyper:])
+              if need_extras[n_hyper + j]]
+    return leaves, [(n, t) for n, t in named if t is not None and t.requires_grad]
+
+
+def tape_step(
+    inner: InnerLoop, objective: Objective, solver: AbstractSolver, k: int, z: Tensor,
+    theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor],
+    extras: Sequence[Tensor],
+) -> tuple[Tensor, Tensor, list[tuple[str, Tensor]]]:
+    """Step ``k`` from ``z`` with its autograd graph kept: ``(z_{k+1}, z leaf, named
+    leaves)``; every tensor that requires grad now is a leaf of the graph."""
+    with torch.enable_grad():
+        need = (theta.requires_grad, dt.requires_grad, mu is not None and mu.requires_grad)
+        leaves, wanted = _leaves(inner, k, theta, dt, mu, data, extras, need,
+                                 [d.requires_grad for d in data],
+                                 [t.requires_grad for t in extras])
+        zl = z.detach().requires_grad_(True)
+        return _phi(inner, objective, solver, k, zl, leaves, create_graph=True), zl, wanted
 
 
 def _compiled_vjp(inner: InnerLoop, compiled: CompiledMap, k: int, z: Tensor, lam: Tensor,

@@ -24,11 +24,20 @@ from .errors import DivergenceError
 from .hvp import Objective, make_field
 from .kernels import KernelChoice, is_tableau, select_kernel
 from .solvers import AbstractSolver
-from .steps import InnerLoop, initial_state, integrate_steps, params_of, step_vjp
+from .steps import (
+    InnerLoop,
+    add_cotangents,
+    initial_state,
+    integrate_steps,
+    params_of,
+    step_vjp,
+    tape_step,
+)
 
 _LOG = logging.getLogger("amaml")
 
-__all__ = ["FlowContext", "FlowSpec", "StepTape", "SweepStats", "can_tape", "integrate"]
+__all__ = ["AutogradTape", "FlowContext", "FlowSpec", "StepTape", "SweepStats", "can_tape",
+           "integrate"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,53 @@ class FlowSpec:
     inner: InnerLoop | None = None
     #: How many extra tensors (hyperparameters, then captured ones) follow the data.
     n_extra: int = 0
+    #: What a memory strategy holds between the forward and the backward pass besides the
+    #: tensors it keeps (e.g. :class:`~amaml.flow.memory.Budget`'s autograd tapes); one
+    #: dict per flow (a flow's spec is made per call).
+    scratch: dict[str, Any] = field(default_factory=dict, compare=False, hash=False,
+                                    repr=False)
+
+
+@dataclass
+class AutogradTape:
+    """One step taken with its autograd graph kept (what unrolled MAML keeps for every
+    step): its output, the leaf it started from and the named parameter leaves. The VJP of
+    the step is then one backward pass through this graph, which it frees."""
+
+    out: Tensor
+    start: Tensor
+    leaves: list[tuple[str, Tensor]]
+    k: int
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors the graph saved (each storage once; the leaves, which
+        exist anyway, not counted), read from the nodes' ``_saved_*`` attributes."""
+        skip = {self.start.untyped_storage().data_ptr()}
+        skip |= {t.untyped_storage().data_ptr() for _, t in self.leaves}
+        seen: set[int] = set()
+        total = 0
+        stack, visited = [self.out.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in visited:
+                continue
+            visited.add(id(node))
+            for name in dir(node):
+                if not name.startswith("_saved_"):
+                    continue
+                try:
+                    value = getattr(node, name)
+                except RuntimeError:  # already freed
+                    continue
+                for t in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(t, Tensor):
+                        storage = t.untyped_storage()
+                        ptr = storage.data_ptr()
+                        if ptr not in seen and ptr not in skip:
+                            seen.add(ptr)
+                            total += storage.nbytes()
+            stack.extend(nxt for nxt, _ in node.next_functions)
+        return total
 
 
 @dataclass
@@ -462,6 +518,22 @@ class FlowContext:
         """Add parameter cotangents by name to :attr:`bars`."""
         _accumulate(self.bars, list(grads), list(grads.values()))
 
+    def _tape_vjp(self, tape: AutogradTape, lam: Tensor) -> Tensor:
+        need = {"theta": self.need[0], "dt": self.need[1], "mu": self.need[2]}
+        for i, n in enumerate(self.need_data):
+            need[f"data{i}"] = n
+        for j, n in enumerate(self.need_extras):
+            need[f"extra{j}"] = n
+        wanted = [(n, t) for n, t in tape.leaves if need.get(n, False)]
+        res = torch.autograd.grad(tape.out, [tape.start, *(t for _, t in wanted)], lam,
+                                  allow_unused=True)
+        names = [n for n, _ in wanted]
+        if self.spec.inner is not None:
+            add_cotangents(self.spec.inner, self.bars, tape.k, self.dt, names, res[1:])
+        else:
+            _accumulate(self.bars, names, list(res[1:]))
+        return res[0] if res[0] is not None else torch.zeros_like(tape.start)
+
     def tape_numel(self) -> int:
         """Numbers one step's tape holds (0 where this flow keeps none; see
         :func:`can_tape`): a memory strategy weighs them against the states it keeps."""
@@ -470,7 +542,29 @@ class FlowContext:
             return 0
         return fused.tape_numel(self.data) * self.spec.solver.stages
 
-    def vjp(self, u: Tensor, lam: Tensor, tape: StepTape | None = None,
+    def tape_step(self, u: Tensor, k: int) -> tuple[Tensor, AutogradTape]:
+        """Step ``k`` from ``u`` with its autograd graph kept: ``(u_{k+1}, tape)``; pass the
+        tape to :meth:`vjp` for that step (a backward pass through the graph, no
+        recomputation: what unrolling does). Every tensor that requires grad now is a leaf
+        of the graph."""
+        spec = self.spec
+        if spec.inner is not None:
+            out, start, leaves = tape_step(spec.inner, spec.objective, spec.solver, k, u,
+                                           self.theta, self.dt, self.mu, self.data,
+                                           self.extras)
+        else:
+            need = (self.theta.requires_grad, self.dt.requires_grad,
+                    self.mu is not None and self.mu.requires_grad)
+            th, d, m, _ = _leaves(self.theta, self.dt, self.mu, need)
+            with torch.enable_grad():
+                start = u.detach().requires_grad_(True)
+                field_fn = make_field(spec.objective, self.data, th, d, m, create_graph=True)
+                out = spec.solver.step(field_fn, start)
+            named = {"theta": th, "dt": d, "mu": m}
+            leaves = [(n, t) for n in _param_names(th, d, m) if (t := named[n]) is not None]
+        return out.detach(), AutogradTape(out, start, leaves, k)
+
+    def vjp(self, u: Tensor, lam: Tensor, tape: StepTape | AutogradTape | None = None,
             k: int | None = None) -> Tensor:
         """One step back: ``(dPhi/du (u))^T lam``, where ``u`` is the state the step starts
         from; adds ``(dPhi/dp (u))^T lam`` to :attr:`bars` for the needed parameters.
@@ -482,6 +576,8 @@ class FlowContext:
             k = self._cursor[0] if self._cursor else self.n_steps - 1
         self._cursor[:] = [k - 1]
         spec = self.spec
+        if isinstance(tape, AutogradTape):
+            return self._tape_vjp(tape, lam)
         kernel = self.kernel().name
         if spec.inner is not None:
             return step_vjp(spec.inner, spec.objective, spec.solver, k, u, lam, self.theta,
