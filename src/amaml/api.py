@@ -225,7 +225,9 @@ def adapt(
         memory: ``"store"`` (all states), ``"checkpoint"`` (O(sqrt(steps)) states, one
             extra forward pass; exact), ``"revolve"`` (binomial checkpointing: 21 states
             whatever ``steps``, a few extra forward passes; exact; ``Revolve(snapshots=k)``
-            sets the budget), ``"backsolve"`` (O(1) states; approximate), or any
+            sets the budget), ``Budget(megabytes=M)`` (the last steps' autograd graphs
+            while they fit in ``M`` MiB, back-propagated as unrolling does; checkpoints
+            before; exact), ``"backsolve"`` (O(1) states; approximate), or any
             ``AbstractMemory`` instance, including one of your own.
         proximal: Proximal weight ``mu >= 0`` pulling ``u`` toward ``theta``.
         adjoint: Overrides ``memory``: e.g. ``Unrolled()`` (MAML), ``FirstOrder()``,
