@@ -1,0 +1,438 @@
+"""Dataset distillation on scikit-learn's 8x8 digits with exact long-horizon meta-gradients.
+
+Learn K synthetic images per class (labels fixed) such that a freshly initialised network,
+trained on them alone for N steps of the inner optimiser, reaches the best accuracy on real
+data (Wang et al. 2018). Every meta-iteration draws a new random initialisation (seeded by
+the iteration), trains it for N full-batch steps on the 10 K synthetic images, and scores
+the result by the cross-entropy on a random batch of 256 real training images; the images
+(and the log of the inner learning rate) follow the meta-gradient with Adam and are clamped
+to [0, 1]. The meta-gradient with respect to the images comes from
+
+- ``amaml``: ``amaml.adapt(..., memory="revolve")``, exact, memory flat in N;
+- ``unrolled``: back-propagation through the whole inner loop (plain autograd), exact,
+  memory linear in N; not run where its measured memory would exceed ``--max-memory-mb``;
+- ``truncated``: back-propagation through the last ``--truncate`` (K_t) steps only, the
+  first N - K_t without a graph (Shaban et al. 2019), biased, at the memory of K_t steps.
+
+The distilled set is evaluated by training 10 fresh networks on it (the same optimiser, the
+learned rate and N) and measuring accuracy on the 797 test images: mean and 95% confidence
+interval (Student's t, 9 degrees of freedom). References: K random real images per class
+(a new draw for every evaluation network; rate picked from a grid by accuracy on the
+other training images) and the whole training set (1,000 images, 1,000 full-batch steps,
+rate picked on a held-out fifth of the training set): the ceiling.
+
+    python examples/dataset_distillation.py --steps 100 --images-per-class 1 \
+        --meta-iters 300 --out D
+    python examples/dataset_distillation.py --quick --out /tmp/dd   # a few seconds (the tests)
+    python examples/dataset_distillation.py --profile 10,100,1000 --out D  # time and memory
+
+Writes ``DIR/results.json`` (``distilled_accuracy``, ``random_real_accuracy``,
+``full_data_accuracy`` in [0, 1], per-method results), ``DIR/distilled_images.png`` and
+``DIR/accuracy_vs_steps.png`` (every results.json found under ``DIR/..``'s sibling runs
+given by ``--plot-from``, or this run alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_common import (  # noqa: E402
+    N_CLASSES,
+    InnerOpt,
+    accuracy_and_loss,
+    load_digits_split,
+    make_model,
+    mean_ci,
+    plain_train,
+    reinit_,
+)
+
+import amaml  # noqa: E402
+
+METHODS = ("amaml", "unrolled", "truncated")
+LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+DEFAULT_LR = {"sgd": 0.1, "adam": 0.01}
+
+
+def meta_loss(method: str, model: nn.Module, xs: Tensor, ys: Tensor, lr: Tensor, steps: int,
+              opt: InnerOpt, xq: Tensor, yq: Tensor, truncate: int,
+              memory: str | amaml.Revolve = "revolve") -> Tensor:
+    """The real-data loss after ``steps`` inner steps on (xs, ys) from ``model``'s parameters,
+    as a graph through which ``backward()`` gives the meta-gradient of ``method``."""
+    if method == "amaml":
+        params = amaml.adapt(model, F.cross_entropy, (xs, ys), steps=steps, lr=lr,
+                             memory=memory, optimizer=opt.amaml())
+        out = amaml.functional_call(model, params, xq)
+    else:
+        init = dict(model.named_parameters())
+        start = 0 if method == "unrolled" else max(0, steps - truncate)
+        params = plain_train(model, init, (xs, ys), steps, lr, opt, graph_from=start)
+        out = torch.func.functional_call(model, params, (xq,))
+    return F.cross_entropy(out, yq)
+
+
+def image_gradient(method: str, model: nn.Module, xs: Tensor, ys: Tensor, lr: Tensor,
+                   steps: int, opt: InnerOpt, xq: Tensor, yq: Tensor, truncate: int = 10
+                   ) -> tuple[Tensor, Tensor]:
+    """(d meta-loss / d xs, d meta-loss / d lr) of one method (used by the tests)."""
+    xs = xs.detach().requires_grad_()
+    lr = lr.detach().requires_grad_()
+    loss = meta_loss(method, model, xs, ys, lr, steps, opt, xq, yq, truncate)
+    gx, glr = torch.autograd.grad(loss, [xs, lr])
+    return gx, glr
+
+
+def train_eval(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, opt: InnerOpt,
+               seed: int, xe: Tensor, ye: Tensor) -> float:
+    reinit_(model, seed)
+    params = plain_train(model, dict(model.named_parameters()), (x, y), steps, lr, opt)
+    return accuracy_and_loss(model, params, xe, ye)[0]
+
+
+def random_real(xtr: Tensor, ytr: Tensor, k: int, gen: torch.Generator
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """K random training images per class, and the mask of the others."""
+    idx = []
+    for c in range(N_CLASSES):
+        pool = (ytr == c).nonzero().flatten()
+        idx.append(pool[torch.randperm(len(pool), generator=gen)[:k]])
+    sel = torch.cat(idx)
+    rest = torch.ones(len(ytr), dtype=torch.bool)
+    rest[sel] = False
+    return xtr[sel], ytr[sel], rest
+
+
+def references(model: nn.Module, data: tuple[Tensor, ...], k: int, steps: int, opt: InnerOpt,
+               n_eval: int, full_steps: int, seed: int, grid: tuple[float, ...]) -> dict:
+    xtr, ytr, xte, yte = data
+    out: dict = {}
+    # K random real images per class: the rate with the best accuracy on the other training
+    # images (3 draws per rate), then n_eval fresh draws and networks on the test set.
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    scores = {}
+    for lr in grid:
+        accs = []
+        for j in range(min(3, n_eval)):
+            xs, ys, rest = random_real(xtr, ytr, k, gen)
+            accs.append(train_eval(model, xs, ys, steps, lr, opt, 20_000 + j, xtr[rest], ytr[rest]))
+        scores[lr] = sum(accs) / len(accs)
+    best = max(scores, key=lambda r: scores[r])
+    accs = []
+    for j in range(n_eval):
+        xs, ys, _ = random_real(xtr, ytr, k, gen)
+        accs.append(train_eval(model, xs, ys, steps, best, opt, 30_000 + j, xte, yte))
+    out["random_real"] = {"lr": best, "val_accuracy_by_lr": {str(r): s for r, s in scores.items()},
+                          "test_accuracy": mean_ci(accs)}
+    # The whole training set: rate picked on a held-out fifth, then trained on all of it.
+    n_val = len(ytr) // 5
+    scores = {lr: train_eval(model, xtr[n_val:], ytr[n_val:], full_steps, lr, opt, 40_000,
+                             xtr[:n_val], ytr[:n_val]) for lr in grid}
+    best = max(scores, key=lambda r: scores[r])
+    accs = [train_eval(model, xtr, ytr, full_steps, best, opt, 50_000 + j, xte, yte)
+            for j in range(n_eval)]
+    out["full_data"] = {"lr": best, "steps": full_steps,
+                        "val_accuracy_by_lr": {str(r): s for r, s in scores.items()},
+                        "test_accuracy": mean_ci(accs)}
+    return out
+
+
+def distill(method: str, model: nn.Module, data: tuple[Tensor, ...], k: int, steps: int,
+            opt: InnerOpt, meta_iters: int, seed: int, args: argparse.Namespace) -> dict:
+    xtr, ytr, xte, yte = data
+    gen = torch.Generator().manual_seed(seed)
+    if args.init == "real":
+        xs0, ys, _ = random_real(xtr, ytr, k, gen)
+        xs = xs0.clone()
+    else:
+        xs = torch.rand(k * N_CLASSES, xtr.shape[1], generator=gen)
+        ys = torch.arange(N_CLASSES).repeat_interleave(k)
+    xs.requires_grad_()
+    log_lr = torch.tensor(math.log(args.lr), requires_grad=True)
+    groups = [{"params": [xs], "lr": args.meta_lr}]
+    if args.learn_lr:
+        groups.append({"params": [log_lr], "lr": args.meta_lr_lr})
+    meta_opt = torch.optim.Adam(groups)
+    history = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(meta_iters), desc=f"{method} N={steps}", disable=args.no_progress,
+               mininterval=2.0)
+    for it in bar:
+        reinit_(model, 1_000_000 * (seed + 1) + it)
+        q = torch.randperm(len(ytr), generator=gen)[:args.query_batch]
+        loss = meta_loss(method, model, xs, ys, log_lr.exp(), steps, opt, xtr[q], ytr[q],
+                         args.truncate)
+        meta_opt.zero_grad()
+        loss.backward()
+        if not (torch.isfinite(xs.grad).all() and torch.isfinite(log_lr.grad)):
+            raise FloatingPointError(f"{method}: non-finite meta-gradient at iteration {it}")
+        meta_opt.step()
+        with torch.no_grad():
+            xs.clamp_(0.0, 1.0)
+            log_lr.clamp_(math.log(1e-4), math.log(10.0))
+        history.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{history[-1]:.3f}", lr=f"{float(log_lr.detach().exp()):.3g}")
+    seconds = time.perf_counter() - t0
+    lr = float(log_lr.detach().exp())
+    accs = [train_eval(model, xs.detach(), ys, steps, lr, opt, 60_000 + j, xte, yte)
+            for j in range(args.eval_nets)]
+    return {"test_accuracy": mean_ci(accs), "learned_lr": lr, "meta_loss_history": history,
+            "meta_seconds": seconds, "images": xs.detach().tolist(), "labels": ys.tolist()}
+
+
+def profile(model: nn.Module, data: tuple[Tensor, ...], k: int, steps_list: list[int],
+            opt: InnerOpt, args: argparse.Namespace) -> list[dict]:
+    """Time and peak memory of one meta-gradient (meta-loss and backward) per method and N.
+
+    Time: the fastest of ``--profile-repeats`` calls after a warm-up (N >= 10000: one call).
+    Peak memory is measured in a forked child (``amaml.experiments.memory.peak_memory_mib``);
+    unrolled back-propagation is skipped once the last N it ran, scaled linearly, would pass
+    ``--max-memory-mb``."""
+    from amaml.experiments.memory import peak_memory_mib
+
+    xtr, ytr = data[0], data[1]
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.rand(k * N_CLASSES, xtr.shape[1], generator=gen)
+    ys = torch.arange(N_CLASSES).repeat_interleave(k)
+    xq, yq = xtr[:args.query_batch], ytr[:args.query_batch]
+    lr = torch.tensor(args.lr)
+    rows = []
+    last_unrolled: tuple[int, float] | None = None
+    for steps in steps_list:
+        for method in METHODS:
+            row = {"method": method, "steps": steps}
+            if method == "unrolled" and last_unrolled is not None:
+                n0, mib0 = last_unrolled
+                if mib0 * steps / n0 > args.max_memory_mb:
+                    row.update(skipped=f"predicted {mib0 * steps / n0:.0f} MiB "
+                                       f"> --max-memory-mb {args.max_memory_mb}")
+                    rows.append(row)
+                    print(row, flush=True)
+                    continue
+
+            def one(method: str = method, steps: int = steps) -> None:
+                reinit_(model, 0)
+                x = xs.clone().requires_grad_()
+                r = lr.clone().requires_grad_()
+                meta_loss(method, model, x, ys, r, steps, opt, xq, yq, args.truncate).backward()
+
+            if steps < 10_000:
+                one()  # warm-up
+            times = []
+            for _ in range(args.profile_repeats if steps < 10_000 else 1):
+                t0 = time.perf_counter()
+                one()
+                times.append(time.perf_counter() - t0)
+            row["seconds"] = min(times)
+            row["peak_mib"] = peak_memory_mib(one)
+            if method == "unrolled":
+                last_unrolled = (steps, row["peak_mib"])
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def plot_images(images: Tensor, k: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = min(k, 10)  # one column per class, up to 10 rows
+    per = images.reshape(N_CLASSES, k, 8, 8)
+    fig = plt.figure(figsize=(N_CLASSES * 0.7, shown * 0.7 + 0.5))
+    axes = fig.subplots(shown, N_CLASSES, squeeze=False)
+    for c in range(N_CLASSES):
+        for j in range(min(k, 10)):
+            ax = axes[j][c]
+            ax.imshow(per[c, j].numpy(), cmap="gray_r", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_title(str(c), fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_accuracy(results: list[dict], path: Path) -> None:
+    """Accuracy against N: distilled (each method), random real, full data; one line per
+    (model, optimiser, K) found."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["optimizer"], r["images_per_class"]), []).append(r)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    styles = {"amaml": ("C0", "o-"), "unrolled": ("C2", "s--"), "truncated": ("C3", "v-"),
+              "random_real": ("C7", "x:")}
+    for (model, optname, k), rs in sorted(groups.items()):
+        label = f"{model} {optname} K={k}"
+        for key, (color, style) in styles.items():
+            pts: dict[int, list[float]] = {}
+            for r in rs:
+                acc = (r["random_real_accuracy"] if key == "random_real"
+                       else r["methods"].get(key, {}).get("test_accuracy", {}).get("mean"))
+                if acc is not None:
+                    pts.setdefault(r["steps"], []).append(acc)
+            if pts:
+                ns = sorted(pts)
+                ax.plot(ns, [sum(pts[n]) / len(pts[n]) for n in ns], style, color=color,
+                        label=f"{key} ({label})", ms=4)
+        full = [r["full_data_accuracy"] for r in rs]
+        ax.axhline(sum(full) / len(full), color="k", lw=0.8, ls="-.",
+                   label=f"full data ({label})")
+    ax.set_xscale("log")
+    ax.set_xlabel("inner steps N")
+    ax.set_ylabel("test accuracy (mean of fresh networks)")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=100, help="inner steps N")
+    p.add_argument("--images-per-class", type=int, default=1, help="K")
+    p.add_argument("--meta-iters", type=int, default=300)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="inner optimiser: sgd (momentum 0.9) or adam")
+    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--methods", default="amaml",
+                   help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--truncate", type=int, default=10, help="K_t of truncated back-propagation")
+    p.add_argument("--max-memory-mb", type=float, default=256.0,
+                   help="unrolled back-propagation is not run above this peak memory")
+    p.add_argument("--lr", type=float, default=None,
+                   help="initial inner learning rate (default 0.1 for sgd, 0.01 for adam)")
+    p.add_argument("--no-learn-lr", dest="learn_lr", action="store_false",
+                   help="keep the inner learning rate fixed")
+    p.add_argument("--meta-lr", type=float, default=0.01, help="Adam's rate on the images")
+    p.add_argument("--meta-lr-lr", type=float, default=0.01, help="Adam's rate on log lr")
+    p.add_argument("--init", choices=("noise", "real"), default="noise",
+                   help="start from uniform noise or from random real images")
+    p.add_argument("--query-batch", type=int, default=256)
+    p.add_argument("--eval-nets", type=int, default=10)
+    p.add_argument("--full-steps", type=int, default=1000,
+                   help="steps of the whole-training-set reference")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images and the meta-loop")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--profile", default="",
+                   help="comma-separated N: measure one meta-gradient of each method instead")
+    p.add_argument("--profile-repeats", type=int, default=3,
+                   help="timed calls after a warm-up (the fastest is reported)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--plot-from", default="",
+                   help="a folder: plot accuracy against N from every results.json below it")
+    p.add_argument("--quick", action="store_true", help="a few seconds (a smoke test)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="runs/dataset_distillation")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
+    grid = LR_GRID
+    if args.quick:
+        args.steps, args.meta_iters, args.eval_nets = min(args.steps, 5), 3, 2
+        args.full_steps, args.query_batch, grid = 5, 32, (0.1,)
+        args.methods = ",".join(METHODS) if args.methods == "amaml" else args.methods
+    dtype = getattr(torch, args.dtype)
+    torch.set_default_dtype(dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_digits_split(args.split_seed, dtype)
+    model = make_model(args.model).to(dtype)
+    opt = InnerOpt(args.optimizer)
+    k = args.images_per_class
+
+    if args.profile:
+        rows = profile(model, data, k, [int(s) for s in args.profile.split(",")], opt, args)
+        (out / "profile.json").write_text(json.dumps({
+            "model": args.model, "optimizer": args.optimizer, "images_per_class": k,
+            "truncate": args.truncate, "max_memory_mb": args.max_memory_mb, "rows": rows},
+            indent=1))
+        return {"rows": rows}
+
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}")
+    result: dict = {"model": args.model, "optimizer": args.optimizer, "steps": args.steps,
+                    "images_per_class": k, "meta_iters": args.meta_iters, "seed": args.seed,
+                    "split": f"seeded permutation (seed {args.split_seed}): 1000 train, "
+                             "797 test", "ci": "95% Student t over eval networks",
+                    "argv": sys.argv[1:] if argv is None else argv, "methods": {}}
+    ref = references(model, data, k, args.steps, opt, args.eval_nets, args.full_steps,
+                     args.seed, grid)
+    result["references"] = ref
+    result["random_real_accuracy"] = ref["random_real"]["test_accuracy"]["mean"]
+    result["full_data_accuracy"] = ref["full_data"]["test_accuracy"]["mean"]
+    print(f"random real ({k}/class): {result['random_real_accuracy']:.3f}  "
+          f"full data: {result['full_data_accuracy']:.3f}", flush=True)
+    for method in methods:
+        if method == "unrolled" and not args.quick:
+            from amaml.experiments.memory import peak_memory_mib
+
+            probe = max(1, min(args.steps, 20))
+            xs = torch.rand(k * N_CLASSES, 64)
+            ys = torch.arange(N_CLASSES).repeat_interleave(k)
+
+            def one(probe: int = probe, xs: Tensor = xs, ys: Tensor = ys) -> None:
+                reinit_(model, 0)
+                meta_loss("unrolled", model, xs.requires_grad_(), ys,
+                          torch.tensor(args.lr, requires_grad=True), probe, opt,
+                          data[0][:args.query_batch], data[1][:args.query_batch],
+                          args.truncate).backward()
+
+            need = peak_memory_mib(one) * args.steps / probe
+            if need > args.max_memory_mb:
+                result["methods"][method] = {
+                    "skipped": f"needs about {need:.0f} MiB > --max-memory-mb "
+                               f"{args.max_memory_mb:g}"}
+                print(f"unrolled: {result['methods'][method]['skipped']}", flush=True)
+                continue
+        res = distill(method, model, data, k, args.steps, opt, args.meta_iters, args.seed, args)
+        result["methods"][method] = res
+        acc = res["test_accuracy"]
+        print(f"{method}: distilled ({k}/class, N={args.steps}) test accuracy "
+              f"{acc['mean']:.3f} +- {acc['ci95']:.3f}, learned lr {res['learned_lr']:.4g}, "
+              f"{res['meta_seconds']:.0f} s", flush=True)
+    first = next((m for m in methods if "test_accuracy" in result["methods"].get(m, {})), None)
+    result["distilled_method"] = first
+    result["distilled_accuracy"] = (result["methods"][first]["test_accuracy"]["mean"]
+                                    if first else None)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    if first:
+        imgs = torch.tensor(result["methods"][first]["images"])
+        plot_images(imgs, k, out / "distilled_images.png",
+                    f"{first}, {args.model} {args.optimizer}, N={args.steps}: test accuracy "
+                    f"{result['distilled_accuracy']:.3f} (random real "
+                    f"{result['random_real_accuracy']:.3f})")
+    found = ([json.loads(f.read_text()) for f in sorted(Path(args.plot_from).rglob("results.json"))]
+             if args.plot_from else [result])
+    plot_accuracy(found, out / "accuracy_vs_steps.png")
+    print(f"distilled accuracy {result['distilled_accuracy']}, random real "
+          f"{result['random_real_accuracy']:.3f}, full data {result['full_data_accuracy']:.3f}"
+          f" -> {out / 'results.json'}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
