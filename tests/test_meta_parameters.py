@@ -326,3 +326,21 @@ def test_distilled_inputs_on_the_fused_kernel(memory, optimizer, kind, h) -> Non
                                lr=0.05, kind=kind, h=h)
         ref = ref + query_grad(model, F.mse_loss, u, xqs[b], yqs[b], [*model.parameters(), xs])
     assert rel_err(got, ref) < TOL
+
+
+def test_meta_parameters_read_only_by_later_steps() -> None:
+    """A tensor only later steps read (here: a schedule scaling the inputs from step 1 on)
+    is invisible at the first step; listing it in meta_parameters= gives its gradient."""
+    model = _net()
+    x, y, xq, yq = _data()
+    w = torch.tensor(1.3, dtype=DT, requires_grad=True)
+
+    def support(k):
+        return (x * w if k > 0 else x), y
+
+    wrt = [*model.parameters(), w]
+    u = unrolled_optimizer(model, F.mse_loss, support, steps=8, lr=0.05, kind="sgd", h={})
+    ref = query_grad(model, F.mse_loss, u, xq, yq, wrt)
+    got = _run(model, F.mse_loss, support, wrt, xq, yq, steps=8, lr=0.05, memory="revolve",
+               meta_parameters=[w])
+    assert rel_err(got, ref) < TOL

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,7 +149,8 @@ def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Lear
            solver: str | AbstractSolver, memory: str | AbstractMemory, proximal: Scalar,
            adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str = False,
            batch_norm: str = "batch",
-           optimizer: str | AbstractInnerOptimizer | None = None) -> Params:
+           optimizer: str | AbstractInnerOptimizer | None = None,
+           meta_parameters: Sequence[Tensor] = ()) -> Params:
     plan = _plan(model, loss_fn, data, steps=steps, lr=lr, solver=solver, memory=memory,
                  proximal=proximal, adjoint=adjoint, batched=batched, compile=compile,
                  batch_norm=batch_norm, optimizer=optimizer)
@@ -157,7 +158,7 @@ def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Lear
                           data=plan.first if plan.batches is None else (),
                           batches=plan.batches, solver=plan.solver, adjoint=plan.adjoint,
                           mu=proximal, batched=batched, optimizer=plan.optimizer,
-                          dt_per_step=plan.per_step)
+                          dt_per_step=plan.per_step, meta_parameters=meta_parameters)
     out = plan.flat.unflatten(u_end)
     for n, p in plan.flat.frozen.items():
         out[n] = p.expand(plan.first[-1].shape[0], *p.shape) if batched else p
@@ -178,6 +179,7 @@ def adapt(
     compile: bool | str = False,
     batch_norm: str = "batch",
     optimizer: str | AbstractInnerOptimizer | None = None,
+    meta_parameters: Sequence[Tensor] = (),
 ) -> Params:
     """Adapt a model to one task by gradient flow; differentiable by the adjoint method.
 
@@ -254,6 +256,10 @@ def adapt(
             from :mod:`amaml.optim`, or its name (``"sgd"``, ``"adam"``, ``"adamw"``,
             ``"rmsprop"``, with torch.optim's defaults). Needs ``solver="euler"``; not with
             ``memory="backsolve"`` or ``Implicit()``.
+        meta_parameters: Tensors the inner loss reads whose meta-gradient is wanted and
+            that evaluating the loss once, at the first step, does not show (e.g. read only
+            by later steps of a mini-batch schedule); those the first step reads are found
+            by themselves.
 
     Returns:
         Adapted parameters by name (the keys of ``model.named_parameters()``; buffers
@@ -278,7 +284,8 @@ def adapt(
     """
     return _adapt(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
                   proximal=proximal, adjoint=adjoint, batched=False, compile=compile,
-                  batch_norm=batch_norm, optimizer=optimizer)
+                  batch_norm=batch_norm, optimizer=optimizer,
+                  meta_parameters=meta_parameters)
 
 
 def adapt_batch(
@@ -295,6 +302,7 @@ def adapt_batch(
     compile: bool | str = False,
     batch_norm: str = "batch",
     optimizer: str | AbstractInnerOptimizer | None = None,
+    meta_parameters: Sequence[Tensor] = (),
 ) -> Params:
     """Adapt to a meta-batch of ``B`` tasks at once, as one batched computation.
 
@@ -316,7 +324,8 @@ def adapt_batch(
     """
     return _adapt(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
                   proximal=proximal, adjoint=adjoint, batched=True, compile=compile,
-                  batch_norm=batch_norm, optimizer=optimizer)
+                  batch_norm=batch_norm, optimizer=optimizer,
+                  meta_parameters=meta_parameters)
 
 
 def functional_call(model: nn.Module, params: Params, x: Tensor, *,
