@@ -28,8 +28,8 @@ rate picked on a held-out fifth of the training set): the ceiling.
 
 Writes ``DIR/results.json`` (``distilled_accuracy``, ``random_real_accuracy``,
 ``full_data_accuracy`` in [0, 1], per-method results), ``DIR/distilled_images.png`` and
-``DIR/accuracy_vs_steps.png`` (every results.json found under ``DIR/..``'s sibling runs
-given by ``--plot-from``, or this run alone).
+``DIR/accuracy_vs_steps.png`` (this run, or every run that ``--plot-from`` names;
+``--plot-only`` draws it without training).
 """
 
 from __future__ import annotations
@@ -243,6 +243,33 @@ def profile(model: nn.Module, data: tuple[Tensor, ...], k: int, steps_list: list
     return rows
 
 
+def cross_eval(model: nn.Module, data: tuple[Tensor, ...], results: list[dict],
+               steps_list: list[int], n_eval: int) -> list[dict]:
+    """Each distilled set (of each method in each results.json) used to train fresh
+    networks for other numbers of steps than it was distilled for (its learned rate)."""
+    rows = []
+    for r in results:
+        opt = InnerOpt(r["optimizer"])
+        if r["model"] != getattr(model, "_kind", r["model"]):
+            continue
+        for method, res in r["methods"].items():
+            if "images" not in res:
+                continue
+            xs, ys = torch.tensor(res["images"]), torch.tensor(res["labels"])
+            row = {"model": r["model"], "optimizer": r["optimizer"], "method": method,
+                   "images_per_class": r["images_per_class"], "distilled_for": r["steps"],
+                   "seed": r["seed"], "test_accuracy_at": {}}
+            for n in steps_list:
+                accs = [train_eval(model, xs, ys, n, res["learned_lr"], opt, 60_000 + j,
+                                   data[2], data[3]) for j in range(n_eval)]
+                row["test_accuracy_at"][str(n)] = mean_ci(accs)
+            rows.append(row)
+            print(row["method"], row["distilled_for"], row["seed"],
+                  {k: round(v["mean"], 3) for k, v in row["test_accuracy_at"].items()},
+                  flush=True)
+    return rows
+
+
 def plot_images(images: Tensor, k: int, path: Path, title: str) -> None:
     import matplotlib
 
@@ -306,6 +333,15 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _found(where: str) -> list[dict]:
+    """The results.json files below a folder, or matching a glob pattern."""
+    import glob
+
+    files = (sorted(glob.glob(where)) if any(c in where for c in "*?[")
+             else sorted(str(f) for f in Path(where).rglob("results.json")))
+    return [json.loads(Path(f).read_text()) for f in files]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=100, help="inner steps N")
@@ -317,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--methods", default="amaml",
                    help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--truncate", type=int, default=10, help="K_t of truncated back-propagation")
-    p.add_argument("--max-memory-mb", type=float, default=256.0,
+    p.add_argument("--max-memory-mb", type=float, default=64.0,
                    help="unrolled back-propagation is not run above this peak memory")
     p.add_argument("--lr", type=float, default=None,
                    help="initial inner learning rate (default 0.1 for sgd, 0.01 for adam)")
@@ -339,7 +375,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help="timed calls after a warm-up (the fastest is reported)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--plot-from", default="",
-                   help="a folder: plot accuracy against N from every results.json below it")
+                   help="a folder (every results.json below it) or a glob pattern of "
+                        "results.json files: plot accuracy against N from them")
+    p.add_argument("--cross-eval", default="",
+                   help="comma-separated N: train fresh networks for N steps on each distilled "
+                        "set in --plot-from (of --model) and write DIR/cross_eval.json")
+    p.add_argument("--plot-only", action="store_true",
+                   help="only write DIR/accuracy_vs_steps.png from --plot-from")
     p.add_argument("--quick", action="store_true", help="a few seconds (a smoke test)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="runs/dataset_distillation")
@@ -358,9 +400,18 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = load_digits_split(args.split_seed, dtype)
     model = make_model(args.model).to(dtype)
+    model._kind = args.model
     opt = InnerOpt(args.optimizer)
     k = args.images_per_class
 
+    if args.cross_eval:
+        rows = cross_eval(model, data, _found(args.plot_from),
+                          [int(n) for n in args.cross_eval.split(",")], args.eval_nets)
+        (out / "cross_eval.json").write_text(json.dumps(rows, indent=1))
+        return {"rows": rows}
+    if args.plot_only:
+        plot_accuracy(_found(args.plot_from), out / "accuracy_vs_steps.png")
+        return {}
     if args.profile:
         rows = profile(model, data, k, [int(s) for s in args.profile.split(",")], opt, args)
         (out / "profile.json").write_text(json.dumps({
@@ -424,9 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{first}, {args.model} {args.optimizer}, N={args.steps}: test accuracy "
                     f"{result['distilled_accuracy']:.3f} (random real "
                     f"{result['random_real_accuracy']:.3f})")
-    found = ([json.loads(f.read_text()) for f in sorted(Path(args.plot_from).rglob("results.json"))]
-             if args.plot_from else [result])
-    plot_accuracy(found, out / "accuracy_vs_steps.png")
+    plot_accuracy(_found(args.plot_from) if args.plot_from else [result],
+                  out / "accuracy_vs_steps.png")
     print(f"distilled accuracy {result['distilled_accuracy']}, random real "
           f"{result['random_real_accuracy']:.3f}, full data {result['full_data_accuracy']:.3f}"
           f" -> {out / 'results.json'}", flush=True)

@@ -58,7 +58,7 @@ from digits_common import (  # noqa: E402
 
 import amaml  # noqa: E402
 
-GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
+GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 N_VAL = 300
 BATCH = 100
 
@@ -164,7 +164,7 @@ def learn(method: str, model: Regularised, x: Tensor, y: Tensor, xv: Tensor, yv:
         meta_opt.step()
         with torch.no_grad():
             for t in log_lr.values():
-                t.clamp_(math.log(1e-5), math.log(1.0))
+                t.clamp_(math.log(1e-5), math.log(3.0))
             log_wd.clamp_(math.log(1e-6), math.log(1.0))
         history.append(float(loss.detach()))
         bar.set_postfix(val=f"{history[-1]:.3f}")
@@ -186,8 +186,8 @@ def plot_schedules(result: dict, path: Path) -> None:
     learned = [m for m in ("exact", "truncated") if m in result["methods"]]
     fig, axes = plt.subplots(1, len(learned), figsize=(4.2 * len(learned), 3.2), squeeze=False,
                              sharey=True)
-    names = {"net.net.0.weight": "layer 1 weights", "net.net.0.bias": "layer 1 biases",
-             "net.net.2.weight": "layer 2 weights", "net.net.2.bias": "layer 2 biases"}
+    names = {"net.0.weight": "layer 1 weights", "net.0.bias": "layer 1 biases",
+             "net.2.weight": "layer 2 weights", "net.2.bias": "layer 2 biases"}
     for ax, m in zip(axes[0], learned):
         res = result["methods"][m]
         for i, (n, sched) in enumerate(res["schedule"].items()):
