@@ -166,14 +166,20 @@ def test_enable_compile_cache_points_inductor_to_the_folder(
     for var in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
                 "TORCHINDUCTOR_AUTOGRAD_CACHE"):
         monkeypatch.delenv(var, raising=False)  # restored after the test
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    base = Path(str(tmp_path))
-    monkeypatch.setenv("AMAML_CACHE", str(base / "amaml"))
-    path = compiled.enable_compile_cache()
-    assert path == (base / "amaml" / "torch-compile").resolve() and path.is_dir()
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
-    assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
-    assert inductor_config.fx_graph_cache is True
-    explicit = compiled.enable_compile_cache(base / "elsewhere")
-    assert explicit == (base / "elsewhere").resolve()
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(explicit)
+    # Not monkeypatch.setattr: its undo deletes an attribute that torch's config module
+    # keeps outside the module's __dict__, which broke every later compilation.
+    old = inductor_config.fx_graph_cache
+    inductor_config.fx_graph_cache = False
+    try:
+        base = Path(str(tmp_path))
+        monkeypatch.setenv("AMAML_CACHE", str(base / "amaml"))
+        path = compiled.enable_compile_cache()
+        assert path == (base / "amaml" / "torch-compile").resolve() and path.is_dir()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
+        assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+        assert inductor_config.fx_graph_cache is True
+        explicit = compiled.enable_compile_cache(base / "elsewhere")
+        assert explicit == (base / "elsewhere").resolve()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(explicit)
+    finally:
+        inductor_config.fx_graph_cache = old
