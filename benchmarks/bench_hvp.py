@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from _workload import machine_info, make_workload, sync, timed
 from torch import Tensor
 
-from amaml.flow import DiscreteAdjoint, Euler, Objective, Store
-from amaml.flow.adjoint import FlowSpec, _step_vjp
+from amaml.flow import DiscreteAdjoint, Euler, FlowContext, Objective, Store
+from amaml.flow.trajectory import FlowSpec
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,9 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     def rev_over_rev() -> Tensor:
         return torch.func.vjp(lambda u: torch.func.grad(manual_mse)(u, x, y), u0)[1](v)[0]
 
+    flow = FlowContext(spec, u0, eta, None, (x, y), (True, False, False))
+
     def step_vjp() -> Tensor:
         # Euler with eta = 1: (dPhi/du)^T v = v - H v.
-        return v - _step_vjp(spec, u0, v, u0, eta, None, (x, y), (True, False, False), {})
+        return v - flow.vjp(u0, v, k=0)
 
     fns: dict[str, Callable[[], Tensor]] = {
         "double-backward": double_backward,

@@ -45,9 +45,7 @@ from .compiled import Need, compile_mode, step_functions
 from .compiled_maps import map_functions
 from .hvp import conjugate_gradient
 from .memory import AbstractMemory, Checkpoint
-
-# FlowSpec and _step_vjp are imported from here by benchmarks/bench_hvp.py.
-from .trajectory import FlowContext, FlowSpec, SweepStats, _step_vjp  # noqa: F401
+from .trajectory import FlowContext, FlowSpec, SweepStats
 
 __all__ = [
     "AbstractAdjoint",
