@@ -272,17 +272,19 @@ def test_errors() -> None:
 
 @pytest.mark.slow
 def test_compiled_optimizer_steps_equal_eager() -> None:
-    """compile=True: Adam with a learnable per-step schedule and beta1, and batched SGD with
-    momentum, compiled (one function for every step), equal the eager sweep."""
+    """compile=True: Adam with a learnable per-step schedule, beta1 and distilled inputs,
+    and batched SGD with momentum, compiled (one function for every step), equal the eager
+    sweep."""
     model = _net()
     x, y, xq, yq = _data()
+    x = x.clone().requires_grad_(True)
     steps = 12
     lr = torch.full((steps,), 0.02, dtype=DT, requires_grad=True)
     b1 = torch.tensor(0.85, dtype=DT, requires_grad=True)
     opt = amaml.optim.Adam(betas=(b1, 0.999))
     got = []
     for comp in (False, True):
-        got.append(_amaml_grad_kw(model, x, y, xq, yq, (lr, b1), steps=steps, lr=lr,
+        got.append(_amaml_grad_kw(model, x, y, xq, yq, (lr, b1, x), steps=steps, lr=lr,
                                   optimizer=opt, memory="checkpoint", compile=comp))
     assert rel_err(got[1], got[0]) < TOL
     assert "step VJP kernel: compiled" in amaml.explain(model, F.mse_loss, (x, y), steps=steps,

@@ -6,8 +6,9 @@ The same maths as the eager kernels of :mod:`amaml.flow.steps`, written with
 step) so that :func:`torch.compile` turns one step, or its VJP, into a few fused kernels.
 One compiled function serves every step: the step index enters as a 0-d tensor (bias
 corrections, SGD's first step), the step's learning rate and mini-batch as inputs. Data and
-captured tensors that need a gradient are not differentiated here:
-:func:`~amaml.flow.kernels.select_kernel` then picks an eager kernel. Where compilation
+the support data that need a gradient (dataset distillation) are differentiated too;
+captured tensors that need one are not: :func:`~amaml.flow.kernels.select_kernel` then
+picks an eager kernel. Where compilation
 fails, a warning is issued once and the eager kernels are used.
 """
 
@@ -26,7 +27,7 @@ from .steps import InnerLoop
 
 __all__ = ["MapFunctions", "map_functions"]
 
-#: ``(theta, lr, mu, *hyperparameter tensors)``: which need a cotangent.
+#: ``(theta, lr, mu, *hyperparameter tensors, *data tensors)``: which need a cotangent.
 MapNeed = tuple[bool, ...]
 
 
@@ -85,16 +86,19 @@ class MapFunctions:
     def _make_vjp(self, need: MapNeed) -> Callable[..., tuple[Tensor, ...]]:
         phi, slots = self._phi, self._slots(need)
 
+        n_hyper = self.n_hyper
+
         def step_vjp(z: Tensor, lam: Tensor, theta: Tensor, lr: Tensor, mu: Tensor | None,
                      k: Tensor, hyper: tuple[Tensor, ...],
                      data: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            fixed: list[Any] = [theta, lr, mu, *hyper]
+            fixed: list[Any] = [theta, lr, mu, *hyper, *data]
 
             def f(zz: Tensor, *ps: Tensor) -> Tensor:
                 args = list(fixed)
                 for i, p in zip(slots, ps):
                     args[i] = p
-                return phi(zz, args[0], args[1], args[2], k, tuple(args[3:]), data)
+                return phi(zz, args[0], args[1], args[2], k, tuple(args[3:3 + n_hyper]),
+                           tuple(args[3 + n_hyper:]))
 
             pull = torch.func.vjp(f, z, *(fixed[i] for i in slots))[1]
             return tuple(pull(lam))
@@ -118,7 +122,7 @@ class MapFunctions:
             mu: Tensor | None, hyper: Sequence[Tensor], data: Sequence[Tensor],
             need: MapNeed) -> tuple[Tensor, dict[int, Tensor]] | None:
         """``((dPhi_k/dz)^T lam, {slot: cotangent})`` for the needed slots of ``(theta, lr,
-        mu, *hyper)``, or ``None`` if compilation failed."""
+        mu, *hyper, *data)``, or ``None`` if compilation failed."""
         if self.failed:
             return None
         device = z.device.type

@@ -97,10 +97,11 @@ def select_kernel(objective: Objective, solver: AbstractSolver, inner: InnerLoop
     n_hyper = 0 if inner is None else len(inner.hyper_tensors)
     need_captured = any(need_extras[n_hyper:])
     if compiled is not None and not getattr(compiled, "failed", False):
-        if not any(need_data) and not need_captured:
+        data_ok = inner is not None and inner.batches is None  # MapFunctions take data slots
+        if not need_captured and (data_ok or not any(need_data)):
             return KernelChoice("compiled")
-        declined.append(("compiled", "a support tensor or a tensor the loss reads needs a "
-                                     "gradient"))
+        declined.append(("compiled", "a tensor the loss reads needs a gradient" if need_captured
+                         else "a mini-batch's tensors need a gradient"))
     elif compiled is None:
         declined.append(("compiled", "compile=False"))
     else:

@@ -215,7 +215,7 @@ def step_vjp(
     ``"autograd"`` if its compilation fails)."""
     if kernel == "compiled" and compiled is not None:
         done = _compiled_vjp(inner, compiled, k, z, lam, theta, dt, mu, data, extras, need,
-                             need_extras, bars)
+                             need_data, need_extras, bars)
         if done is not None:
             return done
         kernel = "fused" if objective.fused is not None and inner.optimizer is not None \
@@ -290,10 +290,14 @@ def tape_step(
 def _compiled_vjp(inner: InnerLoop, compiled: CompiledMap, k: int, z: Tensor, lam: Tensor,
                   theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor],
                   extras: Sequence[Tensor], need: tuple[bool, bool, bool],
-                  need_extras: Sequence[bool], bars: dict[str, Tensor]) -> Tensor | None:
+                  need_data: Sequence[bool], need_extras: Sequence[bool],
+                  bars: dict[str, Tensor]) -> Tensor | None:
     n_hyper = len(inner.hyper_tensors)
+    data_need = tuple(need_data) if inner.batches is None else ()
     slot_need = (need[0] and mu is not None, need[1], need[2] and mu is not None,
-                 *need_extras[:n_hyper])
+                 *need_extras[:n_hyper], *data_need)
+    if inner.batches is None and len(data_need) != len(data):
+        slot_need = slot_need + (False,) * (len(data) - len(data_need))
     lr = _lr_at(inner, dt, k).detach()
     data_k = [d.detach() for d in _data_at(inner, data, k)]
     res = compiled.vjp(k, z.detach(), lam, theta.detach(), lr,
@@ -308,8 +312,12 @@ def _compiled_vjp(inner: InnerLoop, compiled: CompiledMap, k: int, z: Tensor, la
                 _add(bars, "dt", g, index=k, like=dt)
             else:
                 _add(bars, "dt", g)
+        elif slot < 3:
+            _add(bars, ("theta", "dt", "mu")[slot], g)
+        elif slot < 3 + n_hyper:
+            _add(bars, f"extra{slot - 3}", g)
         else:
-            _add(bars, ("theta", "dt", "mu")[slot] if slot < 3 else f"extra{slot - 3}", g)
+            _add(bars, f"data{slot - 3 - n_hyper}", g)
     return lam_z
 
 
