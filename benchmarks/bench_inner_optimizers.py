@@ -38,14 +38,15 @@ METHODS = ["forward", "torchopt", "store", "checkpoint", "revolve", "store-compi
 OPTIMIZERS = ["sgd", "adam"]
 
 
-def _child(opt_name: str, method: str, n: int, dtype: str, budget: float, lr: float) -> dict:
+def _child(opt_name: str, method: str, n: int, dtype: str, budget: float, lr: float,
+           tasks: int) -> dict:
     import torch.nn.functional as F
     from _workload import PeakMemory, make_workload
 
     import amaml
 
     torch.set_num_threads(1)
-    w = make_workload(dtype=getattr(torch, dtype))
+    w = make_workload(n_tasks=tasks, dtype=getattr(torch, dtype))
     model = w.model
     opt = amaml.optim.SGD(momentum=0.9) if opt_name == "sgd" else amaml.optim.Adam()
 
@@ -107,19 +108,20 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=10.0, help="seconds of repeats a row")
     ap.add_argument("--max-mb", type=float, default=4000.0, help="skip rows estimated above")
     ap.add_argument("--max-s", type=float, default=240.0, help="skip rows estimated slower")
+    ap.add_argument("--tasks", type=int, default=5, help="tasks a meta-gradient")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         opt_name, method, n, out = args.child
-        res = _child(opt_name, method, int(n), args.dtype, args.budget, args.lr)
+        res = _child(opt_name, method, int(n), args.dtype, args.budget, args.lr, args.tasks)
         with open(out, "w") as fh:
             json.dump(res, fh)
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     rows: list[dict] = []
-    print(f"torch {torch.__version__}, {args.dtype}, lr {args.lr}; x fwd = time / forward-only, "
-          "x TO = time / TorchOpt (same N, same run)")
+    print(f"torch {torch.__version__}, {args.dtype}, lr {args.lr}, {args.tasks} tasks; x fwd = "
+          "time / forward-only, x TO = time / TorchOpt (same N, same run)")
     for opt_name in args.optimizers:
         last: dict[str, dict] = {}
         print(f"\n{opt_name}: {'N':>6} {'method':>16} {'seconds':>9} {'x fwd':>7} {'x TO':>7} "
@@ -140,7 +142,7 @@ def main() -> None:
                 out = f"/tmp/bench_opt_{os.getpid()}.json"
                 cmd = [sys.executable, __file__, "--child", opt_name, method, str(n), out,
                        "--dtype", args.dtype, "--budget", str(args.budget), "--lr",
-                       str(args.lr)]
+                       str(args.lr), "--tasks", str(args.tasks)]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{'':5} {n:>6} {method:>16}   failed: "
@@ -166,7 +168,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"torch": torch.__version__, "dtype": args.dtype, "lr": args.lr,
-                       "rows": rows}, fh, indent=1)
+                       "tasks": args.tasks, "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":
