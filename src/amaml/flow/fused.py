@@ -257,6 +257,22 @@ class MLPLoss(AbstractFusedLoss):
         pred, _ = self._forward(self._params(u), x, batched=False)
         return self.loss_fn(pred, y)
 
+    def head(self, u: Tensor, data: Sequence[Tensor]
+             ) -> tuple[Tensor, Callable[[Tensor, Sequence[Tensor]], Tensor]]:
+        """The network's output at ``u`` (no graph) and the loss as a function of it:
+        ``(pred, f)`` with ``f(pred, (y,))`` the summed support loss. The network itself, a
+        chain of linear layers and activations on ``u``, reads no other tensor, so what the
+        loss reads besides ``u`` and the data is what ``f`` reads
+        (:func:`amaml.flow.capture.captured_leaves` walks ``f`` alone)."""
+        batched = u.ndim == 2
+        with torch.no_grad():
+            pred, _ = self._forward(self._params(u), data[0], batched)
+
+        def f(p: Tensor, rest: Sequence[Tensor]) -> Tensor:
+            return self._loss_total(p, rest[0], batched)
+
+        return pred, f
+
     # ------------------------------------------------------------------ derivatives
 
     def _loss_grad(self, pred: Tensor, y: Tensor, batched: bool) -> Tensor:

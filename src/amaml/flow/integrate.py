@@ -176,8 +176,13 @@ def flow_context(
     captured: list[Tensor] = []
     if isinstance(adjoint, AbstractSweepAdjoint):
         u_at = theta if n_tasks is None else theta.expand(n_tasks, *theta.shape)
-        captured = captured_leaves(objective.total, u_at,
-                                   first if batches is None else lambda: batches(0))
+        head = getattr(objective.fused, "head", None)
+        if head is not None and batches is None:  # the fused MLP: only its loss can capture
+            pred, loss_of_pred = head(u_at.detach(), first)
+            captured = captured_leaves(loss_of_pred, pred, first[1:])
+        else:
+            captured = captured_leaves(objective.total, u_at,
+                                       first if batches is None else lambda: batches(0))
     for t in meta_parameters:
         if not isinstance(t, Tensor):
             raise TypeError(f"meta_parameters must hold tensors; got {type(t).__name__}.")
