@@ -107,8 +107,7 @@ def test_generic_module_matches_unrolled(name, opt, kind, h) -> None:
 
 
 @pytest.mark.parametrize("memory", MEMORIES, ids=["store", "checkpoint", "revolve"])
-@pytest.mark.parametrize("name,opt,kind,h", [CASES[0], CASES[3], CASES[7]],
-                         ids=["sgd-momentum", "adam", "rmsprop-centered-momentum"])
+@pytest.mark.parametrize("name,opt,kind,h", CASES, ids=[c[0] for c in CASES])
 def test_adapt_batch_matches_unrolled(name, opt, kind, h, memory) -> None:
     """A meta-batch: the gradient is the sum of the tasks' unrolled meta-gradients."""
     model = _net()

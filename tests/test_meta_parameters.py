@@ -344,3 +344,33 @@ def test_meta_parameters_read_only_by_later_steps() -> None:
     got = _run(model, F.mse_loss, support, wrt, xq, yq, steps=8, lr=0.05, memory="revolve",
                meta_parameters=[w])
     assert rel_err(got, ref) < TOL
+
+
+@pytest.mark.parametrize("memory", MEMORIES, ids=IDS)
+@pytest.mark.parametrize("optimizer,kind,h", [(None, "sgd", {}), ("adamw", "adamw", {})],
+                         ids=["gd", "adamw"])
+def test_batched_captured_module_and_schedule(memory, optimizer, kind, h) -> None:
+    """adapt_batch with a loss module's parameters, a per-step schedule and targets that
+    require grad: the sum over tasks of each task's unrolled meta-gradient."""
+    model = _net()
+    xs, ys, xq, yq = _data(batch=2)
+    ys = ys.clone().requires_grad_(True)
+    steps = 9
+    lr = torch.linspace(0.06, 0.02, steps, dtype=DT).requires_grad_(True)
+    scale = torch.tensor(0.8, dtype=DT, requires_grad=True)
+
+    def loss_fn(p, t):
+        return scale * F.mse_loss(p, t)
+
+    wrt = [*model.parameters(), ys, lr, scale]
+    _zero(wrt)
+    p = amaml.adapt_batch(model, loss_fn, (xs, ys), steps=steps, lr=lr, memory=memory,
+                          optimizer=optimizer)
+    torch.func.vmap(F.mse_loss)(amaml.functional_call_batch(model, p, xq), yq).sum().backward()
+    got = _grads(wrt)
+    ref = 0
+    for b in range(2):
+        u = unrolled_optimizer(model, loss_fn, lambda k, b=b: (xs[b], ys[b]), steps=steps,
+                               lr=lambda k: lr[k], kind=kind, h=h)
+        ref = ref + query_grad(model, F.mse_loss, u, xq[b], yq[b], wrt)
+    assert rel_err(got, ref) < TOL
