@@ -49,6 +49,12 @@ def test_dataset_distillation_quick(tmp_path: Path, model: str) -> None:
         assert len(m["images"]) == 10 and min(min(r) for r in m["images"]) >= 0.0
     assert (tmp_path / "distilled_images.png").stat().st_size > 0
     assert (tmp_path / "accuracy_vs_steps.png").stat().st_size > 0
+    if model == "mlp":  # the modes that read finished runs
+        rows = dd.main(["--cross-eval", "2,3", "--eval-nets", "2", "--plot-from", str(tmp_path),
+                        "--out", str(tmp_path / "ce")])["rows"]
+        assert len(rows) == 3 and set(rows[0]["test_accuracy_at"]) == {"2", "3"}
+        dd.main(["--plot-only", "--plot-from", str(tmp_path), "--out", str(tmp_path / "plot")])
+        assert (tmp_path / "plot" / "accuracy_vs_steps.png").exists()
 
 
 def test_learned_schedule_quick(tmp_path: Path) -> None:
