@@ -8,12 +8,20 @@ proximal weight. The same quantities are ``steps``, ``lr`` and ``proximal`` in
 
 Modules, one idea each:
     :mod:`~amaml.flow.solvers` (explicit Runge-Kutta steps),
+    :mod:`~amaml.flow.optimizers` (inner optimisers: torch.optim's rules as step maps),
     :mod:`~amaml.flow.hvp` (the support objective, Hessian-vector products, CG),
-    :mod:`~amaml.flow.trajectory` (the forward loop and one step's VJP),
+    :mod:`~amaml.flow.trajectory` (gradient flow's forward loop and one step's VJP),
+    :mod:`~amaml.flow.steps` (a general step map: optimiser, schedules, mini-batches,
+    meta-parameters; its forward loop and one step's VJP),
+    :mod:`~amaml.flow.kernels` (which kernel transposes a step, and why: the one place),
+    :mod:`~amaml.flow.context` (:class:`FlowContext`, what adjoints and memory strategies
+    receive), :mod:`~amaml.flow.capture` (tensors the loss reads besides its arguments),
     :mod:`~amaml.flow.memory` (which states the discrete adjoint keeps and how it gets
     them back), :mod:`~amaml.flow.adjoint` (the adjoints and the one autograd Function),
     :mod:`~amaml.flow.integrate` (:func:`gradient_flow`, the entry point),
-    :mod:`~amaml.flow.compiled` (compiled steps), :mod:`~amaml.flow.errors`.
+    :mod:`~amaml.flow.fused` (losses with their own derivatives: the MLP),
+    :mod:`~amaml.flow.compiled`, :mod:`~amaml.flow.compiled_maps` (compiled steps),
+    :mod:`~amaml.flow.errors`.
 """
 
 from .adjoint import (
@@ -25,12 +33,13 @@ from .adjoint import (
     Unrolled,
     adjoint_sweep,
 )
+from .context import FlowContext
 from .errors import BacksolveError, DivergenceError
 from .hvp import Objective, conjugate_gradient
 from .integrate import gradient_flow
 from .memory import MEMORIES, AbstractMemory, Backsolve, Budget, Checkpoint, Revolve, Store
 from .solvers import RK4, SOLVERS, AbstractSolver, Euler, Heun
-from .trajectory import FlowContext, SweepStats
+from .trajectory import SweepStats
 
 __all__ = [
     "AbstractAdjoint", "AbstractMemory", "AbstractSolver", "AbstractSweepAdjoint", "Backsolve",

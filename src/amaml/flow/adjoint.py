@@ -43,9 +43,10 @@ from torch import Tensor
 
 from .compiled import Need, compile_mode, step_functions
 from .compiled_maps import map_functions
+from .context import FlowContext
 from .hvp import conjugate_gradient
 from .memory import AbstractMemory, Checkpoint
-from .trajectory import FlowContext, FlowSpec, SweepStats
+from .trajectory import FlowSpec, SweepStats
 
 __all__ = [
     "AbstractAdjoint",

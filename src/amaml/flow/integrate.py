@@ -11,12 +11,13 @@ from torch import Tensor
 from .._types import FlatLoss, Scalar
 from .adjoint import AbstractAdjoint, AbstractSweepAdjoint, DiscreteAdjoint
 from .capture import captured_leaves
+from .context import FlowContext
 from .hvp import Objective
 from .memory import Backsolve
 from .optimizers import SGD, AbstractInnerOptimizer
 from .solvers import AbstractSolver, Euler
 from .steps import Batches, InnerLoop
-from .trajectory import FlowContext, FlowSpec
+from .trajectory import FlowSpec
 
 __all__ = ["flow_context", "gradient_flow"]
 

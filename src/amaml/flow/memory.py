@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .context import AutogradTape, FlowContext
 from .errors import BacksolveError, DivergenceError
-from .trajectory import AutogradTape, FlowContext, StepTape
+from .trajectory import StepTape
 
 __all__ = ["AbstractMemory", "Backsolve", "Budget", "Checkpoint", "MEMORIES", "Revolve", "Store"]
 
