@@ -12,7 +12,6 @@ strategies receive.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,11 +25,7 @@ from .errors import DivergenceError
 from .hvp import Objective, make_field
 from .kernels import is_tableau, select_kernel
 from .solvers import AbstractSolver
-from .steps import (
-    InnerLoop,
-)
-
-_LOG = logging.getLogger("amaml")
+from .steps import InnerLoop
 
 __all__ = ["FlowSpec", "StepTape", "SweepStats", "accumulate", "can_tape", "check_every",
            "flow_step_vjp", "initial_flow_state", "integrate", "param_leaves", "param_names"]
