@@ -248,17 +248,69 @@ def test_rk4_with_captured_weight() -> None:
     assert rel_err(got, ref) < TOL
 
 
-def test_dropout_refused_and_unrolled_accepts_it() -> None:
+def _dropout_reference(model, loss_fn, x, y, xq, yq, steps, lr, kind, h, seed):
+    """A plain seeded loop: the masks drawn in order, step after step, then the query's."""
+    torch.manual_seed(seed)
+    u = unrolled_optimizer(model, loss_fn, lambda k: (x, y), steps=steps, lr=lr, kind=kind,
+                           h=h)
+    return query_grad(model, F.mse_loss, u, xq, yq, list(model.parameters()))
+
+
+@pytest.mark.parametrize("memory", [*MEMORIES, amaml.Budget(megabytes=0.01)],
+                         ids=[*IDS, "budget"])
+@pytest.mark.parametrize("optimizer,kind,h", [(None, "sgd", {}), ("adam", "adam", {})],
+                         ids=["gd", "adam"])
+def test_dropout_is_replayed_exactly(memory, optimizer, kind, h) -> None:
+    """Dropout in training mode: each step's random state is recorded and replayed, so the
+    meta-gradient is unrolled autograd's with the same masks (a seeded plain loop draws
+    them in the same order), bit for bit here; the random state after adapt is the loop's."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 6), nn.Dropout(0.3), nn.Tanh(), nn.Linear(6, 1)).to(DT)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 1)).to(DT)
+    x, y, xq, yq = _data()
+    ref = _dropout_reference(model, F.mse_loss, x, y, xq, yq, 12, 0.05, kind, h, seed=7)
+    after_ref = torch.get_rng_state()
+    torch.manual_seed(7)
+    model.zero_grad()
+    p = amaml.adapt(model, F.mse_loss, (x, y), steps=12, lr=0.05, memory=memory,
+                    optimizer=optimizer)
+    q = F.mse_loss(amaml.functional_call(model, p, xq), yq)  # the query's own mask
+    assert torch.equal(torch.get_rng_state(), after_ref)
+    q.backward()
+    got = _grads(list(model.parameters()))
+    assert rel_err(got, ref) < TOL
+
+
+def test_random_loss_on_the_fused_mlp_is_replayed() -> None:
+    """Noise drawn inside the loss (the network is a plain MLP): replayed too."""
+    model = _net()
+    x, y, xq, yq = _data()
+
+    def noisy(p, t):
+        return F.mse_loss(p + 0.1 * torch.randn_like(p), t)
+
+    ref = _dropout_reference(model, noisy, x, y, xq, yq, 10, 0.05, "sgd", {}, seed=3)
+    torch.manual_seed(3)
+    got = _run(model, noisy, (x, y), list(model.parameters()), xq, yq, steps=10, lr=0.05,
+               memory="checkpoint")
+    assert rel_err(got, ref) < TOL
+    assert "the loss draws random numbers" in amaml.explain(model, noisy, (x, y), steps=3,
+                                                            lr=0.05)
+
+
+def test_random_loss_refused_where_it_cannot_be_replayed() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 1)).to(DT)
     x, y, xq, yq = _data()
     with pytest.raises(ValueError, match="dropout"):
-        amaml.adapt(model, F.mse_loss, (x, y), steps=3, lr=0.05)
+        amaml.adapt(model, F.mse_loss, (x, y), steps=3, lr=0.05, proximal=1.0,
+                    adjoint=amaml.Implicit())
+    with pytest.raises(ValueError, match="dropout"):
+        amaml.adapt(model, F.mse_loss, (x, y), steps=3, lr=0.05, memory="backsolve")
     p = amaml.adapt(model, F.mse_loss, (x, y), steps=3, lr=0.05, adjoint=amaml.Unrolled())
     F.mse_loss(amaml.functional_call(model, p, xq), yq).backward()
     assert model[0].weight.grad is not None
-    model.eval()  # no random draws: accepted
-    amaml.adapt(model, F.mse_loss, (x, y), steps=3, lr=0.05)
+    model.eval()  # no random draws: the deterministic path
+    assert "random" not in amaml.explain(model, F.mse_loss, (x, y), steps=3, lr=0.05)
 
 
 def test_non_leaf_captured_tensor_refused() -> None:
@@ -374,3 +426,21 @@ def test_batched_captured_module_and_schedule(memory, optimizer, kind, h) -> Non
                                lr=lambda k: lr[k], kind=kind, h=h)
         ref = ref + query_grad(model, F.mse_loss, u, xq[b], yq[b], wrt)
     assert rel_err(got, ref) < TOL
+
+
+def test_dropout_batched_is_replayed_exactly() -> None:
+    """adapt_batch with dropout (each task its own masks, vmap randomness='different'):
+    revolve's replayed sweep equals MAML's unrolled graph, which kept the masks it drew."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 1)).to(DT)
+    xs, ys, xq, yq = _data(batch=3)
+    grads = []
+    for adjoint, memory in ((None, amaml.Revolve(snapshots=2)), (amaml.Unrolled(), "store")):
+        model.zero_grad()
+        torch.manual_seed(5)
+        p = amaml.adapt_batch(model, F.mse_loss, (xs, ys), steps=8, lr=0.05, optimizer="adam",
+                              adjoint=adjoint, memory=memory)
+        torch.func.vmap(F.mse_loss)(amaml.functional_call_batch(model, p, xq), yq).sum() \
+            .backward()
+        grads.append(_grads(list(model.parameters())))
+    assert rel_err(grads[0], grads[1]) < TOL

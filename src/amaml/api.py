@@ -208,9 +208,11 @@ def adapt(
 
     Args:
         model: Any ``torch.nn.Module``; its trainable parameters are adapted (frozen
-            ones pass through). It must be deterministic: a model or loss that draws
-            random numbers (dropout in training mode) is refused, since the backward
-            pass re-evaluates it (``adjoint=Unrolled()`` accepts it).
+            ones pass through). A model or loss that draws random numbers (dropout in
+            training mode) is handled: each step's random state is recorded in the
+            forward pass and replayed wherever the step is evaluated again, so the
+            meta-gradient is that of the masks drawn (a seeded ``adapt`` draws what a
+            seeded plain loop draws); backsolve and ``Implicit()`` refuse it.
         loss_fn: ``loss_fn(prediction, target) -> scalar tensor``.
         support: The support set ``(inputs, y)``, with matching first dimensions;
             ``inputs`` is a tensor (``model(x)``), a tuple (``model(*inputs)``) or a dict
@@ -268,8 +270,9 @@ def adapt(
     Raises:
         ValueError: Bad ``steps``, ``lr``, ``proximal``, ``batch_norm``, ``optimizer``,
             shapes or non-finite data, ``compile`` together with ``adjoint``, an optimiser
-            with a solver other than Euler, a loss that draws random numbers, or a loss
-            that reads a non-leaf tensor requiring grad (compute it inside the loss).
+            with a solver other than Euler, a loss that draws random numbers under
+            backsolve or the implicit adjoint, or a loss that reads a non-leaf tensor
+            requiring grad (compute it inside the loss).
         DivergenceError: The trajectory became non-finite (names the step).
         BacksolveError: ``memory="backsolve"`` could not reconstruct the start.
 
@@ -369,7 +372,7 @@ def functional_call_batch(model: nn.Module, params: Params, x: Tensor, *,
     updated.
     """
     forward = model_forward(model, batch_norm)
-    return torch.func.vmap(forward)(params, x)
+    return torch.func.vmap(forward, randomness="different")(params, x)
 
 
 def explain(

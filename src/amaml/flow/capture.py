@@ -13,23 +13,42 @@ without keeping its outside graph alive; it is refused with a message that says 
 write it (compute it inside the loss). It is recognised as a node that two evaluations of
 the loss share: every node a loss evaluation creates is new.
 
-A loss that draws random numbers (dropout in training mode) is refused too: the backward
-pass evaluates the loss again and would draw other masks.
+A loss that draws random numbers (dropout in training mode) is recognised by the random
+state it leaves changed: the flow then records each step's random state in the forward pass
+and replays it wherever the step is evaluated again (:func:`replay_rng`), or, where it
+cannot, refuses the loss (:class:`RandomLossError`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["RandomLossError", "captured_leaves"]
+__all__ = ["RandomLossError", "captured_leaves", "replay_rng", "rng_states"]
 
 
 class RandomLossError(ValueError):
     """The support loss draws random numbers (e.g. dropout in training mode)."""
+
+
+def rng_states(device: torch.device) -> list[Tensor]:
+    """The random states a computation on ``device`` draws from (CPU, and CUDA's there)."""
+    return _rng_states(device)
+
+
+@contextmanager
+def replay_rng(device: torch.device, states: list[Tensor]) -> Iterator[None]:
+    """Run a block from the random ``states`` (of :func:`rng_states`), then put the random
+    state back as it was: a step evaluated again draws the masks it drew the first time,
+    and nothing outside the block sees it."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        _restore(device, states)
+        yield
 
 
 def _rng_states(device: torch.device) -> list[Tensor]:
@@ -75,7 +94,8 @@ def _nodes(root: Any) -> tuple[list[Any], list[Tensor]]:
 
 def captured_leaves(total: Callable[[Tensor, Sequence[Tensor]], Tensor], u: Tensor,
                     data: Sequence[Tensor] | Callable[[], Sequence[Tensor]],
-                    check_random: bool = True) -> list[Tensor]:
+                    check_random: bool = True,
+                    random_out: list[bool] | None = None) -> list[Tensor]:
     """The leaf tensors requiring grad that ``total(u, data)`` reads besides ``u`` and
     ``data``, in the order met.
 
@@ -87,6 +107,10 @@ def captured_leaves(total: Callable[[Tensor, Sequence[Tensor]], Tensor], u: Tens
             indexing of a set that requires grad, is walked to that set).
         check_random: Refuse a loss that draws random numbers (for adjoints that evaluate
             the loss again in their backward pass).
+        random_out: Instead of refusing a loss that draws random numbers, append whether
+            it does to this list (the caller replays the draws). The random state is left
+            as it was before the walk either way, so that the inner loop then draws what a
+            plain loop would.
 
     Raises:
         ValueError: The loss reads a tensor that requires grad but is not a leaf.
@@ -103,15 +127,20 @@ def captured_leaves(total: Callable[[Tensor, Sequence[Tensor]], Tensor], u: Tens
         before = _rng_states(u.device)
         out = total(ul, make())
         after = _rng_states(u.device)
-        if check_random and any(not torch.equal(a, b) for a, b in zip(before, after)):
+        random = any(not torch.equal(a, b) for a, b in zip(before, after))
+        if random:
             _restore(u.device, before)
+        if random_out is not None:
+            random_out.append(random)
+        elif check_random and random:
             raise RandomLossError(
                 "The support loss draws random numbers (dropout in training mode, or a "
-                "random op in the model or loss): the adjoint's backward pass evaluates it "
-                "again and would draw other masks, giving a wrong meta-gradient. Put the "
-                "dropout layers in eval mode for the inner loop (model.eval(), or "
-                "module.p = 0), or use adjoint=Unrolled(), which differentiates the draws it "
-                "made.")
+                "random op in the model or loss). The discrete adjoint's store, checkpoint, "
+                "revolve and Budget strategies replay each step's draws exactly, but this "
+                "adjoint (implicit, or memory='backsolve') evaluates the loss where the "
+                "forward pass never did, so the draws cannot be replayed. Use one of those "
+                "strategies, adjoint=Unrolled(), or put the dropout layers in eval mode for "
+                "the inner loop (model.eval(), or module.p = 0).")
         if not isinstance(out, Tensor) or out.grad_fn is None:
             return []
         nodes, leaves = _nodes(out.grad_fn)
@@ -121,6 +150,8 @@ def captured_leaves(total: Callable[[Tensor, Sequence[Tensor]], Tensor], u: Tens
         # A node that a second evaluation shares with the first was made outside the loss:
         # a non-leaf tensor that requires grad, captured.
         out2 = total(ul, make())
+        if random:
+            _restore(u.device, before)
         nodes2, _ = _nodes(out2.grad_fn)
         first = {id(n) for n in nodes}
         shared = [n for n in nodes2 if id(n) in first and getattr(n, "variable", None) is None]

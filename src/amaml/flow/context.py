@@ -22,6 +22,7 @@ from .compiled import Need
 from .hvp import make_field
 from .kernels import KernelChoice, select_kernel
 from .steps import (
+    RngLog,
     add_cotangents,
     initial_state,
     integrate_steps,
@@ -185,10 +186,18 @@ class FlowContext:
                                    start, spec.n_steps if stop is None else stop,
                                    keep_every=keep_every, out=out, create_graph=create_graph,
                                    check_every=check_every(spec.n_steps),
-                                   compiled=spec.compiled)
+                                   compiled=spec.compiled, rng=self._rng())
         return integrate(self.spec, self.theta, self.dt, self.mu, self.data,
                          keep_every=keep_every, create_graph=create_graph, u0=u0,
                          start=start, stop=stop, out=out, tapes=tapes)
+
+    def _rng(self) -> RngLog | None:
+        """The random states of a random loss's steps, kept with the flow's spec."""
+        inner = self.spec.inner
+        if inner is None or not inner.random:
+            return None
+        log: RngLog = self.spec.scratch.setdefault("rng", {})
+        return log
 
     def solve(self) -> Tensor:
         """``u_N``, differentiable as the flow's adjoint provides (``spec.adjoint.solve``)."""
@@ -260,7 +269,7 @@ class FlowContext:
         if spec.inner is not None:
             out, start, leaves = tape_step(spec.inner, spec.objective, spec.solver, k, u,
                                            self.theta, self.dt, self.mu, self.data,
-                                           self.extras)
+                                           self.extras, self._rng())
         else:
             need = (self.theta.requires_grad, self.dt.requires_grad,
                     self.mu is not None and self.mu.requires_grad)
@@ -292,6 +301,6 @@ class FlowContext:
             return step_vjp(spec.inner, spec.objective, spec.solver, k, u, lam, self.theta,
                             self.dt, self.mu, self.data, self.extras, self.need,
                             self.need_data, self.need_extras, self.bars, kernel,
-                            spec.compiled)
+                            spec.compiled, self._rng())
         return flow_step_vjp(self.spec, u, lam, self.theta, self.dt, self.mu, self.data,
                          self.need, self.bars, tape, kernel)

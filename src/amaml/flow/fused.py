@@ -193,7 +193,8 @@ class MLPLoss(AbstractFusedLoss):
         self.shapes = tuple(shapes)
         self.sizes = tuple(int(torch.Size(s).numel()) for s in shapes)
         self.n_params = sum(self.sizes)
-        self._batched_loss: Callable[..., Tensor] = torch.func.vmap(loss_fn)
+        self._batched_loss: Callable[..., Tensor] = torch.func.vmap(loss_fn,
+                                                                    randomness="different")
 
     def cache_key(self) -> tuple[Any, ...]:
         """What the computation depends on besides its tensors: the layers and the loss

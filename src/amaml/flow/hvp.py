@@ -45,7 +45,9 @@ class Objective:
     def __init__(self, loss: FlatLoss, batched: bool = False) -> None:
         self.loss = loss
         self.batched = batched
-        self._batched_loss = torch.func.vmap(loss) if batched else None
+        # randomness='different': each task draws its own masks (dropout), from the global
+        # generator, so that a step's draws can be replayed from its recorded state.
+        self._batched_loss = torch.func.vmap(loss, randomness="different") if batched else None
         #: The loss's own derivatives, or ``None`` (autograd then).
         self.fused = loss if isinstance(loss, AbstractFusedLoss) else None
 

@@ -175,22 +175,30 @@ def flow_context(
     # parameters, a data set a mini-batch schedule indexes): their gradient must not go
     # missing. Autograd's own adjoints (unrolled, first order) see them by themselves.
     captured: list[Tensor] = []
+    random_flag: list[bool] = []
     if isinstance(adjoint, AbstractSweepAdjoint):
         u_at = theta if n_tasks is None else theta.expand(n_tasks, *theta.shape)
+        # A random loss (dropout) is replayed step by step under the discrete adjoint's
+        # exact strategies; elsewhere (implicit, backsolve) it is refused.
+        replay = (isinstance(adjoint, DiscreteAdjoint)
+                  and not isinstance(adjoint.memory, Backsolve))
+        out_flag = random_flag if replay else None
         head = getattr(objective.fused, "head", None)
         if head is not None and batches is None:  # the fused MLP: only its loss can capture
             pred, loss_of_pred = head(u_at.detach(), first)
-            captured = captured_leaves(loss_of_pred, pred, first[1:])
+            captured = captured_leaves(loss_of_pred, pred, first[1:], random_out=out_flag)
         else:
             captured = captured_leaves(objective.total, u_at,
-                                       first if batches is None else lambda: batches(0))
+                                       first if batches is None else lambda: batches(0),
+                                       random_out=out_flag)
+    random = bool(random_flag and random_flag[0])
     for t in meta_parameters:
         if not isinstance(t, Tensor):
             raise TypeError(f"meta_parameters must hold tensors; got {type(t).__name__}.")
         if not any(t is c for c in captured):
             captured.append(t)
     general = (optimizer is not None or batches is not None or dt_per_step or bool(captured)
-               or any(d.requires_grad for d in data))
+               or random or any(d.requires_grad for d in data))
     if not general:
         spec = FlowSpec(objective, solver, adjoint, n_steps, has_mu)
         return FlowContext(spec, theta, dt_t, mu_t if has_mu else None, data)
@@ -214,7 +222,7 @@ def flow_context(
     extras = [v.to(dtype=theta.dtype, device=theta.device) for v in tensors.values()]
     inner = InnerLoop(optimizer, dt_per_step, batches, n_tasks,
                       tuple((n, v) for n, v in hyper.items() if n not in tensors),
-                      tuple(tensors))
+                      tuple(tensors), random)
     extras += captured
     spec = FlowSpec(objective, solver, adjoint, n_steps, has_mu, inner=inner,
                     n_extra=len(extras))

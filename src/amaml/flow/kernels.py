@@ -67,6 +67,9 @@ def _fused_support(objective: Objective, solver: AbstractSolver, inner: InnerLoo
         if not is_tableau(solver):
             return f"solver {type(solver).__name__} overrides step(): its tableau is unknown"
         return None
+    if inner.random:
+        return ("the loss draws random numbers: each replayed step is differentiated by "
+                "autograd, drawing once, as it drew in the forward pass")
     if inner.optimizer is None:
         return ("a Runge-Kutta solver under a general step map (per-step rates, mini-batches "
                 "or meta-parameters) is transposed by autograd")
@@ -96,16 +99,18 @@ def select_kernel(objective: Objective, solver: AbstractSolver, inner: InnerLoop
     declined: list[tuple[str, str]] = []
     n_hyper = 0 if inner is None else len(inner.hyper_tensors)
     need_captured = any(need_extras[n_hyper:])
-    if compiled is not None and not getattr(compiled, "failed", False):
+    if inner is not None and inner.random:
+        declined.append(("compiled", "the loss draws random numbers (replayed step by step)"))
+    elif compiled is None:
+        declined.append(("compiled", "compile=False"))
+    elif getattr(compiled, "failed", False):
+        declined.append(("compiled", "compilation failed"))
+    else:
         data_ok = inner is not None and inner.batches is None  # MapFunctions take data slots
         if not need_captured and (data_ok or not any(need_data)):
             return KernelChoice("compiled")
         declined.append(("compiled", "a tensor the loss reads needs a gradient" if need_captured
                          else "a mini-batch's tensors need a gradient"))
-    elif compiled is None:
-        declined.append(("compiled", "compile=False"))
-    else:
-        declined.append(("compiled", "compilation failed"))
     why = _fused_support(objective, solver, inner, need_data, need_captured)
     if why is None:
         return KernelChoice("fused", tuple(declined))

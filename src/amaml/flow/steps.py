@@ -25,22 +25,37 @@ double backward, for every loss, solver and meta-parameter.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from .capture import replay_rng, rng_states
 from .errors import DivergenceError
 from .hvp import Objective
 from .optimizers import AbstractInnerOptimizer, Hyper
 from .solvers import AbstractSolver
 
-__all__ = ["InnerLoop", "Leaves", "add_cotangents", "initial_state", "integrate_steps",
+__all__ = ["InnerLoop", "Leaves", "RngLog", "add_cotangents", "initial_state", "integrate_steps",
            "params_of", "step_vjp", "tape_step"]
 
 #: Mini-batch schedule: ``k -> data tensors of step k`` (deterministic).
 Batches = Callable[[int], Sequence[Tensor]]
+#: Each step's random states, recorded when the step is first taken (random losses).
+RngLog = dict[int, list[Tensor]]
+
+
+def _random_step(rng: RngLog | None, k: int, device: torch.device) -> AbstractContextManager[None]:
+    """Step ``k``'s random state: recorded the first time (the forward pass draws as a
+    plain loop would), replayed afterwards (recomputations and VJPs draw the same masks)."""
+    if rng is None:
+        return nullcontext()
+    if k in rng:
+        return replay_rng(device, rng[k])
+    rng[k] = rng_states(device)
+    return nullcontext()
 
 @dataclass(frozen=True)
 class InnerLoop:
@@ -55,6 +70,9 @@ class InnerLoop:
         hyper: The optimiser's hyperparameters by name; those listed in ``hyper_tensors``
             are taken from the flow's extra tensors instead (they may need a gradient).
         hyper_tensors: Names of the hyperparameters passed as extra tensors, in order.
+        random: The loss draws random numbers (dropout in training mode): each step's
+            random state is recorded the first time the step is taken and replayed
+            wherever it is evaluated again (:func:`amaml.flow.capture.replay_rng`).
     """
 
     optimizer: AbstractInnerOptimizer | None
@@ -63,6 +81,7 @@ class InnerLoop:
     n_tasks: int | None = None
     hyper: tuple[tuple[str, Hyper], ...] = ()
     hyper_tensors: tuple[str, ...] = ()
+    random: bool = False
 
     @property
     def rows(self) -> int:
@@ -149,12 +168,13 @@ def integrate_steps(
     theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor],
     extras: Sequence[Tensor], z0: Tensor, start: int, stop: int, *,
     keep_every: int | None, out: Tensor | None, create_graph: bool, check_every: int,
-    compiled: CompiledMap | None = None,
+    compiled: CompiledMap | None = None, rng: RngLog | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Steps ``start .. stop-1`` from ``z0``; see :func:`amaml.flow.trajectory.integrate`.
-    ``compiled``: take the steps with the compiled kernel where it works."""
+    ``compiled``: take the steps with the compiled kernel where it works. ``rng``: the
+    random states of a random loss (recorded, or replayed for steps taken before)."""
     hyper = _hyper(inner, extras)
-    fast = None if create_graph else compiled
+    fast = None if create_graph or rng is not None else compiled
     hyper_t = [t.detach() for t in extras[:len(inner.hyper_tensors)]]
     if not create_graph:
         theta, dt = theta.detach(), dt.detach()
@@ -175,8 +195,10 @@ def integrate_steps(
             z_next = fast.step(k, z, leaves.theta, leaves.lr, mu, hyper_t,
                                [d.detach() for d in leaves.data])
             fast = None if z_next is None else fast
-        z = _phi(inner, objective, solver, k, z, leaves, create_graph) if z_next is None \
-            else z_next
+        if z_next is None:
+            with _random_step(rng, k, z.device):
+                z_next = _phi(inner, objective, solver, k, z, leaves, create_graph)
+        z = z_next
         if ((k + 1 - start) % check_every == 0 or k + 1 == stop) \
                 and not bool(torch.isfinite(z).all()):
             raise DivergenceError(k + 1, n_steps, " (inner optimiser "
@@ -205,7 +227,7 @@ def step_vjp(
     lam: Tensor, theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor],
     extras: Sequence[Tensor], need: tuple[bool, bool, bool], need_data: Sequence[bool],
     need_extras: Sequence[bool], bars: dict[str, Tensor], kernel: str = "autograd",
-    compiled: CompiledMap | None = None,
+    compiled: CompiledMap | None = None, rng: RngLog | None = None,
 ) -> Tensor:
     """``(dPhi_k/dz (z))^T lam``; adds ``(dPhi_k/dp)^T lam`` to ``bars`` for every needed
     ``p``: ``"theta"``, ``"dt"`` (per step: row ``k``), ``"mu"``, ``"data{i}"``,
@@ -220,7 +242,7 @@ def step_vjp(
             return done
         kernel = "fused" if objective.fused is not None and inner.optimizer is not None \
             else "autograd"
-    with torch.enable_grad():
+    with torch.enable_grad(), _random_step(rng, k, z.device):
         leaves, wanted = _leaves(inner, k, theta, dt, mu, data, extras, need, need_data,
                                  need_extras)
         if kernel == "fused":
@@ -274,11 +296,11 @@ def _leaves(inner: InnerLoop, k: int, theta: Tensor, dt: Tensor, mu: Tensor | No
 def tape_step(
     inner: InnerLoop, objective: Objective, solver: AbstractSolver, k: int, z: Tensor,
     theta: Tensor, dt: Tensor, mu: Tensor | None, data: Sequence[Tensor],
-    extras: Sequence[Tensor],
+    extras: Sequence[Tensor], rng: RngLog | None = None,
 ) -> tuple[Tensor, Tensor, list[tuple[str, Tensor]]]:
     """Step ``k`` from ``z`` with its autograd graph kept: ``(z_{k+1}, z leaf, named
     leaves)``; every tensor that requires grad now is a leaf of the graph."""
-    with torch.enable_grad():
+    with torch.enable_grad(), _random_step(rng, k, z.device):
         need = (theta.requires_grad, dt.requires_grad, mu is not None and mu.requires_grad)
         leaves, wanted = _leaves(inner, k, theta, dt, mu, data, extras, need,
                                  [d.requires_grad for d in data],
