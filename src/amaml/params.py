@@ -20,7 +20,11 @@ class FlatModel:
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
-            raise ValueError("model has no parameters that require grad: nothing to adapt.")
+            raise ValueError("model has no parameters that require grad: nothing to adapt "
+                             "(amaml adapts the parameters that require grad, frozen ones pass "
+                             "through). To adapt a network whose own meta-gradient you do not "
+                             "need (e.g. dataset distillation), leave requires_grad on and "
+                             "ignore or clear its .grad.")
         self.model = model
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
