@@ -29,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -139,7 +140,8 @@ def main() -> None:
                         print(f"{'':5} {n:>6} {method:>16}   skipped: estimated {est_s:.0f} s, "
                               f"{est_mb:.0f} MiB")
                         continue
-                out = f"/tmp/bench_opt_{os.getpid()}.json"
+                fd, out = tempfile.mkstemp(suffix=".json")
+                os.close(fd)
                 cmd = [sys.executable, __file__, "--child", opt_name, method, str(n), out,
                        "--dtype", args.dtype, "--budget", str(args.budget), "--lr",
                        str(args.lr), "--tasks", str(args.tasks)]

@@ -23,7 +23,7 @@ rate picked on a held-out fifth of the training set): the ceiling.
 
     python examples/dataset_distillation.py --steps 100 --images-per-class 1 \
         --meta-iters 300 --out D
-    python examples/dataset_distillation.py --quick --out /tmp/dd   # a few seconds (the tests)
+    python examples/dataset_distillation.py --quick --out runs/dd-quick   # seconds (the tests)
     python examples/dataset_distillation.py --profile 10,100,1000 --out D  # time and memory
 
 Writes ``DIR/results.json`` (``distilled_accuracy``, ``random_real_accuracy``,

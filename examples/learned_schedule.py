@@ -25,7 +25,7 @@ by validation loss): test accuracy and loss of 10 fresh networks (new initialisa
 mini-batch orders) on the 797 test images, mean and 95% CI (Student's t).
 
     python examples/learned_schedule.py --steps 1000 --meta-iters 100 --out DIR
-    python examples/learned_schedule.py --quick --out /tmp/ls   # a few seconds (the tests)
+    python examples/learned_schedule.py --quick --out runs/ls-quick   # seconds (the tests)
 
 Writes ``DIR/results.json`` and ``DIR/schedule.png`` (the learned schedules, one curve per
 parameter tensor, as in Maclaurin et al.'s Figure 2).

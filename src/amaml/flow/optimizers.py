@@ -300,6 +300,24 @@ def _adam_vjp(k: int, bufs: list[Tensor], g: Tensor, lr: Tensor, h: dict[str, Hy
     return lam_u, [b1 * bar_m, b2 * bar_v], bar_g, lr_bar
 
 
+def _adam_update_vjp(k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
+                     h: dict[str, Hyper], lam_u: Tensor, lam_bufs: list[Tensor], need_lr: bool,
+                     decoupled: bool) -> _UpdateVJP:
+    """The transpose of Adam's update with its weight decay: L2 (``g + wd u``, Adam) or
+    decoupled (``u (1 - lr wd)`` first, AdamW)."""
+    wd = h["weight_decay"]
+    g_eff = g if decoupled or _is_zero(wd) else g + wd * u
+    bar_u, bar_bufs, bar_g, lr_bar = _adam_vjp(k, bufs, g_eff, lr, h, lam_u, lam_bufs, need_lr)
+    if _is_zero(wd):
+        return bar_u, bar_bufs, bar_g, lr_bar
+    if not decoupled:
+        return bar_u + wd * bar_g, bar_bufs, bar_g, lr_bar
+    if need_lr:
+        decay = _lr_bar(lr, -(lam_u * u) * wd)
+        lr_bar = decay if lr_bar is None else lr_bar + decay
+    return bar_u * (1 - lr * wd), bar_bufs, bar_g, lr_bar
+
+
 @dataclass(frozen=True)
 class Adam(AbstractInnerOptimizer):
     """``torch.optim.Adam`` with bias correction; ``weight_decay`` is L2 (added to ``g``).
@@ -341,13 +359,7 @@ class Adam(AbstractInnerOptimizer):
                    need_lr: bool) -> _UpdateVJP | None:
         if self.amsgrad:
             return None
-        wd = h["weight_decay"]
-        g_eff = g if _is_zero(wd) else g + wd * u
-        bar_u, bar_bufs, bar_g, lr_bar = _adam_vjp(k, bufs, g_eff, lr, h, lam_u, lam_bufs,
-                                                   need_lr)
-        if not _is_zero(wd):
-            bar_u = bar_u + wd * bar_g
-        return bar_u, bar_bufs, bar_g, lr_bar
+        return _adam_update_vjp(k, u, bufs, g, lr, h, lam_u, lam_bufs, need_lr, decoupled=False)
 
 
 @dataclass(frozen=True)
@@ -383,15 +395,7 @@ class AdamW(AbstractInnerOptimizer):
                    need_lr: bool) -> _UpdateVJP | None:
         if self.amsgrad:
             return None
-        wd = h["weight_decay"]
-        bar_u, bar_bufs, bar_g, lr_bar = _adam_vjp(k, bufs, g, lr, h, lam_u, lam_bufs,
-                                                   need_lr)
-        if not _is_zero(wd):
-            bar_u = bar_u * (1 - lr * wd)
-            if need_lr:
-                decay = _lr_bar(lr, -(lam_u * u) * wd)
-                lr_bar = decay if lr_bar is None else lr_bar + decay
-        return bar_u, bar_bufs, bar_g, lr_bar
+        return _adam_update_vjp(k, u, bufs, g, lr, h, lam_u, lam_bufs, need_lr, decoupled=True)
 
 
 @dataclass(frozen=True)
