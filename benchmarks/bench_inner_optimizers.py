@@ -2,10 +2,11 @@
 
 The paper's workload (``_workload.py``: CosMixture, 5 tasks of 100 support + 100 query
 points, MLP 2-32-32-1 tanh, 0.5 * MSE), with the inner loop ``N`` steps of SGD with momentum
-0.9 or Adam (torch.optim's defaults) at learning rate ``--lr``. Methods:
+0.9, Adam, AdamW or RMSprop (torch.optim's defaults) at learning rate ``--lr``. Methods:
 
     forward       the N optimiser steps of every task without any graph (the floor)
-    torchopt      TorchOpt's MetaSGD(momentum=0.9) / MetaAdam, unrolled, one backward per task
+    torchopt      TorchOpt's MetaSGD(momentum=0.9) / MetaAdam / MetaAdamW / MetaRMSProp,
+                  unrolled, one backward per task
     store, checkpoint, revolve
                   amaml.adapt(..., optimizer=...) per task, each memory strategy
     store-compiled, revolve-compiled
@@ -36,7 +37,7 @@ import torch
 
 METHODS = ["forward", "torchopt", "store", "checkpoint", "revolve", "store-compiled",
            "revolve-compiled"]
-OPTIMIZERS = ["sgd", "adam"]
+OPTIMIZERS = ["sgd", "adam", "adamw", "rmsprop"]
 
 
 def _child(opt_name: str, method: str, n: int, dtype: str, budget: float, lr: float,
@@ -49,7 +50,8 @@ def _child(opt_name: str, method: str, n: int, dtype: str, budget: float, lr: fl
     torch.set_num_threads(1)
     w = make_workload(n_tasks=tasks, dtype=getattr(torch, dtype))
     model = w.model
-    opt = amaml.optim.SGD(momentum=0.9) if opt_name == "sgd" else amaml.optim.Adam()
+    opt = {"sgd": amaml.optim.SGD(momentum=0.9), "adam": amaml.optim.Adam(),
+           "adamw": amaml.optim.AdamW(), "rmsprop": amaml.optim.RMSprop()}[opt_name]
 
     def half_mse(p, t):
         return 0.5 * F.mse_loss(p, t)
@@ -72,8 +74,11 @@ def _child(opt_name: str, method: str, n: int, dtype: str, budget: float, lr: fl
         import torchopt
 
         model.zero_grad(set_to_none=True)
-        meta = (torchopt.MetaSGD(model, lr=lr, momentum=0.9) if opt_name == "sgd"
-                else torchopt.MetaAdam(model, lr=lr))
+        meta = {"sgd": lambda: torchopt.MetaSGD(model, lr=lr, momentum=0.9),
+                "adam": lambda: torchopt.MetaAdam(model, lr=lr),
+                "adamw": lambda: torchopt.MetaAdamW(model, lr=lr, weight_decay=0.01),
+                "rmsprop": lambda: torchopt.MetaRMSProp(model, lr=lr, alpha=0.99, eps=1e-8),
+                }[opt_name]()
         for b in range(w.n_tasks):
             net_state = torchopt.extract_state_dict(model)
             opt_state = torchopt.extract_state_dict(meta)
