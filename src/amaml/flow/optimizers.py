@@ -300,6 +300,21 @@ def _adam_vjp(k: int, bufs: list[Tensor], g: Tensor, lr: Tensor, h: dict[str, Hy
     return lam_u, [b1 * bar_m, b2 * bar_v], bar_g, lr_bar
 
 
+def _adam_update(k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
+                 h: dict[str, Hyper], amsgrad: bool, decoupled: bool
+                 ) -> tuple[Tensor, list[Tensor]]:
+    """Adam's update with its weight decay: L2 (``g + wd u``, Adam) or decoupled
+    (``u (1 - lr wd)`` first, AdamW); torch.optim's order of operations."""
+    wd = h["weight_decay"]
+    if not _is_zero(wd):
+        if decoupled:
+            u = u * (1 - lr * wd)
+        else:
+            g = g + wd * u
+    direction, new, bc1 = _adam_direction(k, bufs, g, h, amsgrad)
+    return u - (lr / bc1) * direction, new
+
+
 def _adam_update_vjp(k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                      h: dict[str, Hyper], lam_u: Tensor, lam_bufs: list[Tensor], need_lr: bool,
                      decoupled: bool) -> _UpdateVJP:
@@ -349,10 +364,7 @@ class Adam(AbstractInnerOptimizer):
 
     def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                h: dict[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
-        if not _is_zero(h["weight_decay"]):
-            g = g + h["weight_decay"] * u
-        direction, new, bc1 = _adam_direction(k, bufs, g, h, self.amsgrad)
-        return u - (lr / bc1) * direction, new
+        return _adam_update(k, u, bufs, g, lr, h, self.amsgrad, decoupled=False)
 
     def update_vjp(self, k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                    h: dict[str, Hyper], lam_u: Tensor, lam_bufs: list[Tensor],
@@ -385,10 +397,7 @@ class AdamW(AbstractInnerOptimizer):
 
     def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                h: dict[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
-        if not _is_zero(h["weight_decay"]):
-            u = u * (1 - lr * h["weight_decay"])
-        direction, new, bc1 = _adam_direction(k, bufs, g, h, self.amsgrad)
-        return u - (lr / bc1) * direction, new
+        return _adam_update(k, u, bufs, g, lr, h, self.amsgrad, decoupled=True)
 
     def update_vjp(self, k: int, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                    h: dict[str, Hyper], lam_u: Tensor, lam_bufs: list[Tensor],
