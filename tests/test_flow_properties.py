@@ -182,14 +182,33 @@ def _flat_mlp_flow(memory, steps: int, hidden: int = 8):
 
 @pytest.mark.parametrize("steps", [100, 400, 1000])
 def test_checkpoint_peak_states_during_backward(steps: int) -> None:
-    """Checkpoints plus one recomputed segment: at most about 2 sqrt(N) states."""
-    stats = SweepStats()
-    spec, theta, data = _flat_mlp_flow(Checkpoint(), steps)
+    """Checkpoints plus one recomputed segment: at most about 2 sqrt(N) states; with the
+    segment's graphs kept, ceil(N / L) checkpoints and L graphs for the L that holds the
+    fewest bytes."""
     dt = torch.tensor(0.01, dtype=DT)
-    u_end, kept = forward_kept(spec, theta, dt, None, data)
-    adjoint_sweep(spec, kept, torch.ones_like(u_end), theta, dt, None, data, stats=stats)
-    assert stats.peak_states <= 2 * math.ceil(math.sqrt(steps))
-    assert stats.recomputed_steps < steps  # one extra forward pass at most
+    for memory in (Checkpoint(tapes=False), Checkpoint()):
+        stats = SweepStats()
+        spec, theta, data = _flat_mlp_flow(memory, steps)
+        u_end, kept = forward_kept(spec, theta, dt, None, data)
+        adjoint_sweep(spec, kept, torch.ones_like(u_end), theta, dt, None, data, stats=stats)
+        every = spec.scratch["checkpoint_every"]
+        if memory.tapes is False:
+            assert stats.peak_states <= 2 * math.ceil(math.sqrt(steps))
+            assert stats.taped_steps == 0
+        else:
+            assert every == Checkpoint.taped_segment(steps, theta.numel() * 8, _graph(spec))
+            assert stats.peak_states <= kept.shape[0] + every
+            assert stats.taped_steps == steps
+        assert stats.recomputed_steps < steps  # one extra forward pass at most
+
+
+def _graph(spec) -> int:
+    """Bytes one step's graph keeps (what the taped checkpoint measures)."""
+    from amaml.flow import FlowContext
+
+    _, theta, data = _flat_mlp_flow(Checkpoint(), 2)
+    flow = FlowContext(spec, theta, torch.tensor(0.01, dtype=DT), None, data)
+    return flow.tape_step(flow.initial_state(), 0)[1].nbytes()
 
 
 @pytest.mark.parametrize("adjoint", [DiscreteAdjoint(Store()),

@@ -37,9 +37,19 @@ from .context import FlowContext
 from .errors import BacksolveError, DivergenceError
 from .hvp import Objective, conjugate_gradient
 from .integrate import gradient_flow
-from .memory import MEMORIES, AbstractMemory, Backsolve, Budget, Checkpoint, Revolve, Store
+from .budget import Budget
+from .memory import AbstractMemory, Backsolve, Checkpoint, Revolve, Store
 from .solvers import RK4, SOLVERS, AbstractSolver, Euler, Heun
 from .trajectory import SweepStats
+
+#: Registered memory strategy names.
+MEMORIES: dict[str, type[AbstractMemory]] = {
+    "store": Store,
+    "checkpoint": Checkpoint,
+    "revolve": Revolve,
+    "backsolve": Backsolve,
+    "budget": Budget,
+}
 
 __all__ = [
     "AbstractAdjoint", "AbstractMemory", "AbstractSolver", "AbstractSweepAdjoint", "Backsolve",

@@ -8,7 +8,9 @@ recovers the rest:
     :class:`Store` (all N+1 states), :class:`Checkpoint` (every k-th state, segments
     recomputed; about ``2 sqrt(N)`` states), :class:`Revolve` (binomial checkpointing: at
     most ``snapshots + 1`` states whatever ``N``), :class:`Backsolve` (only ``u_N``; the
-    state is integrated backward with ``lam``; approximate).
+    state is integrated backward with ``lam``; approximate), and in
+    :mod:`amaml.flow.budget`, :class:`~amaml.flow.budget.Budget` (steps' autograd graphs
+    kept while they fit in a memory budget).
 
 A new strategy subclasses :class:`AbstractMemory` and implements ``forward`` and
 ``sweep`` with the :class:`~amaml.flow.trajectory.FlowContext` it is given; it can be passed
@@ -29,7 +31,7 @@ from .context import AutogradTape, FlowContext
 from .errors import BacksolveError, DivergenceError
 from .trajectory import StepTape
 
-__all__ = ["AbstractMemory", "Backsolve", "Budget", "Checkpoint", "MEMORIES", "Revolve", "Store"]
+__all__ = ["AbstractMemory", "Backsolve", "Checkpoint", "Revolve", "Store", "taped_segment"]
 
 
 class AbstractMemory(abc.ABC):
@@ -92,6 +94,15 @@ class Store(AbstractMemory):
 class Checkpoint(AbstractMemory):
     """Keep every ``every``-th state; recompute each segment in the backward pass.
 
+    Where a step's VJP is double backward through autograd (the ``"autograd"`` kernel:
+    convolutions, BatchNorm, any model off the fused path), a segment is recomputed with
+    each step's autograd graph kept (:meth:`FlowContext.tape_step`) and its VJPs are one
+    backward pass each through those graphs: the recomputation then costs nothing beyond
+    what a VJP needs anyway, and checkpointing takes the time of :class:`Store`. The
+    graphs of a segment are held during its sweep, so the segment length is chosen to
+    hold the fewest bytes, ``sqrt(N * state / graph)`` steps, from one step's graph
+    measured in the forward pass (Conv-4 at N = 100: 3 steps, 34 checkpoints).
+
     With ``tapes=True``, on the fused MLP path (:mod:`amaml.flow.fused`), the recomputed
     forward steps of a segment keep their tapes (each layer's output and cotangent, what
     the gradient at that state computed) and the segment's step VJPs reuse them instead
@@ -99,42 +110,77 @@ class Checkpoint(AbstractMemory):
     about 8% less time on the paper's MLP, but ``every * tape_numel`` more numbers held
     during a segment's sweep, about 16 states' worth per step there (activations grow
     with the support set and the width), so that checkpoint then holds about
-    ``18 sqrt(N)`` states instead of ``2 sqrt(N)``: off by default.
+    ``18 sqrt(N)`` states instead of ``2 sqrt(N)``: off by default there.
 
     Args:
-        every: Segment length; ``None`` picks ``ceil(sqrt(N))``, which holds at most
-            about ``2 sqrt(N)`` states at once for one extra forward pass. Exact.
-        tapes: Reuse the recomputed steps' tapes (fused path only; no effect elsewhere).
+        every: Segment length; ``None`` picks ``ceil(sqrt(N))`` (or the length above
+            when graphs are kept), which holds at most about ``2 sqrt(N)`` states at once
+            for one extra forward pass. Exact.
+        tapes: ``None`` (default): keep autograd graphs on the autograd kernel, no fused
+            tapes; ``True``: also the fused path's tapes; ``False``: keep nothing, every
+            recomputed step is taken again inside its VJP.
     """
 
     every: int | None = None
-    tapes: bool = False
+    tapes: bool | None = None
     name: str = field(default="checkpoint", init=False)
 
     def __post_init__(self) -> None:
         if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
             raise ValueError(f"Checkpoint(every=...) must be a positive int; got {self.every!r}.")
-        if not isinstance(self.tapes, bool):
-            raise TypeError(f"Checkpoint(tapes=...) must be a bool; got {self.tapes!r}.")
+        if self.tapes is not None and not isinstance(self.tapes, bool):
+            raise TypeError(f"Checkpoint(tapes=...) must be None or a bool; got "
+                            f"{self.tapes!r}.")
 
     def segment(self, n_steps: int) -> int:
-        """The segment length used for ``n_steps`` steps."""
+        """The segment length used for ``n_steps`` steps when no graphs are kept."""
         return self.every if self.every is not None else max(1, math.isqrt(n_steps - 1) + 1)
 
+    @staticmethod
+    def taped_segment(n_steps: int, state_bytes: int, graph_bytes: int) -> int:
+        """The segment length holding the fewest bytes when a segment's graphs are kept:
+        ``ceil(N / L)`` states and ``L`` graphs, least at ``L = sqrt(N * state / graph)``."""
+        best = math.sqrt(n_steps * state_bytes / max(graph_bytes, 1))
+        return max(1, min(n_steps, round(best)))
+
+    def graphs(self, flow: FlowContext) -> bool:
+        """Whether the segments are recomputed with their autograd graphs kept."""
+        return self.tapes is not False and flow.kernel().name == "autograd"
+
     def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
-        u0 = flow.initial_state()
-        every = self.segment(flow.n_steps)
-        ckpts = u0.new_empty((-(-flow.n_steps // every), *u0.shape))
-        u_end, _ = flow.integrate(u0, keep_every=every, out=ckpts)
-        return u_end, ckpts
+        u0, n = flow.initial_state(), flow.n_steps
+        if self.every is not None or n < 2 or not self.graphs(flow):
+            every = self.segment(n)
+            ckpts = u0.new_empty((-(-n // every), *u0.shape))
+            u_end, _ = flow.integrate(u0, keep_every=every, out=ckpts)
+            flow.spec.scratch["checkpoint_every"] = every
+            return u_end, ckpts
+        # Measure one step's graph on step 0, then place the checkpoints.
+        u1, tape = flow.tape_step(u0, 0)
+        every = self.taped_segment(n, u0.numel() * u0.element_size(), tape.nbytes())
+        del tape
+        ckpts = u0.new_empty((-(-n // every), *u0.shape))
+        ckpts[0].copy_(u0)
+        u, _ = flow.integrate(u1, 1, min(every, n))
+        if every < n:
+            u, _ = flow.integrate(u, every, n, keep_every=every, out=ckpts[1:])
+        elif not bool(torch.isfinite(u).all()):
+            raise DivergenceError(n, n, "")
+        flow.spec.scratch["checkpoint_every"] = every
+        return u, ckpts
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
-        every = self.segment(flow.n_steps)
+        n = flow.n_steps
+        every = flow.spec.scratch.get("checkpoint_every") or self.segment(n)
         stats = flow.stats
-        use_tapes = self.tapes and flow.tape_numel() > 0
+        graphs = self.graphs(flow)
+        use_tapes = not graphs and self.tapes is True and flow.tape_numel() > 0
         for j in range(kept.shape[0] - 1, -1, -1):
             start = j * every
-            stop = min(start + every, flow.n_steps)
+            stop = min(start + every, n)
+            if graphs:
+                lam = taped_segment(flow, kept[j], start, stop, lam, kept.shape[0] - 1)
+                continue
             # States start..stop-1 of this segment, recomputed from its checkpoint, with
             # the tapes of the steps taken (all but the segment's last).
             tapes: list[StepTape] | None = [] if use_tapes else None
@@ -148,6 +194,26 @@ class Checkpoint(AbstractMemory):
                 lam = flow.vjp(seg[k - start], lam, tape, k=k)
             del seg, tapes
         return lam
+
+
+def taped_segment(flow: FlowContext, u: Tensor, start: int, stop: int, lam: Tensor,
+                   others: int) -> Tensor:
+    """Steps ``start .. stop-1`` from ``u`` taken with their autograd graphs kept, then
+    transposed last to first through them; ``others``: states held besides."""
+    stats = flow.stats
+    graphs: list[AutogradTape] = []
+    for k in range(start, stop):
+        u, tape = flow.tape_step(u, k)
+        graphs.append(tape)
+    del u
+    stats.recomputed_steps += stop - 1 - start
+    stats.taped_steps += stop - start
+    stats.peak_states = max(stats.peak_states, others + stop - start)
+    while graphs:
+        tape = graphs.pop()
+        lam = flow.vjp(tape.start, lam, tape, k=tape.k)
+        del tape
+    return lam
 
 
 @dataclass(frozen=True)
@@ -329,107 +395,3 @@ class Backsolve(AbstractMemory):
             )
         flow.add_bars(dict(zip(zeros, z[2:])))
         return z[1]
-
-
-@dataclass(frozen=True)
-class Budget(AbstractMemory):
-    """Keep each step's autograd graph while the graphs fit in ``megabytes``; checkpoint
-    the rest. Exact.
-
-    The last ``T`` steps are taken with their graphs kept (:meth:`FlowContext.tape_step`:
-    what unrolled MAML keeps for every step), ``T`` the number of one step's graphs that
-    fit in the budget (measured on the first step: the bytes its graph saved); their VJPs
-    are one backward pass each through the kept graph, as in unrolling, with no
-    recomputation. The first ``N - T`` steps keep ``ceil(sqrt(N - T))``-spaced checkpoints
-    and recompute each segment in the sweep (:class:`Checkpoint`). With room for every
-    step it does what unrolling does, at its speed; with none, what ``Checkpoint`` does.
-    Peak memory: the budget, the checkpoints, and one segment's states.
-
-    The graphs live between the forward and the backward pass; one backward pass uses
-    them up. A second one through the same adapted parameters (``retain_graph=True``)
-    recomputes those steps from the state where they began, which is kept.
-
-    Args:
-        megabytes: The budget for the kept graphs, in MiB (>= 0).
-    """
-
-    megabytes: float = 256.0
-    name: str = field(default="budget", init=False)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.megabytes, bool) or not isinstance(self.megabytes, (int, float)) \
-                or not math.isfinite(self.megabytes) or self.megabytes < 0:
-            raise ValueError(f"Budget(megabytes=...) must be a finite number >= 0; got "
-                             f"{self.megabytes!r}.")
-
-    def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
-        n = flow.n_steps
-        z0 = flow.initial_state()
-        z1, tape0 = flow.tape_step(z0, 0)
-        per_step = max(tape0.nbytes(), 1)
-        taped = min(n, int(self.megabytes * 2**20 // per_step))
-        start = n - taped
-        tapes: list[AutogradTape] = []
-        # kept: the checkpoints of steps 0 .. start-1, then the state at ``start``
-        if start == 0:
-            kept = torch.stack([z0])
-            tapes.append(tape0)
-            z, first = z1, 1
-        else:
-            del tape0, z1
-            every = max(1, math.isqrt(start - 1) + 1)
-            kept = z0.new_empty((-(-start // every) + 1, *z0.shape))
-            z, _ = flow.integrate(z0, 0, start, keep_every=every, out=kept[:-1])
-            kept[-1].copy_(z)
-            z, first = kept[-1], start
-        for k in range(first, n):
-            z, tape = flow.tape_step(z, k)
-            tapes.append(tape)
-        if taped and not bool(torch.isfinite(z).all()):
-            raise DivergenceError(n, n, " (under memory=Budget)")
-        flow.spec.scratch["budget"] = tapes
-        flow.spec.scratch["budget_start"] = start
-        flow.stats.taped_steps = taped
-        return z, kept
-
-    def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
-        n, stats = flow.n_steps, flow.stats
-        start = flow.spec.scratch["budget_start"]
-        tapes = flow.spec.scratch.pop("budget", None)
-        if tapes is not None:
-            stats.peak_states = max(stats.peak_states, kept.shape[0] + len(tapes))
-            while tapes:
-                tape = tapes.pop()
-                lam = flow.vjp(tape.start, lam, tape, k=tape.k)
-                del tape
-        else:  # a second backward pass: recompute the taped steps from their first state
-            u_last, seg = flow.integrate(kept[-1], start, n - 1, keep_every=1)
-            seg.append(u_last)
-            stats.recomputed_steps += n - 1 - start
-            for k in range(n - 1, start - 1, -1):
-                lam = flow.vjp(seg[k - start], lam, k=k)
-            del seg
-        if start == 0:
-            return lam
-        every = max(1, math.isqrt(start - 1) + 1)
-        for j in range(kept.shape[0] - 2, -1, -1):
-            s0 = j * every
-            s1 = min(s0 + every, start)
-            u_last, seg = flow.integrate(kept[j], s0, s1 - 1, keep_every=1)
-            seg.append(u_last)
-            stats.recomputed_steps += s1 - 1 - s0
-            stats.peak_states = max(stats.peak_states, kept.shape[0] + len(seg) - 1)
-            for k in range(s1 - 1, s0 - 1, -1):
-                lam = flow.vjp(seg[k - s0], lam, k=k)
-            del seg
-        return lam
-
-
-#: Registered memory strategy names.
-MEMORIES: dict[str, type[AbstractMemory]] = {
-    "store": Store,
-    "checkpoint": Checkpoint,
-    "revolve": Revolve,
-    "backsolve": Backsolve,
-    "budget": Budget,
-}

@@ -51,7 +51,7 @@ class FlowSpec:
     #: How many extra tensors (hyperparameters, then captured ones) follow the data.
     n_extra: int = 0
     #: What a memory strategy holds between the forward and the backward pass besides the
-    #: tensors it keeps (e.g. :class:`~amaml.flow.memory.Budget`'s autograd tapes); one
+    #: tensors it keeps (e.g. :class:`~amaml.flow.budget.Budget`'s autograd tapes); one
     #: dict per flow (a flow's spec is made per call).
     scratch: dict[str, Any] = field(default_factory=dict, compare=False, hash=False,
                                     repr=False)
