@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._types import Batch, LearningRate, LossFn, Params, Scalar
 from .batchnorm import BATCH_NORM_MODES, model_forward
 from .fastpath import fused_plan
+from .folded import batch_plan
 from .flow import (
     MEMORIES,
     SOLVERS,
@@ -86,12 +87,14 @@ class _Plan:
     solver: AbstractSolver
     adjoint: AbstractAdjoint
     optimizer: AbstractInnerOptimizer | None
+    loop: bool = False  # a meta-batch adapted one task after another
 
 
 def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
           solver: str | AbstractSolver, memory: str | AbstractMemory, proximal: Scalar,
           adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str,
-          batch_norm: str, optimizer: str | AbstractInnerOptimizer | None) -> _Plan:
+          batch_norm: str, optimizer: str | AbstractInnerOptimizer | None,
+          tasks: str = "auto") -> _Plan:
     flat = FlatModel(model)
     forward = model_forward(model, batch_norm)  # ValueError naming batch_norm
     opt = resolve_optimizer(optimizer)  # ValueError naming the registered names
@@ -139,10 +142,21 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
         fused, path = fused_plan(flat, loss_fn, first[0], batched)
     else:
         fused, path = None, f"generic: the model takes {packed.kind} inputs"
+    chosen: Any = fused
+    loop = False
+    if batched:
+        # How the meta-batch is computed (amaml.folded): a task at a time, folded into
+        # channels, or by vmap.
+        eager = not isinstance(adj, DiscreteAdjoint) or compile_mode(adj.compile) is None
+        folded, loop, how = batch_plan(flat, loss_fn, first[0] if packed.kind == "tensor"
+                                       else None, loss, packed.unflatten, batch_norm, tasks,
+                                       eager, fused is not None)
+        chosen = fused if fused is not None else (None if loop else folded)
+        path += f"; {how}"
     dt, per_step = flat.flat_lr(lr, theta, steps)
     _LOG.debug("adapt: %s", path)
-    return _Plan(flat, loss if fused is None else fused, path, theta, dt, per_step, first,
-                 batches, stepper, adj, opt)
+    return _Plan(flat, loss if chosen is None else chosen, path, theta, dt, per_step, first,
+                 batches, stepper, adj, opt, loop)
 
 
 def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
@@ -150,15 +164,27 @@ def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Lear
            adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str = False,
            batch_norm: str = "batch",
            optimizer: str | AbstractInnerOptimizer | None = None,
-           meta_parameters: Sequence[Tensor] = ()) -> Params:
+           meta_parameters: Sequence[Tensor] = (), tasks: str = "auto") -> Params:
     plan = _plan(model, loss_fn, data, steps=steps, lr=lr, solver=solver, memory=memory,
                  proximal=proximal, adjoint=adjoint, batched=batched, compile=compile,
-                 batch_norm=batch_norm, optimizer=optimizer)
-    u_end = gradient_flow(plan.loss, plan.theta, dt=plan.dt, n_steps=steps,
-                          data=plan.first if plan.batches is None else (),
-                          batches=plan.batches, solver=plan.solver, adjoint=plan.adjoint,
-                          mu=proximal, batched=batched, optimizer=plan.optimizer,
-                          dt_per_step=plan.per_step, meta_parameters=meta_parameters)
+                 batch_norm=batch_norm, optimizer=optimizer, tasks=tasks)
+
+    def flow(first: Sequence[Tensor], batches: Any, batched: bool) -> Tensor:
+        return gradient_flow(plan.loss, plan.theta, dt=plan.dt, n_steps=steps,
+                             data=first if batches is None else (), batches=batches,
+                             solver=plan.solver, adjoint=plan.adjoint, mu=proximal,
+                             batched=batched, optimizer=plan.optimizer,
+                             dt_per_step=plan.per_step, meta_parameters=meta_parameters)
+
+    if plan.loop:  # a meta-batch, one task after another, stacked
+        rows = []
+        for b in range(plan.first[-1].shape[0]):
+            batches_b = None if plan.batches is None else (
+                lambda k, b=b, of=plan.batches: tuple(t[b] for t in of(k)))
+            rows.append(flow([d[b] for d in plan.first], batches_b, False))
+        u_end = torch.stack(rows)
+    else:
+        u_end = flow(plan.first, plan.batches, batched)
     out = plan.flat.unflatten(u_end)
     for n, p in plan.flat.frozen.items():
         out[n] = p.expand(plan.first[-1].shape[0], *p.shape) if batched else p
@@ -307,14 +333,24 @@ def adapt_batch(
     batch_norm: str = "batch",
     optimizer: str | AbstractInnerOptimizer | None = None,
     meta_parameters: Sequence[Tensor] = (),
+    tasks: str = "auto",
 ) -> Params:
-    """Adapt to a meta-batch of ``B`` tasks at once, as one batched computation.
+    """Adapt to a meta-batch of ``B`` tasks at once.
 
     Like :func:`adapt`, with ``support = (xs, ys)`` of shapes ``[B, n, ...]``: all tasks
-    start from the model's parameters and adapt independently, computed with
-    ``torch.func.vmap`` rather than a loop. Each returned tensor has a leading task
-    dimension ``B``. Evaluate query losses with :func:`functional_call_batch`.
+    start from the model's parameters and adapt independently. Each returned tensor has a
+    leading task dimension ``B``. Evaluate query losses with :func:`functional_call_batch`.
     Gradients with respect to the model's parameters sum over tasks.
+
+    ``tasks`` says how the ``B`` tasks are computed, the same numbers either way:
+    ``"auto"`` (default) is the fastest measured: a model with a convolution, eager, on
+    the CPU adapts one task after another (each task's activations stay in cache; on
+    Conv-4 with BatchNorm batching was slower than that loop); otherwise the tasks are
+    one batched computation: the fused MLP's own, a chain of Conv2d / BatchNorm2d /
+    pooling / activations / Flatten / Linear with the tasks folded into channels (one
+    grouped convolution per layer, :mod:`amaml.folded`), any other model under
+    ``torch.func.vmap``. ``"batched"`` always batches, ``"loop"`` always loops.
+    :func:`explain` (``batched=True``) says which.
 
     ``batch_norm`` is as in :func:`adapt`: with ``"batch"`` (default) each task's
     BatchNorm statistics are those of its own support batch, exactly as :func:`adapt` on
@@ -329,7 +365,7 @@ def adapt_batch(
     return _adapt(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
                   proximal=proximal, adjoint=adjoint, batched=True, compile=compile,
                   batch_norm=batch_norm, optimizer=optimizer,
-                  meta_parameters=meta_parameters)
+                  meta_parameters=meta_parameters, tasks=tasks)
 
 
 def functional_call(model: nn.Module, params: Params, x: Tensor, *,
@@ -391,6 +427,7 @@ def explain(
     batch_norm: str = "batch",
     optimizer: str | AbstractInnerOptimizer | None = None,
     batched: bool = False,
+    tasks: str = "auto",
 ) -> str:
     """What :func:`adapt` (``batched=True``: :func:`adapt_batch`) would run with these
     arguments, in words, without running it: how the model is differentiated (the fused
@@ -411,7 +448,7 @@ def explain(
     """
     plan = _plan(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
                  proximal=proximal, adjoint=adjoint, batched=batched, compile=compile,
-                 batch_norm=batch_norm, optimizer=optimizer)
+                 batch_norm=batch_norm, optimizer=optimizer, tasks=tasks)
     flow = flow_context(plan.loss, plan.theta, dt=plan.dt, n_steps=steps,
                         data=plan.first if plan.batches is None else (),
                         batches=plan.batches, solver=plan.solver, adjoint=plan.adjoint,

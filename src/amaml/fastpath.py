@@ -24,7 +24,7 @@ from ._types import LossFn
 from .flow.fused import Layer, MLPLoss
 from .params import FlatModel
 
-__all__ = ["FUNCTION_KINDS", "LAYER_KINDS", "fused_loss", "fused_plan"]
+__all__ = ["FUNCTION_KINDS", "LAYER_KINDS", "fused_loss", "fused_plan", "hooked", "layer_chain"]
 
 
 #: Module types the fused MLP computes, by exact type (a subclass may change ``forward``).
@@ -37,14 +37,22 @@ FUNCTION_KINDS: dict[Any, str] = {torch.tanh: "tanh", torch.relu: "relu", F.relu
                                   "sigmoid": "sigmoid"}
 
 _Chain = list[tuple[str | None, str, nn.Module | None]]  # (module name, kind, module)
-_TRACES: weakref.WeakKeyDictionary[nn.Module, tuple[_Chain | str, tuple[int, ...]]] = (
+_Kinds = dict[type[nn.Module], str]
+# per model: (its submodules' ids, {id of a kinds table: chain or why not})
+_TRACES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], dict[int, _Chain | str]]] = (
     weakref.WeakKeyDictionary())
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
     return any(bool(getattr(module, name, None)) for name in (
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
         "_state_dict_hooks", "_load_state_dict_pre_hooks"))
+
+
+def hooked(model: nn.Module) -> bool:
+    """Whether ``model``, a submodule, or the global module registry has hooks (a
+    hand-written path would skip them)."""
+    return _global_hooks() or any(has_hooks(m) for m in model.modules())
 
 
 def _global_hooks() -> bool:
@@ -54,29 +62,30 @@ def _global_hooks() -> bool:
         "_global_backward_pre_hooks"))
 
 
-def _module_kind(name: str, m: nn.Module) -> tuple[str | None, str, nn.Module | None] | str:
-    kind = LAYER_KINDS.get(type(m))
+def _module_kind(name: str, m: nn.Module, kinds: _Kinds
+                 ) -> tuple[str | None, str, nn.Module | None] | str:
+    kind = kinds.get(type(m))
     if kind is None:
         return f"layer {name or '?'} is a {type(m).__name__}, not one of " \
-               f"{sorted(t.__name__ for t in LAYER_KINDS)}"
+               f"{sorted(t.__name__ for t in kinds)}"
     return name, kind, m
 
 
-def _sequential_chain(model: nn.Sequential) -> _Chain | str:
+def _sequential_chain(model: nn.Sequential, kinds: _Kinds) -> _Chain | str:
     children = list(model._modules.items())  # children() would hide a repeated layer
     if any(m is None for _, m in children) or len({id(m) for _, m in children}) != len(children):
         return "the nn.Sequential repeats a layer or holds None"
     chain: _Chain = []
     for name, m in children:
         assert m is not None
-        step = _module_kind(name, m)
+        step = _module_kind(name, m, kinds)
         if isinstance(step, str):
             return step
         chain.append(step)
     return chain
 
 
-def _traced_chain(model: nn.Module) -> _Chain | str:
+def _traced_chain(model: nn.Module, kinds: _Kinds) -> _Chain | str:
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as err:  # noqa: BLE001 - any tracing failure means "not a chain"
@@ -102,7 +111,7 @@ def _traced_chain(model: nn.Module) -> _Chain | str:
             if id(m) in seen:
                 return f"layer {n.target} is used twice"
             seen.add(id(m))
-            step = _module_kind(str(n.target), m)
+            step = _module_kind(str(n.target), m, kinds)
             if isinstance(step, str):
                 return step
             chain.append(step)
@@ -114,16 +123,20 @@ def _traced_chain(model: nn.Module) -> _Chain | str:
     return chain
 
 
-def _chain(model: nn.Module) -> _Chain | str:
+def layer_chain(model: nn.Module, kinds: _Kinds = LAYER_KINDS) -> _Chain | str:
+    """``model``'s computation as a chain of ``(module name, kind, module)`` (a function
+    between layers: name and module ``None``), each module's kind read from ``kinds`` by
+    exact type; or a sentence saying why it is not such a chain."""
     if type(model) is nn.Sequential:
-        return _sequential_chain(model)
+        return _sequential_chain(model, kinds)
     key = tuple(id(m) for m in model.modules())  # a swapped submodule traces again
     hit = _TRACES.get(model)
-    if hit is not None and hit[1] == key:
-        return hit[0]
-    chain = _traced_chain(model)
-    _TRACES[model] = (chain, key)
-    return chain
+    if hit is None or hit[0] != key:
+        hit = (key, {})
+        _TRACES[model] = hit
+    if id(kinds) not in hit[1]:
+        hit[1][id(kinds)] = _traced_chain(model, kinds)
+    return hit[1][id(kinds)]
 
 
 def fused_plan(flat: FlatModel, loss_fn: LossFn, x: Tensor, batched: bool
@@ -144,11 +157,11 @@ def fused_plan(flat: FlatModel, loss_fn: LossFn, x: Tensor, batched: bool
     name = type(model).__name__
     if flat.frozen:
         return None, f"generic: {name} has frozen parameters"
-    if _has_hooks(model) or _global_hooks() or any(_has_hooks(m) for m in model.modules()):
+    if hooked(model):
         return None, f"generic: {name} or a submodule has hooks"
     if any(True for _ in model.buffers()):
         return None, f"generic: {name} has buffers (e.g. BatchNorm statistics)"
-    chain = _chain(model)
+    chain = layer_chain(model)
     if isinstance(chain, str):
         return None, f"generic: {chain}"
     layers: list[Layer] = []

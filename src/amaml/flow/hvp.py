@@ -47,7 +47,10 @@ class Objective:
         self.batched = batched
         # randomness='different': each task draws its own masks (dropout), from the global
         # generator, so that a step's draws can be replayed from its recorded state.
-        self._batched_loss = torch.func.vmap(loss, randomness="different") if batched else None
+        # A loss with its own batched form (amaml.folded: tasks folded into channels) uses it.
+        own = getattr(loss, "per_task_batched", None)
+        self._batched_loss = None if not batched else (
+            own if own is not None else torch.func.vmap(loss, randomness="different"))
         #: The loss's own derivatives, or ``None`` (autograd then).
         self.fused = loss if isinstance(loss, AbstractFusedLoss) else None
 
