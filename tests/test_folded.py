@@ -158,10 +158,13 @@ def test_what_is_not_folded_says_why_and_takes_vmap(model, why: str) -> None:
     assert "tasks batched by vmap (not folded:" in text and why in text
 
 
-def test_auto_loops_over_conv_tasks_on_the_cpu_and_tasks_is_checked() -> None:
+def test_auto_folds_conv_chains_and_tasks_is_checked() -> None:
     net = _chain("conv4")
     xs, ys, _, _ = _data("conv4")
     text = amaml.explain(net, F.cross_entropy, (xs, ys), steps=2, lr=0.1, batched=True)
+    assert "tasks folded into channels" in text.splitlines()[0]
+    text = amaml.explain(net, F.cross_entropy, (xs, ys), steps=2, lr=0.1, batched=True,
+                         tasks="loop")
     assert "tasks one after another" in text.splitlines()[0]
     mlp = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
     text = amaml.explain(mlp, F.mse_loss, (torch.randn(2, 5, 2, dtype=DT),
@@ -170,3 +173,19 @@ def test_auto_loops_over_conv_tasks_on_the_cpu_and_tasks_is_checked() -> None:
     assert "tasks batched by the fused MLP" in text.splitlines()[0]
     with pytest.raises(ValueError, match="tasks="):
         amaml.adapt_batch(net, F.cross_entropy, (xs, ys), steps=2, lr=0.1, tasks="threads")
+
+
+def test_vmap_path_matches_the_loop() -> None:
+    """A model that does not fold (a residual connection) is batched by vmap, exactly."""
+    torch.manual_seed(3)
+    net = _Residual().to(DT)
+    g = torch.Generator().manual_seed(4)
+    xs = torch.randn(2, 4, 1, 8, 8, dtype=DT, generator=g)
+    ys = torch.randint(0, 3, (2, 4), generator=g)
+    xq = torch.randn(2, 4, 1, 8, 8, dtype=DT, generator=g)
+    yq = torch.randint(0, 3, (2, 4), generator=g)
+    wrt = list(net.parameters())
+    ref = _unrolled(net, xs, ys, xq, yq, wrt)
+    for tasks in ("batched", "loop"):
+        _, got = _meta_grad(net, xs, ys, xq, yq, wrt, memory="checkpoint", tasks=tasks)
+        assert rel_err(got, ref) < TOL

@@ -147,10 +147,9 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
     if batched:
         # How the meta-batch is computed (amaml.folded): a task at a time, folded into
         # channels, or by vmap.
-        eager = not isinstance(adj, DiscreteAdjoint) or compile_mode(adj.compile) is None
         folded, loop, how = batch_plan(flat, loss_fn, first[0] if packed.kind == "tensor"
                                        else None, loss, packed.unflatten, batch_norm, tasks,
-                                       eager, fused is not None)
+                                       fused is not None)
         chosen = fused if fused is not None else (None if loop else folded)
         path += f"; {how}"
     dt, per_step = flat.flat_lr(lr, theta, steps)
@@ -343,13 +342,12 @@ def adapt_batch(
     Gradients with respect to the model's parameters sum over tasks.
 
     ``tasks`` says how the ``B`` tasks are computed, the same numbers either way:
-    ``"auto"`` (default) is the fastest measured: a model with a convolution, eager, on
-    the CPU adapts one task after another (each task's activations stay in cache; on
-    Conv-4 with BatchNorm batching was slower than that loop); otherwise the tasks are
-    one batched computation: the fused MLP's own, a chain of Conv2d / BatchNorm2d /
-    pooling / activations / Flatten / Linear with the tasks folded into channels (one
-    grouped convolution per layer, :mod:`amaml.folded`), any other model under
-    ``torch.func.vmap``. ``"batched"`` always batches, ``"loop"`` always loops.
+    ``"auto"`` (default) or ``"batched"``: one batched computation, the fused MLP's own, a
+    chain of Conv2d / BatchNorm2d / pooling / activations / Flatten / Linear with the
+    tasks folded into channels (one grouped convolution per layer, no copies of the
+    activations between layers, :mod:`amaml.folded`), any other model under
+    ``torch.func.vmap``; ``"loop"``: one task after another, as :func:`adapt` on each
+    (a smaller working set, which can pay on a CPU shared with other processes).
     :func:`explain` (``batched=True``) says which.
 
     ``batch_norm`` is as in :func:`adapt`: with ``"batch"`` (default) each task's

@@ -192,27 +192,22 @@ TASK_MODES = ("auto", "batched", "loop")
 
 def batch_plan(flat: FlatModel, loss_fn: LossFn, x: Any, single: Callable[..., Tensor],
                unpack: Callable[[Any], tuple[Any, Any]], batch_norm: str, tasks: Any,
-               eager: bool, fused: bool) -> tuple[FoldedLoss | None, bool, str]:
+               fused: bool) -> tuple[FoldedLoss | None, bool, str]:
     """How :func:`amaml.adapt_batch` computes its tasks: ``(folded loss or None, one task
     after another?, why)``.
 
-    ``tasks="auto"``: a model with a convolution, eager, on the CPU, adapts one task after
-    another (each task's activations then stay in cache: on Conv-4 with BatchNorm, 4
-    tasks, the loop measured faster than vmap and than folding, see
-    ``benchmarks/README.md``); otherwise the fused MLP batches its tasks itself, a
-    convolutional chain folds them into channels (:class:`FoldedLoss`) and any other model
-    batches them with :func:`torch.func.vmap`. ``"batched"`` never loops, ``"loop"``
-    always does.
+    ``tasks="auto"`` or ``"batched"``: the fused MLP batches its tasks itself, a
+    convolutional chain folds them into channels (:class:`FoldedLoss`), any other model
+    batches them with :func:`torch.func.vmap`. ``"loop"``: one task after another, as
+    :func:`amaml.adapt` on each (on Conv-4 with BatchNorm, 4 tasks, checkpoint, N = 10,
+    paired whole-process runs on an idle CPU: folded 0.96x the loop's time, vmap 1.01x;
+    under load from other processes the loop was faster, its working set being one
+    task's; ``benchmarks/README.md``).
     """
     if not isinstance(tasks, str) or tasks not in TASK_MODES:
         raise ValueError(f"Unknown tasks={tasks!r}; expected one of {list(TASK_MODES)}.")
-    conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in flat.model.modules())
-    cpu = flat.params[0].device.type == "cpu"
     if tasks == "loop":
         return None, True, "tasks one after another (tasks='loop')"
-    if tasks == "auto" and conv and cpu and eager:
-        return None, True, ("tasks one after another (tasks='auto': a convolution on the "
-                            "CPU, where a task at a time is faster than batching)")
     if fused:
         return None, False, "tasks batched by the fused MLP"
     if not isinstance(x, Tensor):
