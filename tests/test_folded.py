@@ -110,9 +110,15 @@ def test_folded_forward_is_each_task_alone() -> None:
                            optimizer=None, tasks="batched")
     assert isinstance(plan.loss, FoldedLoss)
     out = plan.loss.forward(u, xs)
+    via_api = amaml.functional_call_batch(net, plan.flat.unflatten(u), xs)  # folded too
     for b in range(3):
         ref = amaml.functional_call(net, plan.flat.unflatten(u[b]), xs[b])
         assert rel_err(out[b], ref) < 1e-12
+        assert rel_err(via_api[b], ref) < 1e-12
+    from amaml.folded import folded_forward
+
+    assert folded_forward(net, plan.flat.unflatten(u), xs, "batch") is not None
+    assert folded_forward(net, {}, xs, "batch") is None  # not its parameters: vmap
 
 
 def test_running_statistics_folded() -> None:

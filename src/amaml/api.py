@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._types import Batch, LearningRate, LossFn, Params, Scalar
 from .batchnorm import BATCH_NORM_MODES, model_forward
 from .fastpath import fused_plan
-from .folded import batch_plan
+from .folded import batch_plan, folded_forward
 from .flow import (
     MEMORIES,
     SOLVERS,
@@ -400,13 +400,17 @@ def functional_call_batch(model: nn.Module, params: Params, x: Tensor, *,
                           batch_norm: str = "batch") -> Tensor:
     """Evaluate ``model`` with per-task parameters ``[B, ...]`` on inputs ``[B, n, ...]``.
 
-    :func:`functional_call` task by task (under :func:`torch.func.vmap`), e.g. on the
-    query sets with the parameters from :func:`adapt_batch`. With ``batch_norm="batch"``
+    :func:`functional_call` task by task (a chain that :func:`adapt_batch` folds into
+    channels runs folded here too, anything else under :func:`torch.func.vmap`), e.g. on
+    the query sets with the parameters from :func:`adapt_batch`. With ``batch_norm="batch"``
     (default) each task is normalised with the statistics of its own inputs ``x[b]``;
     with ``"running"``, with the model's running statistics. Running statistics are never
     updated.
     """
-    forward = model_forward(model, batch_norm)
+    forward = model_forward(model, batch_norm)  # ValueError naming batch_norm
+    out = folded_forward(model, params, x, batch_norm)  # a convolutional chain: one network
+    if out is not None:
+        return out
     return torch.func.vmap(forward, randomness="different")(params, x)
 
 

@@ -32,7 +32,8 @@ from ._types import LossFn
 from .fastpath import FUNCTION_KINDS, hooked, layer_chain
 from .params import FlatModel
 
-__all__ = ["FOLD_KINDS", "FoldedLoss", "TASK_MODES", "batch_plan", "folded_plan"]
+__all__ = ["FOLD_KINDS", "FoldedLoss", "TASK_MODES", "batch_plan", "folded_forward",
+           "folded_plan"]
 
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.LeakyReLU, nn.ELU, nn.GELU,
                 nn.SiLU)
@@ -81,7 +82,10 @@ class FoldedLoss:
     def forward(self, u: Tensor, x: Tensor) -> Tensor:
         """The outputs ``[B, n, ...]`` of ``B`` tasks' networks ``u`` ``(B, P)`` on their
         inputs ``x`` ``[B, n, C, H, W]``."""
-        params = self.unflatten(u)
+        return self.forward_params(self.unflatten(u), x)
+
+    def forward_params(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """:meth:`forward` with the parameters by name, each ``(B, *shape)``."""
         b, n = x.shape[:2]
         h = x.transpose(0, 1).reshape(n, b * x.shape[2], *x.shape[3:])
         folded = True
@@ -216,3 +220,26 @@ def batch_plan(flat: FlatModel, loss_fn: LossFn, x: Any, single: Callable[..., T
     if folded is None:
         return None, False, f"tasks batched by vmap (not folded: {why})"
     return folded, False, f"tasks folded into channels ({why})"
+
+
+def folded_forward(model: nn.Module, params: dict[str, Tensor], x: Tensor, batch_norm: str
+                   ) -> Tensor | None:
+    """``B`` tasks' outputs of ``model`` with per-task ``params`` on ``x`` ``[B, n, C, H,
+    W]``, the tasks folded into channels; ``None`` where the model does not fold or
+    ``params`` are not exactly its trainable parameters with a leading task dimension."""
+    if not isinstance(x, Tensor) or x.ndim != 5:
+        return None
+    try:
+        flat = FlatModel(model)
+    except (TypeError, ValueError):
+        return None
+    if set(params) != set(flat.names) or any(
+            params[n].shape[1:] != s or params[n].shape[0] != x.shape[0]
+            for n, s in zip(flat.names, flat.shapes)):
+        return None
+    folded, _ = folded_plan(flat, _no_loss, x, _no_loss, _no_loss, batch_norm)
+    return None if folded is None else folded.forward_params(params, x)
+
+
+def _no_loss(*args: Any) -> Any:
+    raise AssertionError("folded_forward computes no loss")
