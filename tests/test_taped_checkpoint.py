@@ -150,3 +150,21 @@ def test_adapt_batch_conv_checkpoint_is_exact() -> None:
     ref = sum(unrolled_meta_grad_apply(conv_bn_apply, dict(net.named_parameters()),
                                        F.cross_entropy, *t, steps=8, lr=0.3) for t in tasks)
     assert rel_err(got, ref) < TOL
+
+
+def test_explain_says_what_checkpoint_and_budget_keep() -> None:
+    net = conv_bn_net()
+    x, y, _, _ = _conv_task()
+    text = amaml.explain(net, F.cross_entropy, (x, y), steps=5, lr=0.1)
+    assert "memory: checkpoint spaced" in text and "autograd graphs kept" in text
+    text = amaml.explain(net, F.cross_entropy, (x, y), steps=5, lr=0.1,
+                         memory=amaml.Checkpoint(tapes=False))
+    assert "memory: checkpoint every 3 steps; each segment's states recomputed" in text
+    text = amaml.explain(net, F.cross_entropy, (x, y), steps=5, lr=0.1,
+                         memory=amaml.Budget(megabytes=8))
+    assert "fit in 8 MiB" in text and "segments with their graphs kept" in text
+    mlp = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 1)).to(DT)
+    text = amaml.explain(mlp, F.mse_loss, (torch.randn(6, 2, dtype=DT),
+                                           torch.randn(6, 1, dtype=DT)), steps=5, lr=0.1)
+    assert "each segment's states recomputed" in text  # the fused path keeps no graphs

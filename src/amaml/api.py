@@ -480,6 +480,8 @@ def explain(
     ctx = type(flow)(spec, flow.theta, flow.dt, flow.mu, flow.data, extras=flow.extras,
                      need_data=need_data, need_extras=need_extras)
     kernel = ctx.kernel().describe()
+    memory_line = ([f"memory: {plan.adjoint.memory.describe(ctx)}"]
+                   if isinstance(plan.adjoint, DiscreteAdjoint) else [])
     return "\n".join([f"model: {plan.path}", f"inner loop: {step}",
                       f"meta-parameters: {', '.join(found)}", f"adjoint: {plan.adjoint!r}",
-                      f"step VJP kernel: {kernel}"])
+                      *memory_line, f"step VJP kernel: {kernel}"])

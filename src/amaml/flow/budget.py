@@ -60,6 +60,12 @@ class Budget(AbstractMemory):
             raise ValueError(f"Budget(megabytes=...) must be a finite number >= 0; got "
                              f"{self.megabytes!r}.")
 
+    def describe(self, flow: FlowContext) -> str:
+        rest = ("recomputed in segments with their graphs kept"
+                if flow.kernel().name == "autograd" else "checkpointed")
+        return (f"the autograd graphs of the last steps kept while they fit in "
+                f"{self.megabytes:g} MiB (measured on step 0), the steps before {rest}")
+
     def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
         n, scratch = flow.n_steps, flow.spec.scratch
         z0 = flow.initial_state()

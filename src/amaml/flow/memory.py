@@ -44,6 +44,10 @@ class AbstractMemory(abc.ABC):
 
     name: str = "abstract"
 
+    def describe(self, flow: FlowContext) -> str:
+        """What this strategy keeps for ``flow``, in words (:func:`amaml.explain`)."""
+        return self.name
+
     @abc.abstractmethod
     def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
         """Run all ``flow.n_steps`` steps from ``flow.initial_state()``; keep what ``sweep``
@@ -142,6 +146,16 @@ class Checkpoint(AbstractMemory):
         ``ceil(N / L)`` states and ``L`` graphs, least at ``L = sqrt(N * state / graph)``."""
         best = math.sqrt(n_steps * state_bytes / max(graph_bytes, 1))
         return max(1, min(n_steps, round(best)))
+
+    def describe(self, flow: FlowContext) -> str:
+        if self.graphs(flow):
+            how = (f"every {self.every} steps" if self.every is not None
+                   else "spaced so that a segment's graphs and the checkpoints hold the fewest "
+                        "bytes (one step's graph measured on step 0)")
+            return (f"checkpoint {how}; each segment recomputed with its steps' autograd "
+                    "graphs kept and transposed through them")
+        return (f"checkpoint every {self.segment(flow.n_steps)} steps; each segment's states "
+                "recomputed" + (" with the fused tapes" if self.tapes else ""))
 
     def graphs(self, flow: FlowContext) -> bool:
         """Whether the segments are recomputed with their autograd graphs kept."""
