@@ -195,3 +195,22 @@ def test_vmap_path_matches_the_loop() -> None:
     for tasks in ("batched", "loop"):
         _, got = _meta_grad(net, xs, ys, xq, yq, wrt, memory="checkpoint", tasks=tasks)
         assert rel_err(got, ref) < TOL
+
+
+def test_a_loss_weight_the_loss_reads_gets_its_gradient_folded() -> None:
+    net = _chain("conv4")
+    xs, ys, xq, yq = _data("conv4")
+    w = torch.tensor(0.7, dtype=DT, requires_grad=True)
+
+    def weighted(p, t):
+        return w * F.cross_entropy(p, t)
+
+    grads = {}
+    for tasks in ("batched", "loop"):
+        p = amaml.adapt_batch(net, weighted, (xs, ys), steps=4, lr=0.2, tasks=tasks)
+        out = amaml.functional_call_batch(net, p, xq)
+        q = sum(F.cross_entropy(out[b], yq[b]) for b in range(xs.shape[0]))
+        grads[tasks] = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            q, [w, *net.parameters()])])
+    assert grads["loop"][0] != 0
+    assert rel_err(grads["batched"], grads["loop"]) < TOL
