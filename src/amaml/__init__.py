@@ -6,6 +6,7 @@ inner steps. Start with :func:`adapt` and :func:`adapt_batch`.
 """
 
 from . import optim
+from .allocator import tune_cpu_allocator
 from .api import (
     BATCH_NORM_MODES,
     adapt,
@@ -40,5 +41,5 @@ __all__ = [
     "DivergenceError", "Euler", "FirstOrder", "Heun", "Implicit", "MiniBatches", "RK4", "Revolve",
     "Store",
     "Unrolled", "__version__", "adapt", "adapt_batch", "explain", "functional_call",
-    "functional_call_batch", "gradient_flow", "optim",
+    "functional_call_batch", "gradient_flow", "optim", "tune_cpu_allocator",
 ]

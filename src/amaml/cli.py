@@ -316,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"amaml: error: --threads must be >= 1; got {args.threads}\n")
         return EXIT_ERROR
 
+    from .allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # before torch allocates anything; AMAML_MALLOC=system skips it
     import torch
 
     from .experiments.loop import MetaLossError

@@ -1,0 +1,52 @@
+"""glibc's allocator, told to keep freed memory: half the wall time of a CPU Conv-4 run.
+
+On Linux, glibc serves each allocation above a threshold (128 KiB at first, adapting up to
+32 MiB) with its own ``mmap`` and gives it back to the kernel on ``free``; the next tensor
+of that size is mapped again and every page of it faulted in and zeroed anew. A
+meta-gradient allocates and frees the same activation tensors at every inner step, so on a
+convolutional network much of its time goes to the kernel: a short ``amaml train --model
+conv4`` run (glyphs 5-way 1-shot, 10 steps, 2 meta-iterations of 2 tasks, 10 test
+episodes, one thread) measured 34.3 s wall, 12.0 s of it system time, and 16.6 s (0.85 s
+system) with freed memory kept for reuse, its peak resident memory 1.05 -> 1.53 GB.
+:func:`tune_cpu_allocator` sets that (``mallopt``: allocations up to 1 GiB from the heap,
+freed memory given back only above 1 GiB); the ``amaml`` command calls it at start;
+``AMAML_MALLOC=system`` leaves the allocator as it is. A program using the library can call
+it too, or export ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824``
+before Python starts (the same settings).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+__all__ = ["tune_cpu_allocator"]
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 1 << 30
+_TRIM_THRESHOLD = 1 << 30
+
+
+def tune_cpu_allocator() -> str | None:
+    """Keep freed memory in the process for reuse (glibc only); returns what was set, or
+    ``None`` where nothing was (not Linux/glibc, ``AMAML_MALLOC=system``, or ``mallopt``
+    refused). Process-wide and not undone: the process's resident memory stays near its
+    peak instead of shrinking between steps."""
+    if os.environ.get("AMAML_MALLOC", "").lower() == "system" or not sys.platform.startswith(
+            "linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if not (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and
+            mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)):
+        return None
+    return (f"glibc malloc keeps freed memory (mmap threshold {_MMAP_THRESHOLD >> 20} MiB, "
+            f"trim threshold {_TRIM_THRESHOLD >> 30} GiB; AMAML_MALLOC=system to leave it)")
