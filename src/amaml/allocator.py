@@ -1,4 +1,4 @@
-"""glibc's allocator, told to keep freed memory: half the wall time of a CPU Conv-4 run.
+"""glibc's allocator, told to keep freed memory: a third of a CPU Conv-4 run's wall time.
 
 On Linux, glibc serves each allocation above a threshold (128 KiB at first, adapting up to
 32 MiB) with its own ``mmap`` and gives it back to the kernel on ``free``; the next tensor
@@ -6,8 +6,9 @@ of that size is mapped again and every page of it faulted in and zeroed anew. A
 meta-gradient allocates and frees the same activation tensors at every inner step, so on a
 convolutional network much of its time goes to the kernel: a short ``amaml train --model
 conv4`` run (glyphs 5-way 1-shot, 10 steps, 2 meta-iterations of 2 tasks, 10 test
-episodes, one thread) measured 34.3 s wall, 12.0 s of it system time, and 16.6 s (0.85 s
-system) with freed memory kept for reuse, its peak resident memory 1.05 -> 1.53 GB.
+episodes, one thread; three paired whole-process runs) took 29.4 s wall, 11.0 s of it
+system time, and 19.0 s (1.1 s system, 0.66x) with freed memory kept for reuse, its peak
+resident memory 1.03 -> 1.50 GB.
 :func:`tune_cpu_allocator` sets that (``mallopt``: allocations up to 1 GiB from the heap,
 freed memory given back only above 1 GiB); the ``amaml`` command calls it at start;
 ``AMAML_MALLOC=system`` leaves the allocator as it is. A program using the library can call
