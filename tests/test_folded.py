@@ -214,3 +214,21 @@ def test_a_loss_weight_the_loss_reads_gets_its_gradient_folded() -> None:
             q, [w, *net.parameters()])])
     assert grads["loop"][0] != 0
     assert rel_err(grads["batched"], grads["loop"]) < TOL
+
+
+def test_mini_batch_schedule_folded_and_looped_agree() -> None:
+    net = _chain("conv4")
+    xs, ys, xq, yq = _data("conv4", n=8)
+
+    def schedule(k):
+        s = (2 * k) % 8
+        return xs[:, s:s + 4], ys[:, s:s + 4]
+
+    grads = {}
+    for tasks in ("batched", "loop"):
+        p = amaml.adapt_batch(net, F.cross_entropy, schedule, steps=5, lr=0.2, tasks=tasks)
+        out = amaml.functional_call_batch(net, p, xq)
+        q = sum(F.cross_entropy(out[b], yq[b]) for b in range(xs.shape[0]))
+        grads[tasks] = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            q, list(net.parameters()))])
+    assert rel_err(grads["batched"], grads["loop"]) < TOL
