@@ -126,7 +126,8 @@ def main() -> None:
     print(f"\none step for {tasks} tasks (ms): gradient / step VJP (double backward)")
     for name, fn in [("loop over tasks, one graph", loop_total),
                      ("torch.func.vmap", lambda u: vm(u, xs, ys).sum()),
-                     ("tasks folded into channels", lambda u: folded.per_task_batched(u, xs, ys).sum())]:
+                     ("tasks folded into channels",
+                      lambda u: folded.per_task_batched(u, xs, ys).sum())]:
         print(f"  {name:30s} {timed(step(fn, False), a.repeats):7.1f} / "
               f"{timed(step(fn, True), a.repeats):7.1f}")
 

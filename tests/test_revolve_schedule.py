@@ -11,7 +11,7 @@ import torch
 from amaml.flow import Revolve, SweepStats
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fewest(n: int, free: int) -> int:
     """The fewest steps that reverse ``n`` steps holding their first state and ``free``
     more (each VJP takes the state its step starts from): exhaustive over the splits."""

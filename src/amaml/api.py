@@ -14,7 +14,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._types import Batch, LearningRate, LossFn, Params, Scalar
 from .batchnorm import BATCH_NORM_MODES, model_forward
 from .fastpath import fused_plan
-from .folded import batch_plan, folded_forward
 from .flow import (
     MEMORIES,
     SOLVERS,
@@ -28,6 +27,7 @@ from .flow import (
 from .flow.compiled import compile_mode
 from .flow.integrate import flow_context
 from .flow.optimizers import AbstractInnerOptimizer, resolve_optimizer
+from .folded import batch_plan, folded_forward
 from .params import FlatModel
 from .support import check_support, schedule
 

@@ -97,12 +97,12 @@ class FoldedLoss:
                              None if bias is None else bias.reshape(-1), m.stride, m.padding,
                              m.dilation, m.groups * b)
             elif kind == "batchnorm":
-                w, bias = params.get(prefix + "weight"), params.get(prefix + "bias")
+                gamma, beta = params.get(prefix + "weight"), params.get(prefix + "bias")
                 mean = var = None
                 if self.running:
                     mean, var = m.running_mean.repeat(b), m.running_var.repeat(b)
-                h = F.batch_norm(h, mean, var, None if w is None else w.reshape(-1),
-                                 None if bias is None else bias.reshape(-1),
+                h = F.batch_norm(h, mean, var, None if gamma is None else gamma.reshape(-1),
+                                 None if beta is None else beta.reshape(-1),
                                  training=not self.running, eps=m.eps)
             elif kind == "maxpool":
                 h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation,

@@ -33,11 +33,11 @@ from .adjoint import (
     Unrolled,
     adjoint_sweep,
 )
+from .budget import Budget
 from .context import FlowContext
 from .errors import BacksolveError, DivergenceError
 from .hvp import Objective, conjugate_gradient
 from .integrate import gradient_flow
-from .budget import Budget
 from .memory import AbstractMemory, Backsolve, Checkpoint, Revolve, Store
 from .solvers import RK4, SOLVERS, AbstractSolver, Euler, Heun
 from .trajectory import SweepStats

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .context import AutogradTape, FlowContext
 from .errors import DivergenceError
-from .memory import AbstractMemory, taped_segment
+from .memory import AbstractMemory, recomputed_segment, taped_segment
 
 __all__ = ["Budget"]
 
@@ -123,12 +123,6 @@ class Budget(AbstractMemory):
             s1 = min(s0 + abs(every), start)
             if every > 0:
                 lam = taped_segment(flow, kept[j], s0, s1, lam, others)
-                continue
-            u_last, seg = flow.integrate(kept[j], s0, s1 - 1, keep_every=1)
-            seg.append(u_last)
-            stats.recomputed_steps += s1 - 1 - s0
-            stats.peak_states = max(stats.peak_states, others + len(seg) - 1)
-            for k in range(s1 - 1, s0 - 1, -1):
-                lam = flow.vjp(seg[k - s0], lam, k=k)
-            del seg
+            else:
+                lam = recomputed_segment(flow, kept[j], s0, s1, lam, others - 1)
         return lam

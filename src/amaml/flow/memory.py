@@ -28,10 +28,11 @@ import torch
 from torch import Tensor
 
 from .context import AutogradTape, FlowContext
-from .errors import BacksolveError, DivergenceError
+from .errors import BacksolveError
 from .trajectory import StepTape
 
-__all__ = ["AbstractMemory", "Backsolve", "Checkpoint", "Revolve", "Store", "taped_segment"]
+__all__ = ["AbstractMemory", "Backsolve", "Checkpoint", "Revolve", "Store", "recomputed_segment",
+           "taped_segment"]
 
 
 class AbstractMemory(abc.ABC):
@@ -184,34 +185,39 @@ class Checkpoint(AbstractMemory):
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
         n = flow.n_steps
         every = flow.spec.scratch.get("checkpoint_every") or self.segment(n)
-        stats = flow.stats
         graphs = self.graphs(flow)
         use_tapes = not graphs and self.tapes is True and flow.tape_numel() > 0
         for j in range(kept.shape[0] - 1, -1, -1):
             start = j * every
             stop = min(start + every, n)
-            if graphs:
-                lam = taped_segment(flow, kept[j], start, stop, lam, kept.shape[0] - 1)
-                continue
-            # States start..stop-1 of this segment, recomputed from its checkpoint, with
-            # the tapes of the steps taken (all but the segment's last).
-            tapes: list[StepTape] | None = [] if use_tapes else None
-            u_last, seg = flow.integrate(kept[j], start, stop - 1, keep_every=1, tapes=tapes)
-            seg.append(u_last)
-            stats.recomputed_steps += stop - 1 - start
-            stats.peak_states = max(stats.peak_states, kept.shape[0] + len(seg) - 1)
-            for k in range(stop - 1, start - 1, -1):
-                tape = tapes.pop() if tapes and k - start < len(tapes) else None
-                stats.taped_steps += tape is not None
-                lam = flow.vjp(seg[k - start], lam, tape, k=k)
-            del seg, tapes
+            segment = taped_segment if graphs else recomputed_segment
+            lam = segment(flow, kept[j], start, stop, lam, kept.shape[0] - 1, use_tapes)
         return lam
 
 
+def recomputed_segment(flow: FlowContext, u: Tensor, start: int, stop: int, lam: Tensor,
+                       others: int, fused_tapes: bool = False) -> Tensor:
+    """States ``start .. stop-1`` recomputed from ``u`` (with the fused loss's tapes of the
+    steps taken, all but the last, where ``fused_tapes``), then one ``flow.vjp`` per step,
+    last to first; ``others``: states held besides."""
+    stats = flow.stats
+    tapes: list[StepTape] | None = [] if fused_tapes else None
+    u_last, seg = flow.integrate(u, start, stop - 1, keep_every=1, tapes=tapes)
+    seg.append(u_last)
+    stats.recomputed_steps += stop - 1 - start
+    stats.peak_states = max(stats.peak_states, others + len(seg))
+    for k in range(stop - 1, start - 1, -1):
+        tape = tapes.pop() if tapes and k - start < len(tapes) else None
+        stats.taped_steps += tape is not None
+        lam = flow.vjp(seg[k - start], lam, tape, k=k)
+    return lam
+
+
 def taped_segment(flow: FlowContext, u: Tensor, start: int, stop: int, lam: Tensor,
-                   others: int) -> Tensor:
+                   others: int, fused_tapes: bool = False) -> Tensor:
     """Steps ``start .. stop-1`` from ``u`` taken with their autograd graphs kept, then
-    transposed last to first through them; ``others``: states held besides."""
+    transposed last to first through them; ``others``: states held besides
+    (``fused_tapes`` is :func:`recomputed_segment`'s, unused here)."""
     stats = flow.stats
     graphs: list[AutogradTape] = []
     for k in range(start, stop):
