@@ -25,9 +25,18 @@ from .flow import (
     gradient_flow,
 )
 from .flow.compiled import compile_mode
+from .flow.fused import AbstractFusedLoss
 from .flow.integrate import flow_context
 from .flow.optimizers import AbstractInnerOptimizer, resolve_optimizer
+from .flow.scope import StepScope
 from .folded import batch_plan, folded_forward
+from .modelscope import (
+    attention_kernels,
+    batch_blocker,
+    mha_fastpath_off,
+    step_scope,
+    vmap_trial,
+)
 from .params import FlatModel
 from .support import check_support, schedule
 
@@ -88,6 +97,7 @@ class _Plan:
     adjoint: AbstractAdjoint
     optimizer: AbstractInnerOptimizer | None
     loop: bool = False  # a meta-batch adapted one task after another
+    scope: StepScope = StepScope()
 
 
 def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
@@ -105,7 +115,9 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
         packed, first = check_support(data, batched)
     _check_steps_lr(steps, lr, proximal)
     if not callable(loss_fn):
-        raise TypeError("loss_fn must be callable: loss_fn(prediction, target) -> scalar.")
+        raise TypeError("loss_fn must be callable: loss_fn(prediction, target) -> scalar "
+                        "(or loss_fn(output) with a dict support that holds the targets).")
+    _check_like_model(flat, first, packed.keys if not packed.targets else ())
     stepper = resolve_solver(solver)
     mode = compile_mode(compile)  # TypeError / ValueError naming the accepted values
     if adjoint is not None and mode is not None:
@@ -134,7 +146,8 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
 
     def loss(u: Tensor, *tensors: Tensor) -> Tensor:
         xb, yb = packed.unflatten(tensors)
-        return loss_fn(forward(flat.unflatten(u), xb), yb)
+        out = forward(flat.unflatten(u), xb)
+        return loss_fn(out) if yb is None else loss_fn(out, yb)  # type: ignore[call-arg]
 
     # A plain MLP computes its own gradient and Hessian-vector products (exact, without
     # autograd graphs); any other model is differentiated through functional_call.
@@ -146,16 +159,42 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
     loop = False
     if batched:
         # How the meta-batch is computed (amaml.folded): a task at a time, folded into
-        # channels, or by vmap.
+        # channels, or by vmap where vmap is known to be exact for every layer.
         folded, loop, how = batch_plan(flat, loss_fn, first[0] if packed.kind == "tensor"
                                        else None, loss, packed.unflatten, batch_norm, tasks,
                                        fused is not None)
+        if not loop and fused is None and folded is None:
+            why = batch_blocker(model) or vmap_trial(loss, theta.expand(
+                first[-1].shape[0], *theta.shape), first)
+            if why is not None:
+                if tasks == "batched":
+                    raise ValueError(f"adapt_batch(tasks='batched') cannot batch this model "
+                                     f"exactly: {why}. Use tasks='auto' (a loop of tasks "
+                                     "where batching is not exact) or tasks='loop'.")
+                loop, how = True, f"tasks one after another ({why})"
         chosen = fused if fused is not None else (None if loop else folded)
         path += f"; {how}"
     dt, per_step = flat.flat_lr(lr, theta, steps)
     _LOG.debug("adapt: %s", path)
     return _Plan(flat, loss if chosen is None else chosen, path, theta, dt, per_step, first,
-                 batches, stepper, adj, opt, loop)
+                 batches, stepper, adj, opt, loop, step_scope(model, loss_fn))
+
+
+def _check_like_model(flat: FlatModel, data: Sequence[Tensor], keys: Sequence[str]) -> None:
+    """Floating-point support tensors in the parameters' dtype and on their device."""
+    p = flat.params[0]
+    names = list(keys) or [*(f"inputs[{i}]" for i in range(len(data) - 1)), "targets"]
+    if len(names) != len(data):
+        names = [f"tensor {i}" for i in range(len(data))]
+    for name, d in zip(names, data):
+        if d.device != p.device:
+            raise ValueError(f"The support {name} is on {d.device} but the model's parameters "
+                             f"are on {p.device}; move one of them (model.to(device) or "
+                             "x.to(device)).")
+        if d.is_floating_point() and d.dtype != p.dtype:
+            raise TypeError(f"The support {name} has dtype {d.dtype} but the model's "
+                            f"parameters have dtype {p.dtype}; convert one of them "
+                            f"(model.to({d.dtype}) or x.to({p.dtype})).")
 
 
 def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
@@ -173,7 +212,8 @@ def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Lear
                              data=first if batches is None else (), batches=batches,
                              solver=plan.solver, adjoint=plan.adjoint, mu=proximal,
                              batched=batched, optimizer=plan.optimizer,
-                             dt_per_step=plan.per_step, meta_parameters=meta_parameters)
+                             dt_per_step=plan.per_step, meta_parameters=meta_parameters,
+                             scope=plan.scope)
 
     if plan.loop:  # a meta-batch, one task after another, stacked
         rows = []
@@ -396,22 +436,62 @@ def functional_call(model: nn.Module, params: Params, x: Tensor, *,
     return model_forward(model, batch_norm)(params, x)
 
 
-def functional_call_batch(model: nn.Module, params: Params, x: Tensor, *,
-                          batch_norm: str = "batch") -> Tensor:
+def functional_call_batch(model: nn.Module, params: Params, x: Any, *,
+                          batch_norm: str = "batch") -> Any:
     """Evaluate ``model`` with per-task parameters ``[B, ...]`` on inputs ``[B, n, ...]``.
 
     :func:`functional_call` task by task (a chain that :func:`adapt_batch` folds into
-    channels runs folded here too, anything else under :func:`torch.func.vmap`), e.g. on
-    the query sets with the parameters from :func:`adapt_batch`. With ``batch_norm="batch"``
-    (default) each task is normalised with the statistics of its own inputs ``x[b]``;
-    with ``"running"``, with the model's running statistics. Running statistics are never
-    updated.
+    channels runs folded here too, a model whose layers vmap batches exactly runs under
+    :func:`torch.func.vmap`, any other one task after another, its outputs stacked), e.g.
+    on the query sets with the parameters from :func:`adapt_batch`. ``x`` may be a tuple or
+    a dict of such inputs (``model(**x[b])``). With ``batch_norm="batch"`` (default) each
+    task is normalised with the statistics of its own inputs ``x[b]``; with ``"running"``,
+    with the model's running statistics. Running statistics are never updated.
     """
     forward = model_forward(model, batch_norm)  # ValueError naming batch_norm
     out = folded_forward(model, params, x, batch_norm)  # a convolutional chain: one network
     if out is not None:
         return out
-    return torch.func.vmap(forward, randomness="different")(params, x)
+    if batch_blocker(model) is None:
+        try:
+            with mha_fastpath_off():  # under vmap it would be taken, without a derivative
+                return torch.func.vmap(forward, randomness="different")(params, x)
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            if "vmap" not in str(err) and "Batching rule" not in str(err) \
+                    and "batched" not in str(err).lower():
+                raise  # not vmap's refusal: the model's own error
+    return _stack([forward({n: p[b] for n, p in params.items()}, _task(x, b))
+                   for b in range(_n_tasks(params, x))])
+
+
+def _task(x: Any, b: int) -> Any:
+    if isinstance(x, Mapping):
+        return {k: v[b] for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return tuple(v[b] for v in x)
+    return x[b]
+
+
+def _n_tasks(params: Params, x: Any) -> int:
+    first = next(iter(x.values())) if isinstance(x, Mapping) else (
+        x[0] if isinstance(x, (tuple, list)) else x)
+    return int(first.shape[0])
+
+
+def _stack(outs: list[Any]) -> Any:
+    """Stack per-task outputs: tensors, tuples and dicts (a HuggingFace output) of them."""
+    head = outs[0]
+    if isinstance(head, Tensor):
+        return torch.stack(outs)
+    if isinstance(head, Mapping):
+        stacked = {k: _stack([o[k] for o in outs]) for k in head}
+        try:
+            return type(head)(**stacked)
+        except TypeError:
+            return stacked
+    if isinstance(head, (tuple, list)):
+        return type(head)(_stack(list(items)) for items in zip(*outs))
+    return outs
 
 
 def explain(
@@ -451,11 +531,17 @@ def explain(
     plan = _plan(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
                  proximal=proximal, adjoint=adjoint, batched=batched, compile=compile,
                  batch_norm=batch_norm, optimizer=optimizer, tasks=tasks)
+    first, batches = plan.first, plan.batches
+    if plan.loop:  # each task's flow alone: the first one's stands for all
+        first = tuple(d[0] for d in first)
+        batches = None if batches is None else (
+            lambda k, of=batches: tuple(t[0] for t in of(k)))
     flow = flow_context(plan.loss, plan.theta, dt=plan.dt, n_steps=steps,
-                        data=plan.first if plan.batches is None else (),
-                        batches=plan.batches, solver=plan.solver, adjoint=plan.adjoint,
-                        mu=proximal, batched=batched, optimizer=plan.optimizer,
-                        dt_per_step=plan.per_step)
+                        data=first if batches is None else (),
+                        batches=batches, solver=plan.solver, adjoint=plan.adjoint,
+                        mu=proximal, batched=batched and not plan.loop,
+                        optimizer=plan.optimizer, dt_per_step=plan.per_step,
+                        scope=plan.scope)
     if isinstance(plan.adjoint, DiscreteAdjoint):
         flow = plan.adjoint.prepare(flow)
     spec, inner = flow.spec, flow.spec.inner
@@ -484,4 +570,26 @@ def explain(
                    if isinstance(plan.adjoint, DiscreteAdjoint) else [])
     return "\n".join([f"model: {plan.path}", f"inner loop: {step}",
                       f"meta-parameters: {', '.join(found)}", f"adjoint: {plan.adjoint!r}",
-                      *memory_line, f"step VJP kernel: {kernel}"])
+                      *memory_line, f"step VJP kernel: {kernel}",
+                      *_scope_lines(model, plan, flow)])
+
+
+def _scope_lines(model: nn.Module, plan: _Plan, flow: Any) -> list[str]:
+    """What the steps read besides their tensors, for :func:`explain`."""
+    modules = list(model.modules())
+    training = sum(m.training for m in modules)
+    lines = [f"module modes: fixed as now for every evaluation of the steps, backward pass "
+             f"included ({training} of {len(modules)} modules in training mode)"]
+    data = [d[0] for d in flow.data] if flow.spec.objective.batched else list(flow.data)
+    # The fused MLP computes no attention; a folded chain's one task is the user's model.
+    probe = None if isinstance(plan.loss, AbstractFusedLoss) else getattr(
+        plan.loss, "single", plan.loss)
+    fused = [] if probe is None else attention_kernels(probe, plan.theta, data)
+    if fused:
+        lines.append(f"attention: evaluated with the math kernel in the inner loop (outside "
+                     f"it the model runs {', '.join(fused)}, which has no double backward)")
+    watched = flow.spec.watched.tensors
+    if watched:
+        names = [plan.scope.name(t) for t in watched]
+        lines.append(f"checked unchanged before the backward pass: {'; '.join(names)}")
+    return lines

@@ -1,7 +1,9 @@
 """The support set as :func:`amaml.adapt` reads it: ``(inputs, y)`` pairs and mini-batches.
 
 ``inputs`` is a tensor (``model(x)``), a tuple (``model(*inputs)``) or a dict
-(``model(**inputs)``), as transformer models take them. The support may also be a
+(``model(**inputs)``), as transformer models take them. A dict alone is a support set
+whose targets are among the model's own inputs (HuggingFace's ``labels``): the model is
+called as ``model(**support)`` and the loss as ``loss_fn(output)``. The support may also be a
 mini-batch schedule: a callable ``k -> (inputs_k, y_k)`` giving step ``k``'s batch, called
 again (deterministically) in the backward pass; :class:`MiniBatches` draws seeded
 mini-batches of a larger set.
@@ -38,15 +40,20 @@ class Packed:
     kind: str  # "tensor", "tuple" or "dict"
     keys: tuple[str, ...] = ()
     n: int = 1
+    #: Whether a target tensor follows the inputs (a dict alone carries its own targets).
+    targets: bool = True
 
-    def flatten(self, inputs: Any, y: Tensor) -> tuple[Tensor, ...]:
+    def flatten(self, inputs: Any, y: Tensor | None) -> tuple[Tensor, ...]:
+        tail = (y,) if self.targets and y is not None else ()
         if self.kind == "dict":
-            return (*(inputs[k] for k in self.keys), y)
+            return (*(inputs[k] for k in self.keys), *tail)
         if self.kind == "tuple":
-            return (*inputs, y)
-        return (inputs, y)
+            return (*inputs, *tail)
+        return (inputs, *tail)
 
-    def unflatten(self, data: Sequence[Tensor]) -> tuple[Any, Tensor]:
+    def unflatten(self, data: Sequence[Tensor]) -> tuple[Any, Tensor | None]:
+        if not self.targets:
+            return dict(zip(self.keys, data)), None
         xs, y = data[:-1], data[-1]
         if self.kind == "dict":
             return dict(zip(self.keys, xs)), y
@@ -83,9 +90,13 @@ def check_support(data: Any, batched: bool) -> tuple[Packed, tuple[Tensor, ...]]
             NaN / infinite values.
     """
     name = "(xs, ys)" if batched else "(x, y)"
+    if isinstance(data, Mapping):
+        return _check_dict(data, batched)
     if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise TypeError(f"The support set must be a pair {name} of tensors (or a callable "
-                        "k -> pair, a mini-batch schedule).")
+        raise TypeError(f"The support set must be a pair {name} of tensors, a dict of the "
+                        "model's keyword inputs holding the targets (e.g. HuggingFace's "
+                        "'labels'), or a callable k -> either, a mini-batch schedule; got "
+                        f"{type(data).__name__}.")
     inputs, y = data
     if not isinstance(y, Tensor):
         raise TypeError(f"The support set {name} must hold tensors; got "
@@ -112,6 +123,30 @@ def check_support(data: Any, batched: bool) -> tuple[Packed, tuple[Tensor, ...]]
     return packed, packed.flatten(inputs if packed.kind != "tensor" else xs[0], y)
 
 
+def _check_dict(data: Mapping[str, Any], batched: bool) -> tuple[Packed, tuple[Tensor, ...]]:
+    """A support set given as the model's keyword inputs, targets among them."""
+    packed, values = _pack(data, "dict")
+    packed = Packed("dict", packed.keys, packed.n, targets=False)
+    need = 2 if batched else 1
+    axis = 1 if batched else 0
+    for k, v in zip(packed.keys, values):
+        if v.ndim < need:
+            raise ValueError(f"The support entry {k!r} needs at least {need} dimension(s)"
+                             f"{' [B, n, ...]' if batched else ' [n, ...]'}; got "
+                             f"{tuple(v.shape)}.")
+    lead = {k: tuple(v.shape[:axis + 1]) for k, v in zip(packed.keys, values)}
+    if len(set(lead.values())) != 1:
+        raise ValueError(f"The support entries must share their leading "
+                         f"{'task and example' if batched else 'example'} dimensions; got "
+                         f"{lead}.")
+    if values[0].shape[axis] == 0:
+        raise ValueError("The support set is empty.")
+    for k, v in zip(packed.keys, values):
+        if v.is_floating_point() and not bool(torch.isfinite(v.detach()).all()):
+            raise ValueError(f"The support entry {k!r} contains NaN or infinite values.")
+    return packed, tuple(values)
+
+
 @dataclass(frozen=True)
 class MiniBatches:
     """Seeded mini-batches of a support set: a schedule ``k -> (x_k, y_k)`` for ``adapt``.
@@ -127,7 +162,9 @@ class MiniBatches:
 
     Args:
         x: Inputs ``[n, ...]`` (or a tuple / dict of such tensors).
-        y: Targets ``[n, ...]``.
+        y: Targets ``[n, ...]``, or ``None`` when ``x`` is a dict that holds the targets
+            among the model's inputs (HuggingFace's ``labels``): each batch is then that
+            dict, and the loss ``loss_fn(output)``.
         batch_size: Examples a step, ``1 <= batch_size <= n``.
         seed: The schedule's seed.
         batched: Examples on dimension 1, for :func:`amaml.adapt_batch`.
@@ -141,14 +178,19 @@ class MiniBatches:
     """
 
     x: Inputs
-    y: Tensor
+    y: Tensor | None
     batch_size: int
     seed: int = 0
     batched: bool = False
     _perms: dict[int, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        packed, flat = check_support((self.x, self.y), self.batched)
+        if self.y is None and not isinstance(self.x, Mapping):
+            raise TypeError("MiniBatches(x, None, ...) needs x to be a dict of the model's "
+                            "keyword inputs that holds the targets (e.g. 'labels'); give y "
+                            "otherwise.")
+        packed, flat = check_support(self.x if self.y is None else (self.x, self.y),
+                                     self.batched)
         n = flat[-1].shape[1 if self.batched else 0]
         if (not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool)
                 or not 1 <= self.batch_size <= n):
@@ -160,7 +202,12 @@ class MiniBatches:
     @property
     def n(self) -> int:
         """Examples in the whole set."""
-        return int(self.y.shape[1 if self.batched else 0])
+        ref = self.y if self.y is not None else next(iter(self._dict().values()))
+        return int(ref.shape[1 if self.batched else 0])
+
+    def _dict(self) -> Mapping[str, Tensor]:
+        assert isinstance(self.x, Mapping)  # checked in __post_init__
+        return self.x
 
     @property
     def per_epoch(self) -> int:
@@ -178,9 +225,10 @@ class MiniBatches:
                 self._perms.clear()
             self._perms[epoch] = perm
         idx = perm[j * self.batch_size:(j + 1) * self.batch_size]
-        return idx.to(self.y.device)
+        ref = self.y if self.y is not None else next(iter(self._dict().values()))
+        return idx.to(ref.device)
 
-    def __call__(self, k: int) -> tuple[Any, Tensor]:
+    def __call__(self, k: int) -> Any:
         idx = self.indices(k)
         dim = 1 if self.batched else 0
 
@@ -194,7 +242,7 @@ class MiniBatches:
             xk = tuple(take(v) for v in x)
         else:
             xk = take(x)
-        return xk, take(self.y)
+        return xk if self.y is None else (xk, take(self.y))
 
 
 def schedule(support: Callable[[int], Any], batched: bool
@@ -207,6 +255,11 @@ def schedule(support: Callable[[int], Any], batched: bool
         # Called at every step, forward and backward: the layout is checked, the values
         # (NaN, shapes) only for the first batch, which the flow's own checks follow.
         data = support(k)
+        if not packed.targets:
+            if not isinstance(data, Mapping) or tuple(data) != packed.keys:
+                raise ValueError(f"The mini-batch of step {k} is not a dict with the first "
+                                 f"one's keys {list(packed.keys)}.")
+            return tuple(data[key] for key in packed.keys)
         if not isinstance(data, (tuple, list)) or len(data) != 2:
             raise TypeError(f"The mini-batch schedule must return a pair (inputs, y); step "
                             f"{k} gave {type(data).__name__}.")

@@ -80,7 +80,8 @@ class Unrolled(AbstractAdjoint):
     """Back-propagate through every unrolled step (second-order MAML). Memory O(N)."""
 
     def solve(self, flow: FlowContext) -> Tensor:
-        u_end, _ = flow.integrate(create_graph=torch.is_grad_enabled())
+        with flow.spec.scope():
+            u_end, _ = flow.integrate(create_graph=torch.is_grad_enabled())
         return flow.params(u_end)
 
 
@@ -89,7 +90,7 @@ class FirstOrder(AbstractAdjoint):
     """Treat ``d u(T) / d theta`` as the identity (first-order MAML). No Hessians."""
 
     def solve(self, flow: FlowContext) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), flow.spec.scope():
             u_end, _ = flow.integrate()
         u_end = flow.params(u_end)
         start = flow.theta
@@ -323,7 +324,8 @@ class _FlowFn(torch.autograd.Function):
     def forward(theta: Tensor, dt: Tensor, mu: Tensor | None,  # type: ignore[override]
                 spec: FlowSpec, *tensors: Tensor) -> tuple[Tensor, Tensor]:
         data, extras = _split(spec, tensors)
-        u_end, kept = forward_kept(spec, theta, dt, mu, data, extras)
+        with spec.scope():
+            u_end, kept = forward_kept(spec, theta, dt, mu, data, extras)
         return u_end.clone(), kept
 
     @staticmethod
@@ -338,6 +340,7 @@ class _FlowFn(torch.autograd.Function):
     def backward(ctx: Any, lam: Tensor, _: Any) -> tuple[Any, ...]:  # type: ignore[override]
         kept, theta, dt, mu, *tensors = ctx.saved_tensors
         spec = ctx.spec
+        spec.watched.check(spec.scope)  # the steps are evaluated again: as they ran
         data, extras = _split(spec, tensors)
         needs = ctx.needs_input_grad
         need = (needs[0], needs[1], needs[2] and mu is not None)
@@ -347,9 +350,10 @@ class _FlowFn(torch.autograd.Function):
             raise RuntimeError("internal: a data gradient was asked of a gradient-flow spec; "
                                "gradient_flow routes such flows to the general step map.")
         more: dict[str, Tensor] = {}
-        g_theta, g_dt, g_mu = adjoint_sweep(spec, kept, lam.contiguous(), theta, dt, mu, data,
-                                            need, extras=extras, need_data=need_data,
-                                            need_extras=need_extras, more=more)
+        with spec.scope():
+            g_theta, g_dt, g_mu = adjoint_sweep(spec, kept, lam.contiguous(), theta, dt, mu,
+                                                data, need, extras=extras, need_data=need_data,
+                                                need_extras=need_extras, more=more)
         g_data = [more.get(f"data{i}") if n else None for i, n in enumerate(need_data)]
         g_data = [torch.zeros_like(d) if n and g is None else g
                   for d, n, g in zip(data, need_data, g_data)]

@@ -15,6 +15,7 @@ from .context import FlowContext
 from .hvp import Objective
 from .memory import Backsolve
 from .optimizers import SGD, AbstractInnerOptimizer
+from .scope import StepScope, Watched, read_tensors
 from .solvers import AbstractSolver, Euler
 from .steps import Batches, InnerLoop
 from .trajectory import FlowSpec
@@ -46,6 +47,7 @@ def gradient_flow(
     batches: Batches | None = None,
     dt_per_step: bool = False,
     meta_parameters: Sequence[Tensor] = (),
+    scope: StepScope | None = None,
 ) -> Tensor:
     """Integrate ``du/dt = -grad loss(u) - mu (u - theta)``, ``u(0) = theta``, up to ``t1``.
 
@@ -78,6 +80,13 @@ def gradient_flow(
         meta_parameters: Tensors the loss reads whose gradient is wanted, besides those
             found by walking the loss's autograd graph (leaves that require grad are found
             by themselves; this argument is for completeness).
+        scope: The context every evaluation of the steps runs in, forward and backward
+            (:class:`~amaml.flow.scope.StepScope`; :func:`amaml.adapt` fixes the module
+            flags and the attention kernel with it).
+
+    The tensors the loss reads that are not inputs of the flow (buffers, constants a
+    closure captures) are found by one evaluation of the loss; a backward pass that would
+    evaluate the steps again after one of them changed in place raises ``RuntimeError``.
 
     Every tensor that requires grad and that a step reads gets its exact gradient: theta,
     ``dt``, ``mu``, the data (or the tensors a mini-batch schedule indexes), the
@@ -100,7 +109,7 @@ def gradient_flow(
     return flow_context(loss, theta, dt=dt, n_steps=n_steps, t1=t1, data=data, solver=solver,
                         adjoint=adjoint, mu=mu, batched=batched, optimizer=optimizer,
                         batches=batches, dt_per_step=dt_per_step,
-                        meta_parameters=meta_parameters).solve()
+                        meta_parameters=meta_parameters, scope=scope).solve()
 
 
 def flow_context(
@@ -119,6 +128,7 @@ def flow_context(
     batches: Batches | None = None,
     dt_per_step: bool = False,
     meta_parameters: Sequence[Tensor] = (),
+    scope: StepScope | None = None,
 ) -> FlowContext:
     """The validated flow of :func:`gradient_flow` (same arguments), not yet integrated:
     its spec (the step map, found meta-parameters) and tensors; ``adjoint.solve`` of it is
@@ -176,7 +186,14 @@ def flow_context(
     # missing. Autograd's own adjoints (unrolled, first order) see them by themselves.
     captured: list[Tensor] = []
     random_flag: list[bool] = []
+    scope = StepScope() if scope is None else scope
+    watched = Watched()
     if isinstance(adjoint, AbstractSweepAdjoint):
+        # What the steps read besides their inputs: a backward pass that evaluates them
+        # again checks these unchanged (one evaluation of one task's loss finds them).
+        one = [d[0] for d in first] if batched else list(first)
+        with scope():
+            watched = Watched.of(read_tensors(objective.loss, theta, one))
         u_at = theta if n_tasks is None else theta.expand(n_tasks, *theta.shape)
         # A random loss (dropout) is replayed step by step under the discrete adjoint's
         # exact strategies; elsewhere (implicit, backsolve) it is refused.
@@ -200,7 +217,8 @@ def flow_context(
     general = (optimizer is not None or batches is not None or dt_per_step or bool(captured)
                or random or any(d.requires_grad for d in data))
     if not general:
-        spec = FlowSpec(objective, solver, adjoint, n_steps, has_mu)
+        spec = FlowSpec(objective, solver, adjoint, n_steps, has_mu, scope=scope,
+                        watched=watched)
         return FlowContext(spec, theta, dt_t, mu_t if has_mu else None, data)
     if optimizer is not None and not isinstance(solver, Euler):
         raise ValueError(f"An inner optimizer ({optimizer.name}) is a discrete step map with "
@@ -225,7 +243,7 @@ def flow_context(
                       tuple(tensors), random)
     extras += captured
     spec = FlowSpec(objective, solver, adjoint, n_steps, has_mu, inner=inner,
-                    n_extra=len(extras))
+                    n_extra=len(extras), scope=scope, watched=watched)
     return FlowContext(spec, theta, dt_t, mu_t if has_mu else None, data, extras=extras)
 
 

@@ -24,6 +24,7 @@ from .compiled import Need
 from .errors import DivergenceError
 from .hvp import Objective, make_field
 from .kernels import is_tableau, select_kernel
+from .scope import StepScope, Watched
 from .solvers import AbstractSolver
 from .steps import InnerLoop
 
@@ -55,6 +56,12 @@ class FlowSpec:
     #: dict per flow (a flow's spec is made per call).
     scratch: dict[str, Any] = field(default_factory=dict, compare=False, hash=False,
                                     repr=False)
+    #: The context every evaluation of the steps runs in, forward and backward (module
+    #: flags and attention kernel as when the loop ran; :mod:`amaml.flow.scope`).
+    scope: StepScope = field(default_factory=StepScope, compare=False, hash=False, repr=False)
+    #: Tensors the steps read outside the Function's inputs, checked unchanged before a
+    #: backward pass evaluates the steps again.
+    watched: Watched = field(default_factory=Watched, compare=False, hash=False, repr=False)
 
 
 @dataclass

@@ -1,0 +1,143 @@
+"""What a step reads besides its tensors, fixed when the inner loop runs.
+
+The backward pass of the discrete adjoint evaluates the steps again (the sweep, the
+recomputed segments of checkpoint and revolve, Budget's tapes), after the caller has had
+the chance to change the world: switch a module to eval mode for the query, update a
+buffer, scale a loss weight in place. The meta-gradient must stay that of the inner loop
+that ran, or be refused. Two objects hold that promise:
+
+- :class:`StepScope`: a context every evaluation of the steps runs in, forward and
+  backward. :mod:`amaml.api` makes one that puts every submodule's ``training`` flag back
+  as it was when ``adapt`` ran and evaluates attention with a kernel that has a double
+  backward (torch's fused scaled-dot-product kernels have none).
+- :class:`Watched`: the tensors the steps read that are neither differentiated nor passed
+  to the autograd Function (buffers, constants a loss closure captures), with their
+  version counters when the inner loop ran. The backward pass refuses to run when one has
+  changed in place, as autograd refuses for the tensors it saves.
+
+:func:`read_tensors` finds the tensors one evaluation of the loss reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["StepScope", "Watched", "read_tensors"]
+
+
+def _no_scope() -> AbstractContextManager[None]:
+    return nullcontext()
+
+
+@dataclass(frozen=True)
+class StepScope:
+    """A context every evaluation of the inner steps runs in, and names for messages.
+
+    Attributes:
+        enter: Makes the context (called once per forward pass and once per backward
+            pass, not per step).
+        names: A name for a tensor the steps may read, by the address of its storage
+            (e.g. ``"buffer 'bn.running_mean'"``), used when a change is refused.
+        notes: Lines :func:`amaml.explain` prints about the scope.
+    """
+
+    enter: Callable[[], AbstractContextManager[None]] = _no_scope
+    names: Mapping[int, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def __call__(self) -> AbstractContextManager[None]:
+        return self.enter()
+
+    def name(self, t: Tensor) -> str:
+        """What to call ``t`` in a message."""
+        known = self.names.get(_address(t))
+        return known or f"a tensor of shape {tuple(t.shape)} that the loss reads"
+
+
+def _address(t: Tensor) -> int:
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # no storage (a functorch wrapper, meta)
+        return id(t)
+
+
+@dataclass(frozen=True)
+class Watched:
+    """Tensors the steps read, with their version counters when the loop ran."""
+
+    tensors: tuple[Tensor, ...] = ()
+    versions: tuple[int, ...] = ()
+
+    @staticmethod
+    def of(tensors: Sequence[Tensor]) -> Watched:
+        return Watched(tuple(tensors), tuple(t._version for t in tensors))
+
+    def check(self, scope: StepScope) -> None:
+        """Refuse a backward pass after one of the tensors changed in place.
+
+        Raises:
+            RuntimeError: Naming the tensor, its version then and now.
+        """
+        for t, v in zip(self.tensors, self.versions):
+            if t._version != v:
+                raise RuntimeError(
+                    f"{scope.name(t)} was modified in place after the inner loop ran (version "
+                    f"{v} then, {t._version} now): the meta-gradient needs the values the "
+                    "inner loop read, as autograd does for the tensors it saves. Change it "
+                    "before adapt, or out of place (w = w * 3), or call adapt again.")
+
+
+class _Reads(TorchDispatchMode):
+    """Records the tensors the operations read that no earlier operation made."""
+
+    def __init__(self, skip: set[int]) -> None:
+        super().__init__()
+        self.made: set[int] = set()
+        self.skip = skip
+        self.read: dict[int, Tensor] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for t in _tensors((args, kwargs)):
+            a = _address(t)
+            if a not in self.made and a not in self.skip and a != 0:
+                self.read.setdefault(a, t)
+        out = func(*args, **kwargs)
+        for t in _tensors(out):
+            a = _address(t)
+            if a not in self.read:
+                self.made.add(a)
+        return out
+
+
+def _tensors(tree: Any) -> Iterator[Tensor]:
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, (tuple, list)):
+        for x in tree:
+            yield from _tensors(x)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            yield from _tensors(x)
+
+
+def read_tensors(fn: Callable[..., Any], u: Tensor, data: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors one call ``fn(u, *data)`` reads besides ``u`` and ``data``: those an
+    operation takes as input that no earlier operation of the call made (buffers, frozen
+    parameters, constants a closure captures). Views of ``u`` and ``data`` are skipped by
+    storage. The call runs with grad enabled, as a step does, and its random state is put
+    back afterwards."""
+    skip = {_address(u), *(_address(d) for d in data)}
+    mode = _Reads(skip)
+    with torch.random.fork_rng(devices=[u.device] if u.device.type == "cuda" else []), \
+            torch.enable_grad(), mode:
+        fn(u.detach().requires_grad_(True), *(d.detach() for d in data))
+    return [t for t in mode.read.values() if t.numel() > 0]
