@@ -183,7 +183,8 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
 def _check_like_model(flat: FlatModel, data: Sequence[Tensor], keys: Sequence[str]) -> None:
     """Floating-point support tensors in the parameters' dtype and on their device."""
     p = flat.params[0]
-    names = list(keys) or [*(f"inputs[{i}]" for i in range(len(data) - 1)), "targets"]
+    names = [repr(k) for k in keys] or [*(f"inputs[{i}]" for i in range(len(data) - 1)),
+                                         "targets"]
     if len(names) != len(data):
         names = [f"tensor {i}" for i in range(len(data))]
     for name, d in zip(names, data):

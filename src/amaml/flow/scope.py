@@ -68,25 +68,37 @@ def _address(t: Tensor) -> int:
         return id(t)
 
 
+def _fingerprint(t: Tensor) -> tuple[float, float]:
+    """Two sums of ``t``'s values, plain and weighted by position, in float64: a change
+    that leaves both equal is not met by chance. (Some in-place writes leave the version
+    counter as it was: BatchNorm's update of its running statistics does.)"""
+    with torch.no_grad():
+        flat = t.detach().reshape(-1).to(torch.float64)
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        return float(flat.sum()), float((flat * weights.reciprocal_()).sum())
+
+
 @dataclass(frozen=True)
 class Watched:
-    """Tensors the steps read, with their version counters when the loop ran."""
+    """Tensors the steps read, with their version counters and values when the loop ran."""
 
     tensors: tuple[Tensor, ...] = ()
     versions: tuple[int, ...] = ()
+    prints: tuple[tuple[float, float], ...] = ()
 
     @staticmethod
     def of(tensors: Sequence[Tensor]) -> Watched:
-        return Watched(tuple(tensors), tuple(t._version for t in tensors))
+        return Watched(tuple(tensors), tuple(t._version for t in tensors),
+                       tuple(_fingerprint(t) for t in tensors))
 
     def check(self, scope: StepScope) -> None:
         """Refuse a backward pass after one of the tensors changed in place.
 
         Raises:
-            RuntimeError: Naming the tensor, its version then and now.
+            RuntimeError: Naming the tensor.
         """
-        for t, v in zip(self.tensors, self.versions):
-            if t._version != v:
+        for t, v, fp in zip(self.tensors, self.versions, self.prints):
+            if t._version != v or _fingerprint(t) != fp:
                 raise RuntimeError(
                     f"{scope.name(t)} was modified in place after the inner loop ran (version "
                     f"{v} then, {t._version} now): the meta-gradient needs the values the "
