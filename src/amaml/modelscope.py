@@ -136,7 +136,8 @@ BATCH_EXACT: tuple[type[nn.Module], ...] = (
     nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
     nn.Unflatten, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoderLayer,
-    nn.TransformerEncoder, nn.modules.linear.NonDynamicallyQuantizableLinear, nn.Sequential, nn.ModuleList, nn.ModuleDict, *_ACTIVATIONS,
+    nn.TransformerEncoder, nn.modules.linear.NonDynamicallyQuantizableLinear,
+    nn.Sequential, nn.ModuleList, nn.ModuleDict, *_ACTIVATIONS,
 )
 
 
