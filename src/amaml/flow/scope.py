@@ -145,11 +145,11 @@ def read_tensors(fn: Callable[..., Any], u: Tensor, data: Sequence[Tensor]) -> l
     """The tensors one call ``fn(u, *data)`` reads besides ``u`` and ``data``: those an
     operation takes as input that no earlier operation of the call made (buffers, frozen
     parameters, constants a closure captures). Views of ``u`` and ``data`` are skipped by
-    storage. The call runs with grad enabled, as a step does, and its random state is put
-    back afterwards."""
+    storage. The call builds no graph (what a loss saves for its backward would outlive
+    it in the caches of some losses), and its random state is put back afterwards."""
     skip = {_address(u), *(_address(d) for d in data)}
     mode = _Reads(skip)
     with torch.random.fork_rng(devices=[u.device] if u.device.type == "cuda" else []), \
-            torch.enable_grad(), mode:
-        fn(u.detach().requires_grad_(True), *(d.detach() for d in data))
+            torch.no_grad(), mode:
+        fn(u.detach(), *(d.detach() for d in data))
     return [t for t in mode.read.values() if t.numel() > 0]
