@@ -158,13 +158,13 @@ def test_vmap_entry_equals_the_loop(layer: type[nn.Module]) -> None:
     ys = torch.randn(B, N, 1, dtype=torch.float64)
     assert any(isinstance(m, layer) for m in model.modules())
     assert batch_blocker(model) is None
+    if any(isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d)) for m in model.modules()):
+        # Random masks: vmap draws per task from one state, the loop task after task (and
+        # tasks="auto" runs a random model as a loop); here the masks are off, the layer's
+        # batching exact (test_meta_parameters checks vmap's replayed masks).
+        model.eval()
     how = amaml.explain(model, F.mse_loss, (xs, ys), steps=3, lr=0.05, batched=True)
     assert "vmap" in how.splitlines()[0], how.splitlines()[0]
-    if any(isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d)) for m in model.modules()):
-        # Random masks: vmap draws per task from one state, the loop task after task; the
-        # two are different draws, so each side is compared with its own unrolled self in
-        # the flow tests. Here: the mode fixed, masks off, the layer's batching exact.
-        model.eval()
     batched = _meta_grad(model, xs, ys, True)
     looped = _meta_grad(model, xs, ys, False)
     for a, b in zip(batched, looped):

@@ -282,3 +282,19 @@ def test_dtype_and_device_mismatch_named() -> None:
         amaml.adapt(net, F.mse_loss, (x, y), steps=2, lr=LR)
     with pytest.raises(TypeError, match="'features' has dtype torch.float64"):
         amaml.adapt(net, lambda out: out.sum(), {"features": x}, steps=2, lr=LR)
+
+
+def test_dropout_adapt_batch_draws_the_masks_of_a_seeded_loop() -> None:
+    """A random model's tasks run one after another under tasks="auto": a seeded
+    adapt_batch draws exactly what a seeded loop of adapt draws."""
+    torch.manual_seed(0)
+    net = _dropout_net()
+    xs, ys = torch.randn(3, 8, 3, dtype=torch.float64), torch.randn(3, 8, 1, dtype=torch.float64)
+    how = amaml.explain(net, F.mse_loss, (xs, ys), steps=4, lr=LR, batched=True)
+    assert "draws random numbers" in how.splitlines()[0]
+    torch.manual_seed(4)
+    batched = amaml.adapt_batch(net, F.mse_loss, (xs, ys), steps=4, lr=LR)
+    torch.manual_seed(4)
+    looped = [amaml.adapt(net, F.mse_loss, (xs[b], ys[b]), steps=4, lr=LR) for b in range(3)]
+    for n, v in batched.items():
+        torch.testing.assert_close(v, torch.stack([p[n] for p in looped]), rtol=0, atol=0)

@@ -429,8 +429,9 @@ def test_batched_captured_module_and_schedule(memory, optimizer, kind, h) -> Non
 
 
 def test_dropout_batched_is_replayed_exactly() -> None:
-    """adapt_batch with dropout (each task its own masks, vmap randomness='different'):
-    revolve's replayed sweep equals MAML's unrolled graph, which kept the masks it drew."""
+    """adapt_batch(tasks="batched") with dropout (each task its own masks, vmap
+    randomness='different'): revolve's replayed sweep equals MAML's unrolled graph, which
+    kept the masks it drew (tasks="auto" runs a random model's tasks as a loop)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 1)).to(DT)
     xs, ys, xq, yq = _data(batch=3)
@@ -439,7 +440,7 @@ def test_dropout_batched_is_replayed_exactly() -> None:
         model.zero_grad()
         torch.manual_seed(5)
         p = amaml.adapt_batch(model, F.mse_loss, (xs, ys), steps=8, lr=0.05, optimizer="adam",
-                              adjoint=adjoint, memory=memory)
+                              adjoint=adjoint, memory=memory, tasks="batched")
         torch.func.vmap(F.mse_loss)(amaml.functional_call_batch(model, p, xq), yq).sum() \
             .backward()
         grads.append(_grads(list(model.parameters())))

@@ -33,6 +33,7 @@ from .folded import batch_plan, folded_forward
 from .modelscope import (
     attention_kernels,
     batch_blocker,
+    draws_random,
     mha_fastpath_off,
     step_scope,
     vmap_trial,
@@ -164,8 +165,14 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
                                        else None, loss, packed.unflatten, batch_norm, tasks,
                                        fused is not None)
         if not loop and fused is None and folded is None:
-            why = batch_blocker(model) or vmap_trial(loss, theta.expand(
-                first[-1].shape[0], *theta.shape), first)
+            # A random model (dropout in training mode) runs the loop too: its tasks then
+            # draw the masks a seeded loop of adapt draws, task after task.
+            # (tasks="batched" keeps vmap: exact for the masks it draws, other ones.)
+            random = tasks == "auto" and draws_random(loss, theta, [d[0] for d in first])
+            why = batch_blocker(model) or ("the model draws random numbers (dropout in "
+                                           "training mode): the loop draws each task's "
+                                           "masks as adapt does" if random else None) \
+                or vmap_trial(loss, theta.expand(first[-1].shape[0], *theta.shape), first)
             if why is not None:
                 if tasks == "batched":
                     raise ValueError(f"adapt_batch(tasks='batched') cannot batch this model "

@@ -24,8 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ._types import LossFn
 from .flow.scope import StepScope
 
-__all__ = ["BATCH_EXACT", "attention_kernels", "batch_blocker", "mha_fastpath_off", "step_scope",
-           "vmap_trial"]
+__all__ = ["BATCH_EXACT", "attention_kernels", "batch_blocker", "draws_random",
+           "mha_fastpath_off", "step_scope", "vmap_trial"]
 
 
 def _address(t: Tensor) -> int:
@@ -163,6 +163,19 @@ def batch_blocker(model: nn.Module) -> str | None:
         if why is not None:
             return why
     return None
+
+
+def draws_random(fn: Callable[..., Tensor], u: Tensor, data: Any) -> bool:
+    """Whether one evaluation of ``fn(u, *data)`` draws random numbers (dropout in training
+    mode); the random state is put back either way."""
+    devices = [u.device] if u.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        before = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(u.device) if devices else None
+        fn(u.detach(), *data)
+        return (not torch.equal(before, torch.get_rng_state())
+                or (cuda is not None and not torch.equal(cuda, torch.cuda.get_rng_state(
+                    u.device))))
 
 
 def vmap_trial(fn: Callable[..., Tensor], u: Tensor, data: Any) -> str | None:
