@@ -35,8 +35,9 @@ def run(readme: Path, not_under: Path | None = None) -> str:
     namespace: dict[str, object] = {"__name__": "__quickstart__"}
     exec(compile(quickstart(readme), f"{readme} (quick start)", "exec"), namespace)
 
-    import amaml
     import torch
+
+    import amaml
 
     where = Path(amaml.__file__).resolve()
     if not_under is not None and not_under.resolve() in where.parents:
