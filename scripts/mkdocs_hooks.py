@@ -9,7 +9,8 @@ way, so rather than rewrite the pages this hook, at build time and offline:
   as ``benchmarks.md``);
 - publishes every other file of the repository that a page links to under ``repo/``
   (``../examples/x.py`` -> ``repo/examples/x.py``, served as it is);
-- rewrites each relative link of a page to where its target is published.
+- rewrites each relative link of a page to where its target is published;
+- drops the Sphinx roles some docstrings use (":func:`adapt`" reads as "`adapt`").
 
 A link to something that does not exist is left alone, so ``--strict`` still reports it.
 """
@@ -24,7 +25,11 @@ from typing import Any
 from mkdocs.structure.files import File, Files
 
 #: Markdown outside docs/ published as a page: site path -> repository path.
-PAGES = {"benchmarks.md": "benchmarks/README.md", "changelog.md": "CHANGELOG.md"}
+PAGES = {
+    "index.md": "README.md",
+    "benchmarks.md": "benchmarks/README.md",
+    "changelog.md": "CHANGELOG.md",
+}
 
 # Inline links and images: ](target) or ](target#anchor) or ](target "title").
 _LINK = re.compile(r"(\]\()([^)\s#]+)((?:#[^)\s]*)?(?:\s+\"[^\"]*\")?\))")
@@ -97,4 +102,11 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
     return "".join(p if i % 2 else _LINK.sub(rewrite, p) for i, p in enumerate(parts))
 
 
-__all__ = ["PAGES", "on_files", "on_page_markdown"]
+_ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):(?=<code>)")
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
+    return _ROLE.sub("", html)
+
+
+__all__ = ["PAGES", "on_files", "on_page_content", "on_page_markdown"]
