@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,16 @@ def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_extra_lists_what_the_experiments_import() -> None:
     assert set(_extras.EXPERIMENTS) == set(OPTIONAL)
+    # pyproject's [experiments] extra declares the same packages, and the core none of them.
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    declared = names(project["optional-dependencies"]["experiments"])
+    assert declared == {_extras._DISTRIBUTION.get(m, m).lower() for m in OPTIONAL}
+    assert names(project["dependencies"]) == {"torch", "numpy"}
 
 
 def test_import_amaml_loads_no_optional_dependency() -> None:
