@@ -19,6 +19,8 @@ say() { printf 'wheel_smoke: %s\n' "$*"; }
 fail() { printf 'wheel_smoke: FAILED: %s\n' "$*" >&2; exit 1; }
 SECONDS=0
 
+"$PYTHON" -m build --version >/dev/null 2>&1 \
+  || fail "$PYTHON has no 'build' package: pip install build, or run 'make smoke'"
 say "building sdist and wheel"
 "$PYTHON" -m build --outdir "$WORK/dist" "$ROOT" >"$WORK/build.log" 2>&1 \
   || { tail -n 30 "$WORK/build.log" >&2; fail "python -m build"; }
@@ -75,4 +77,4 @@ grep -q "pip install 'amaml\[experiments\]'" "$WORK/cli.err" \
 ! grep -q Traceback "$WORK/cli.err" || { cat "$WORK/cli.err" >&2; fail "a traceback"; }
 (( $(wc -l <"$WORK/cli.err") == 1 )) || { cat "$WORK/cli.err" >&2; fail "not one line"; }
 say "amaml train without the extra (exit $status): $(cat "$WORK/cli.err")"
-say "passed in ${SECONDS}s"
+say "passed in ${SECONDS}s (removing the temporary folder follows)"
