@@ -1,6 +1,9 @@
 # Two entry points for a fresh machine:
 #   make run   -> create .venv, install amaml (CPU torch), run the default meta-training job
 #   make test  -> create .venv, install amaml + dev tools, run the test suite
+#   make docs  -> the documentation site in site/ (mkdocs build --strict)
+#   make smoke -> build sdist and wheel, install the wheel with the core dependencies only
+#                 into a fresh venv, run the README's quick start from outside the tree
 # TORCH_SPEC pins the torch wheel installed before amaml itself; override it for
 # a CUDA machine, e.g. make test TORCH_SPEC="torch==2.13.0 --index-url <your index>".
 PYTHON ?= python3
@@ -9,12 +12,20 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 OUT ?= runs/default
 
-.PHONY: install run test lint bench clean
+# The public API, held to mypy --strict (the internals to the [tool.mypy] section).
+PUBLIC_API := src/amaml/__init__.py src/amaml/api.py src/amaml/optim.py src/amaml/support.py \
+	src/amaml/allocator.py src/amaml/_types.py src/amaml/_extras.py
+
+.PHONY: install run test lint typecheck docs smoke bench clean
 
 $(BIN)/.amaml-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+$(BIN)/.amaml-docs-installed: pyproject.toml $(BIN)/.amaml-installed
+	$(BIN)/python -m pip install -q -e ".[docs]"
 	touch $@
 
 install: $(BIN)/.amaml-installed
@@ -30,12 +41,21 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
-lint: install
-	$(BIN)/ruff check src tests benchmarks examples
+lint: typecheck
+	$(BIN)/ruff check src tests benchmarks examples scripts
+
+typecheck: install
 	$(BIN)/mypy
+	$(BIN)/mypy --strict --follow-imports=silent $(PUBLIC_API)
+
+docs: $(BIN)/.amaml-docs-installed
+	$(BIN)/mkdocs build --strict
+
+smoke: install
+	PYTHON=$(BIN)/python TORCH_SPEC="$(TORCH_SPEC)" scripts/wheel_smoke.sh
 
 bench: install
 	$(BIN)/python benchmarks/bench_meta_gradient.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build dist site *.egg-info src/*.egg-info

@@ -2,7 +2,9 @@
 
 Flags mirror :class:`amaml.experiments.config.TrainConfig` (``--meta-iters`` sets
 ``meta_iters``). Bad values, missing data, a diverged inner loop or a damaged
-checkpoint print one line ``amaml: error: ...`` on stderr and exit with status 2;
+checkpoint print one line ``amaml: error: ...`` on stderr and exit with status 2, and so
+does a missing optional dependency (``amaml train needs matplotlib: pip install
+'amaml[experiments]'``);
 an interrupted run (SIGINT/SIGTERM) saves its checkpoint, says how to resume and exits
 with status 130.
 """
@@ -25,6 +27,7 @@ from ._cli_flags import (
     config_from_args,
     explicit_fields,
 )
+from ._extras import MissingExtraError, require
 
 __all__ = ["build_parser", "main"]
 
@@ -314,6 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads < 1:
         sys.stderr.write(f"amaml: error: --threads must be >= 1; got {args.threads}\n")
+        return EXIT_ERROR
+    try:  # before any work: a run must not fail at its first figure, minutes in
+        require(f"amaml {args.command}")
+    except MissingExtraError as err:
+        _error(str(err))
         return EXIT_ERROR
 
     from .allocator import tune_cpu_allocator

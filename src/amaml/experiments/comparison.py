@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from .._extras import import_extra
 from ..algorithms import ALGORITHMS, list_algorithms
 from .build import build_family
 from .checkpoint import atomic_write_json, atomic_write_text
@@ -217,7 +218,7 @@ def _lock(out_dir: Path, dist_info: DistInfo | None) -> AbstractContextManager[A
 
 def _compare(config: TrainConfig, names: list[str], out_dir: Path, *, resume: bool,
              progress: bool, dist_info: DistInfo | None) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
+    tqdm = import_extra("tqdm.auto", "amaml's progress bars").tqdm
 
     family = build_family(config)
     records = []

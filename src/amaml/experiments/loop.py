@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._extras import import_extra
 from ..algorithms import AbstractAlgorithm, TaskBatch
 from ..tasks import EpisodeSet, TaskFamily, draw_episode
 from .build import config_loss
@@ -141,7 +142,7 @@ def meta_train(config: TrainConfig, algorithm: AbstractAlgorithm, family: TaskFa
         MetaLossError: A non-finite meta-loss or meta-gradient (before the step).
         TrainingInterrupted: A signal on any rank, after saving.
     """
-    from tqdm.auto import tqdm
+    tqdm = import_extra("tqdm.auto", "amaml's progress bars").tqdm
 
     t0 = time.perf_counter()
     bar = tqdm(total=config.meta_iters, initial=run.iteration, desc=config.method, unit="it",

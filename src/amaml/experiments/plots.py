@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._extras import import_extra
 from .checkpoint import atomic_write
 
 __all__ = ["draw_finetune", "plot_finetune", "plot_seed_differences", "plot_sweep",
@@ -16,8 +17,7 @@ __all__ = ["draw_finetune", "plot_finetune", "plot_seed_differences", "plot_swee
 
 
 def _figure() -> Any:
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "amaml's figures")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .._extras import MissingExtraError, import_extra
 from .base import DataError, FamilyRequest, TaskFamily
 from .classification import build_classification
 from .download import UNVERIFIED_ARCHIVES, default_root, download_family
@@ -72,7 +73,10 @@ MINI_IMAGENET_HELP = (
 
 def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
     """``path`` as a ``[C, size, size]`` uint8 array (``mode`` ``"L"`` or ``"RGB"``)."""
-    from PIL import Image, UnidentifiedImageError  # Pillow, a dependency of matplotlib
+    try:
+        Image = import_extra("PIL.Image", f"Reading {path}")  # Pillow
+    except MissingExtraError as exc:
+        raise DataError(str(exc)) from exc
 
     try:
         with Image.open(path) as raw:
@@ -80,7 +84,7 @@ def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.LANCZOS)
         arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, Image.UnidentifiedImageError) as exc:
         raise DataError(f"Cannot read image {path} ({exc}); re-extract or re-download it.") from exc
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 

@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from .._extras import import_extra
 from .base import Task, TaskFamily, TaskSet
 from .synthetic import AbstractSyntheticFunction
 
@@ -61,7 +62,8 @@ def _fit(
     rng: np.random.Generator,
 ) -> FloatArray:
     """Parameters ``[p]`` in the box minimising ``sum (fn(x) - y)**2`` (best of all starts)."""
-    from scipy.optimize import least_squares  # the only scipy use: keep `import amaml` light
+    # the only scipy use, imported here: `import amaml` needs no scipy
+    least_squares = import_extra("scipy.optimize", "The oracle reference").least_squares
 
     lower, upper = fn.param_bounds()
     free = upper > lower  # least_squares needs lower < upper: fixed parameters stay put

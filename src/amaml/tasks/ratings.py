@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._extras import MissingExtraError, import_extra
 from .base import DataError
 
 __all__ = [
@@ -217,12 +218,9 @@ def read_movielens_1m(path: str | os.PathLike[str]) -> Ratings:
 
 def _read_xls_table(path: Path) -> FloatArray:
     try:
-        import xlrd
-    except ImportError as exc:  # pragma: no cover - xlrd is a declared dependency
-        raise DataError(
-            f"Reading {path} needs the xlrd package: pip install xlrd, or save the sheet "
-            "as a .csv with the same rows."
-        ) from exc
+        xlrd = import_extra("xlrd", f"Reading {path}")
+    except MissingExtraError as exc:
+        raise DataError(f"{exc}, or save the sheet as a .csv with the same rows.") from exc
     try:
         book = xlrd.open_workbook(str(path), on_demand=True)
         try:
