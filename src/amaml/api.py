@@ -69,6 +69,12 @@ def resolve_memory(memory: str | AbstractMemory) -> AbstractMemory:
                      "or an AbstractMemory instance.")
 
 
+#: Layers that normalise by their input's own statistics (BatchNorm too, with
+#: ``batch_norm="batch"``).
+_STAT_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+               nn.InstanceNorm3d)
+
+
 def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
@@ -128,17 +134,22 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
                          "unset.")
     adj = adjoint if adjoint is not None else DiscreteAdjoint(memory=resolve_memory(memory),
                                                              compile=compile)
-    if (batched and batch_norm == "batch" and isinstance(adj, DiscreteAdjoint)
-            and compile_mode(adj.compile) is not None
-            and any(isinstance(m, _BatchNorm) for m in model.modules())):
+    norm = next((f"{n or type(m).__name__} ({type(m).__name__})"
+                 for n, m in model.named_modules()
+                 if isinstance(m, _STAT_NORMS) or (isinstance(m, _BatchNorm)
+                                                   and batch_norm == "batch")), None)
+    if (batched and norm is not None and isinstance(adj, DiscreteAdjoint)
+            and compile_mode(adj.compile) is not None):
         # The compiled steps differentiate with torch.func (vjp of vmap of grad), which in
-        # torch 2.13 gets the second derivative of batch-statistics BatchNorm after a
-        # convolution wrong across vmapped tasks (1e-2 relative, measured against unrolled
-        # autograd); the eager path is exact.
+        # torch 2.13 gets the second derivative of normalisation by the batch's own
+        # statistics wrong across vmapped tasks: batch-statistics BatchNorm after a
+        # convolution (1e-2 relative against unrolled autograd), an affine LayerNorm or
+        # GroupNorm (2e-3, found by tests/differential); the eager path is exact.
         raise ValueError(f"compile={adj.compile!r} is not supported by adapt_batch on a model "
-                         "with BatchNorm and batch_norm='batch': torch.func's batched second "
-                         "derivative of batch statistics is wrong. Use compile=False (exact), "
-                         "or adapt task by task.")
+                         f"with a normalisation layer ({norm}) that normalises by its "
+                         "input's own statistics: torch.func's batched second derivative of "
+                         "those statistics is wrong. Use compile=False (exact), or adapt "
+                         "task by task.")
     theta = flat.theta()
     if opt is not None and not isinstance(stepper, Euler):
         raise ValueError(f"optimizer={opt.name!r} is a discrete step map with no Runge-Kutta "

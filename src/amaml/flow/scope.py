@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["StepScope", "Watched", "read_tensors"]
 
@@ -106,8 +106,11 @@ class Watched:
                     "before adapt, or out of place (w = w * 3), or call adapt again.")
 
 
-class _Reads(TorchDispatchMode):
-    """Records the tensors the operations read that no earlier operation made."""
+class _Reads(TorchFunctionMode):
+    """Records the tensors the operations read that no earlier operation made.
+
+    A torch-function mode (not a dispatch mode, whose first use imports torch._dynamo: 1.5
+    s on a CPU): every torch function and tensor method a loss calls passes through it."""
 
     def __init__(self, skip: set[int]) -> None:
         super().__init__()
@@ -115,7 +118,7 @@ class _Reads(TorchDispatchMode):
         self.skip = skip
         self.read: dict[int, Tensor] = {}
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         for t in _tensors((args, kwargs)):
