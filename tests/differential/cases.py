@@ -52,7 +52,11 @@ EXACT = 1e-8
 FD_TOL = 1e-6
 FD_EPS = (1e-7, 1e-8, 1e-6)
 
-MEMORIES = ("store", "checkpoint", "revolve", "budget")
+# "checkpoint" as the user writes it (segments picked by amaml), "checkpoint2" every 2nd
+# state kept with no graphs kept (each step's VJP recomputed), "revolve2" binomial
+# checkpointing with 2 snapshots (the default 21 would store every state of these short
+# loops), "budget" a Budget small enough that these models' tapes and checkpoints mix.
+MEMORIES = ("store", "checkpoint", "checkpoint2", "revolve2", "budget")
 ACTIONS = ("none", "switch", "inplace")
 METAS = ("init", "lr", "data", "weight")
 LR = {"gd": 0.1, "sgd": 0.05, "adam": 0.01, "rmsprop": 0.005}
@@ -167,8 +171,11 @@ class _Refused(Exception):
 
 
 def _memory(name: str) -> Any:
-    # 0.05 MB: a few steps' graphs of these models, so that tapes and checkpoints mix.
-    return amaml.Budget(megabytes=0.05) if name == "budget" else name
+    return {"checkpoint2": amaml.Checkpoint(every=2, tapes=False),
+            "revolve2": amaml.Revolve(snapshots=2),
+            # 0.05 MB: a few steps' graphs of these models (amaml.explain: "the last steps
+            # kept while they fit in 0.05 MiB, the steps before recomputed").
+            "budget": amaml.Budget(megabytes=0.05)}.get(name, name)
 
 
 def _amaml_optimizer(kind: str) -> Any:

@@ -41,14 +41,14 @@ def test_seeded_adapt_draws_the_masks_of_a_seeded_plain_loop() -> None:
     """A seeded adapt draws what a seeded plain loop draws (the query's mask included):
     adapt, then a training-mode query, matches the unrolled loop exactly."""
     res = _assert_outcome(C.make_case(model="dropout_mlp", optimizer="adam", steps=5,
-                                      memory="revolve"))
+                                      memory="revolve2"))
     assert res.errors["rel_err"] < C.EXACT
 
 
 def test_dropout_adapt_batch_draws_the_masks_of_a_task_loop() -> None:
     """adapt_batch is a loop of adapt (seed 23 of the suite): a seeded adapt_batch on a
     dropout model draws the masks a seeded loop of adapt draws, task after task."""
-    _assert_outcome(C.make_case(seed=23, model="dropout_mlp", batch=3, memory="revolve",
+    _assert_outcome(C.make_case(seed=23, model="dropout_mlp", batch=3, memory="revolve2",
                                 steps=2, n=4, meta="init"))
 
 
@@ -156,4 +156,4 @@ def test_batchnorm_compiled_adapt_batch_is_refused_before_the_inner_loop() -> No
 def test_compiled_adapt_is_exact(optimizer: str) -> None:
     """compile=True (compiles for tens of seconds on CPU): the same meta-gradient."""
     _assert_outcome(C.make_case(model="mlp", compiled=True, optimizer=optimizer,
-                                memory="revolve"))
+                                memory="revolve2"))
