@@ -24,12 +24,13 @@ Tolerances (float64):
   1e-4 or more.
 * ``FD_TOL = 1e-6``: central differences with Richardson extrapolation
   (:func:`.reference.central_difference`) at step ``h`` in ``FD_EPS`` = (1e-7, 1e-8,
-  1e-6), the first that agrees: the round-off is O(1e-16 |J| / h) = 1e-9..1e-8 relative
-  to the directional derivative, the truncation O(h^4) after extrapolation, 1e-9..1e-11
-  on smooth steps. Adam and RMSprop steps are steeply curved where a gradient is of the
-  order of their eps = 1e-8 (measured on BERT: 1.2e-3 at h = 1e-7, 7e-10 at h = 1e-8,
-  converging as h^4), hence the smaller step; a wrong gradient (1e-4 or more) agrees at
-  none.
+  1e-9, 1e-6), the first that agrees: the round-off is O(1e-16 |J| / h) = 1e-9..1e-7
+  relative to the directional derivative, the truncation O(h^4) after extrapolation,
+  1e-9..1e-11 on smooth steps. Adam and RMSprop steps are steeply curved where a gradient
+  is of the order of their eps = 1e-8 (measured, the reference alone: BERT + Adam 1.2e-3
+  at h = 1e-7, 7e-10 at h = 1e-8; GPT-2 + RMSprop, seed 210: 1e-1 at 1e-7, 1.2e-5 at
+  1e-8, 9e-8 at 3e-9, 3e-9 at 1e-9), hence the smaller steps; a wrong gradient (1e-4 or
+  more off) agrees at none.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from .zoo import ZOO, stack_tasks, task_of
 
 EXACT = 1e-8
 FD_TOL = 1e-6
-FD_EPS = (1e-7, 1e-8, 1e-6)
+FD_EPS = (1e-7, 1e-8, 1e-9, 1e-6)
 
 # "checkpoint" as the user writes it (segments picked by amaml), "checkpoint2" every 2nd
 # state kept with no graphs kept (each step's VJP recomputed), "revolve2" binomial
@@ -80,6 +81,7 @@ class Case:
     mode: str  # the modules' mode during adapt: "train" or "eval"
     steps: int
     n: int  # examples per set
+    lr_shape: str = "scalar"  # "scalar" or "per-step" (a (steps,) tensor schedule)
     notes: tuple[str, ...] = ()  # draws replaced, with the reason
 
     def describe(self) -> str:
@@ -90,7 +92,8 @@ class Case:
                 f"opt={self.optimizer}", f"memory={self.memory}",
                 "compiled" if self.compiled else "eager", f"mode={self.mode}",
                 f"action={act}", f"meta={self.meta}",
-                *([f"w={self.weight}"] if has_w else []), f"steps={self.steps}", f"n={self.n}"]
+                *([f"w={self.weight}"] if has_w else []), f"steps={self.steps}", f"n={self.n}",
+                *(["lr=per-step"] if self.lr_shape == "per-step" else [])]
         return " ".join(bits)
 
     @property
@@ -211,8 +214,10 @@ class _Setup:
             self.w = torch.tensor(1.3, dtype=torch.float64,
                                   requires_grad=case.meta == "weight")
         self.lr: float | Tensor = LR[case.optimizer]
+        if case.lr_shape == "per-step":  # a decaying schedule, one rate a step
+            self.lr = self.lr * torch.linspace(1.0, 0.5, case.steps, dtype=torch.float64)
         if case.meta == "lr":
-            self.lr = torch.tensor(self.lr, dtype=torch.float64, requires_grad=True)
+            self.lr = torch.as_tensor(self.lr, dtype=torch.float64).clone().requires_grad_()
         if case.meta == "data":  # float tensor inputs: (x, y)
             x, y = self.support
             self.support = (x.clone().requires_grad_(True), y)
@@ -318,7 +323,7 @@ def _reference_grad(s: _Setup, seed: int) -> Tensor:
     for b in range(B):  # every task's inner loop, then the queries (amaml's draw order)
         sup = task_of(s.support, b) if case.batch else s.support
         adapted.append(ref.unrolled(s.model, s.loss, sup, case.form, steps=case.steps,
-                                    lr=s.lr, kind=case.optimizer))
+                                    lr=s.lr, kind=case.optimizer))  # lr[k] if per step
     s.act()
     total = 0
     for b in range(B):

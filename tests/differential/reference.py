@@ -128,7 +128,8 @@ def unrolled(model: nn.Module, loss_fn: Callable, support: Any, form: str, *, st
              lr: float | Tensor, kind: str) -> dict[str, Tensor]:
     """The adapted parameters after ``steps`` unrolled steps, with their autograd graph.
 
-    Runs in the modules' current modes (train: dropout draws its masks)."""
+    ``lr``: a float, a 0-d tensor, or a ``(steps,)`` tensor (step k uses ``lr[k]``). Runs
+    in the modules' current modes (train: dropout draws its masks)."""
     theta = trainable(model)
     names = list(theta)
     u = [theta[n] for n in names]
@@ -136,7 +137,8 @@ def unrolled(model: nn.Module, loss_fn: Callable, support: Any, form: str, *, st
     for k in range(steps):
         loss = task_loss(model, loss_fn, dict(zip(names, u)), support, form)
         g = torch.autograd.grad(loss, u, create_graph=True)
-        u = opt_step(kind, k, u, g, state, lr)
+        lr_k = lr[k] if isinstance(lr, Tensor) and lr.ndim == 1 else lr
+        u = opt_step(kind, k, u, g, state, lr_k)
     return dict(zip(names, u))
 
 

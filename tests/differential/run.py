@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                          ("optimizer", case.optimizer), ("memory", case.memory),
                          ("call", "adapt_batch" if case.batch else "adapt"),
                          ("action", case.action), ("meta", case.meta),
-                         ("compiled", str(case.compiled))):
+                         ("compiled", str(case.compiled)), ("lr_shape", case.lr_shape)):
             tally[key][f"{val}: {outcome}"] += 1
         if outcome == "failed":
             failures.append(res)
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.examples} cases, seeds {args.start}..{args.start + args.examples - 1}, "
           f"{time.perf_counter() - t0:.0f} s")
     for key in ("outcome", "model", "call", "action", "meta", "optimizer", "memory", "compiled",
+                "lr_shape",
                 "kind"):
         print(f"\nby {key}:")
         for k, v in sorted(tally[key].items()):

@@ -48,7 +48,7 @@ def test_draw_is_reproducible_and_covers_every_dimension() -> None:
     for s in range(400):
         c = C.draw(s, compile_rate=0.5)
         for f in ("model", "form", "optimizer", "memory", "batch", "compiled", "action",
-                  "meta", "mode"):
+                  "meta", "mode", "lr_shape"):
             seen[f].add(getattr(c, f))
         seen["expected"].add(c.expected)
     assert seen["model"] == set(ZOO)
@@ -59,6 +59,7 @@ def test_draw_is_reproducible_and_covers_every_dimension() -> None:
     assert seen["meta"] == set(C.METAS)
     assert seen["form"] == {"pair", "dict"} and seen["mode"] == {"train", "eval"}
     assert seen["compiled"] == {False, True}
+    assert seen["lr_shape"] == {"scalar", "per-step"}
     assert seen["expected"] == {"exact", "refused-upfront", "refused-in-backward"}
 
 
