@@ -74,7 +74,9 @@ class Case:
     batch: int  # 0: adapt; B >= 2: adapt_batch with B tasks
     compiled: bool
     action: str  # "none", "switch" (mode flipped before the query), "inplace"
-    inplace: str  # what "inplace" changes: "weight" (the loss's) or "buffer" (the model's)
+    inplace: str  # what "inplace" changes: "weight" (the loss's), "buffer" (one the model
+    #              reads) or "running" (BatchNorm's running statistics, updated by a plain
+    #              training-mode forward pass: not read with batch_norm="batch")
     weight: str  # how the loss reads its weight w: "outside" (w * loss) or "inside" (of the
     #             nonlinearity: loss(w * prediction), which autograd saves)
     meta: str  # "init", "lr" (a learnable lr), "data" (support requires grad), "weight"
@@ -100,9 +102,9 @@ class Case:
     def expected(self) -> str:
         if self.batch and self.compiled and ZOO[self.model].batchnorm:
             return "refused-upfront"
-        if self.action == "inplace":
+        if self.action == "inplace" and self.inplace != "running":
             return "refused-in-backward"
-        return "exact"
+        return "exact"  # running statistics changed in place: amaml never read them
 
     @property
     def kind(self) -> str:
@@ -127,9 +129,9 @@ def draw(seed: int, compile_rate: float | None = None) -> Case:
     action = rng.choice(ACTIONS)
     inplace = rng.choice(["weight", "buffer"])
     if inplace == "buffer" and entry.buffer is None:
-        inplace = "weight"
+        inplace = "running" if entry.batchnorm else "weight"
         if action == "inplace":
-            notes.append("inplace buffer -> weight: the model reads no floating buffer")
+            notes.append(f"inplace buffer -> {inplace}: the model reads no floating buffer")
     weight = rng.choice(["outside", "inside"])
     meta = rng.choice(METAS)
     if meta == "data" and not entry.float_inputs:
@@ -138,9 +140,10 @@ def draw(seed: int, compile_rate: float | None = None) -> Case:
     mode = rng.choice(["train", "train", "eval"])
     steps = rng.randint(2, 5)
     n = rng.randint(3, 6)
-    return Case(seed, model, form, optimizer, memory, batch, compiled, action, inplace, weight,
-                meta,
-                mode, steps, n, tuple(notes))
+    lr_shape = rng.choice(["scalar", "scalar", "per-step"])  # drawn last: new axes go last
+    return Case(seed=seed, model=model, form=form, optimizer=optimizer, memory=memory,
+                batch=batch, compiled=compiled, action=action, inplace=inplace, weight=weight,
+                meta=meta, mode=mode, steps=steps, n=n, lr_shape=lr_shape, notes=tuple(notes))
 
 
 def make_case(**fields: Any) -> Case:
@@ -256,8 +259,13 @@ class _Setup:
             with torch.no_grad():
                 if case.inplace == "weight":
                     self.w.mul_(3)
-                else:
+                elif case.inplace == "buffer":
                     getattr(self.model, self.entry.buffer).mul_(3)
+                else:  # the common MAML habit: a training-mode pass updates them in place
+                    was = self.model.training
+                    q = task_of(self.query, 0) if case.batch else self.query
+                    self.model.train()(q[0])
+                    self.model.train(was)
 
 
 def _query_loss_amaml(s: _Setup, params: dict[str, Tensor]) -> Tensor:

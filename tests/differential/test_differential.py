@@ -51,6 +51,8 @@ def test_draw_is_reproducible_and_covers_every_dimension() -> None:
                   "meta", "mode", "lr_shape"):
             seen[f].add(getattr(c, f))
         seen["expected"].add(c.expected)
+        if c.action == "inplace":
+            seen["inplace"].add(c.inplace)
     assert seen["model"] == set(ZOO)
     assert seen["optimizer"] == {"gd", "sgd", "adam", "rmsprop"}
     assert seen["memory"] == set(C.MEMORIES)
@@ -60,6 +62,7 @@ def test_draw_is_reproducible_and_covers_every_dimension() -> None:
     assert seen["form"] == {"pair", "dict"} and seen["mode"] == {"train", "eval"}
     assert seen["compiled"] == {False, True}
     assert seen["lr_shape"] == {"scalar", "per-step"}
+    assert seen["inplace"] == {"weight", "buffer", "running"}
     assert seen["expected"] == {"exact", "refused-upfront", "refused-in-backward"}
 
 

@@ -80,6 +80,15 @@ def test_model_buffer_changed_in_place_is_refused_in_backward() -> None:
     _assert_outcome(C.make_case(model="custom_mlp", action="inplace", inplace="buffer"))
 
 
+@pytest.mark.parametrize("batch", [0, 2])
+def test_running_statistics_updated_after_adapt_change_nothing(batch: int) -> None:
+    """A training-mode forward pass between adapt and backward() updates BatchNorm's
+    running statistics in place; batch_norm="batch" never read them: exact, no refusal."""
+    res = _assert_outcome(C.make_case(model="conv_bn", action="inplace", inplace="running",
+                                      batch=batch, optimizer="adam"))
+    assert res.outcome == "exact"
+
+
 @pytest.mark.parametrize("model", ["custom_mlp", "bert"])
 def test_inplace_change_refused_as_unrolled_autograd_refuses(model: str) -> None:
     """The runner's premise: where the weight sits inside the loss, unrolled autograd
