@@ -52,6 +52,15 @@ def test_dropout_adapt_batch_draws_the_masks_of_a_task_loop() -> None:
                                 steps=2, n=4, meta="init"))
 
 
+def test_found_seed_52_dropout_adapt_batch_rmsprop_learnable_lr() -> None:
+    """Found by the suite (seed 52): adapt_batch(B=3) on the dropout MLP, RMSprop,
+    Checkpoint(every=2), a learnable lr: 1.5 relative error against the seeded task loop
+    (4.3 on lr), while amaml agrees with finite differences of its own forward pass
+    (1e-9): its tasks draw other masks (vmap, randomness="different")."""
+    _assert_outcome(C.make_case(seed=52, model="dropout_mlp", optimizer="rmsprop",
+                                memory="checkpoint2", batch=3, meta="lr", steps=5, n=3))
+
+
 # --- tensors changed in place after adapt --------------------------------------------
 
 def _net() -> nn.Module:
