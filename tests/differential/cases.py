@@ -100,8 +100,9 @@ class Case:
 
     @property
     def expected(self) -> str:
-        if self.batch and self.compiled and ZOO[self.model].batchnorm:
-            return "refused-upfront"
+        entry = ZOO[self.model]
+        if self.batch and self.compiled and (entry.batchnorm or entry.stat_norm):
+            return "refused-upfront"  # amaml's promise: a ValueError naming the layer
         if self.action == "inplace" and self.inplace != "running":
             return "refused-in-backward"
         return "exact"  # running statistics changed in place: amaml never read them
@@ -519,7 +520,8 @@ def _block_errors(s: _Setup, got: Tensor, want: Tensor) -> str:
 def _classify_refusal(case: Case, s: _Setup, r: _Refused, seed: int) -> Result:
     msg = str(r.exc)
     if r.where == "upfront":
-        if case.expected == "refused-upfront" and "BatchNorm" in msg:
+        if (case.expected == "refused-upfront" and isinstance(r.exc, ValueError)
+                and "Norm" in msg and "compile" in msg):
             return Result(case, "refused-upfront", msg[:300])
         return Result(case, "failed", f"unexpected refusal in adapt: {r}"[:500])
     if "modified" in msg and case.expected == "refused-in-backward":
