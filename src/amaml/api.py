@@ -69,10 +69,12 @@ def resolve_memory(memory: str | AbstractMemory) -> AbstractMemory:
                      "or an AbstractMemory instance.")
 
 
-#: Layers that normalise by their input's own statistics (BatchNorm too, with
-#: ``batch_norm="batch"``).
-_STAT_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-               nn.InstanceNorm3d)
+def _batched_norm(model: nn.Module, batch_norm: str) -> str | None:
+    """The first layer whose batched second derivative torch.func gets wrong."""
+    return next((f"{n or type(m).__name__} ({type(m).__name__})"
+                 for n, m in model.named_modules()
+                 if (isinstance(m, nn.LayerNorm) and m.elementwise_affine)
+                 or (isinstance(m, _BatchNorm) and batch_norm == "batch")), None)
 
 
 def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
@@ -134,22 +136,6 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
                          "unset.")
     adj = adjoint if adjoint is not None else DiscreteAdjoint(memory=resolve_memory(memory),
                                                              compile=compile)
-    norm = next((f"{n or type(m).__name__} ({type(m).__name__})"
-                 for n, m in model.named_modules()
-                 if isinstance(m, _STAT_NORMS) or (isinstance(m, _BatchNorm)
-                                                   and batch_norm == "batch")), None)
-    if (batched and norm is not None and isinstance(adj, DiscreteAdjoint)
-            and compile_mode(adj.compile) is not None):
-        # The compiled steps differentiate with torch.func (vjp of vmap of grad), which in
-        # torch 2.13 gets the second derivative of normalisation by the batch's own
-        # statistics wrong across vmapped tasks: batch-statistics BatchNorm after a
-        # convolution (1e-2 relative against unrolled autograd), an affine LayerNorm or
-        # GroupNorm (2e-3, found by tests/differential); the eager path is exact.
-        raise ValueError(f"compile={adj.compile!r} is not supported by adapt_batch on a model "
-                         f"with a normalisation layer ({norm}) that normalises by its "
-                         "input's own statistics: torch.func's batched second derivative of "
-                         "those statistics is wrong. Use compile=False (exact), or adapt "
-                         "task by task.")
     theta = flat.theta()
     if opt is not None and not isinstance(stepper, Euler):
         raise ValueError(f"optimizer={opt.name!r} is a discrete step map with no Runge-Kutta "
@@ -175,6 +161,23 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
         folded, loop, how = batch_plan(flat, loss_fn, first[0] if packed.kind == "tensor"
                                        else None, loss, packed.unflatten, batch_norm, tasks,
                                        fused is not None)
+        norm = (_batched_norm(model, batch_norm) if not loop and fused is None
+                and isinstance(adj, DiscreteAdjoint) and compile_mode(adj.compile) is not None
+                else None)
+        if norm is not None:
+            # The compiled steps differentiate with torch.func (vjp of vmap of grad), which
+            # in torch 2.13 gets the second derivative of normalisation by the input's own
+            # statistics wrong across vmapped tasks: batch-statistics BatchNorm after a
+            # convolution (1e-2 relative against unrolled autograd), an affine LayerNorm
+            # (2e-3, found by tests/differential; GroupNorm and a LayerNorm without affine
+            # parameters measured exact). Eager, and a loop of compiled tasks, are exact.
+            wrong = (f"compiled, and torch.func's batched second derivative of {norm} is "
+                     "wrong")
+            if tasks == "batched":
+                raise ValueError(f"adapt_batch(tasks='batched', compile={compile!r}) "
+                                 f"cannot batch this model exactly: {wrong}. Use "
+                                 "compile=False (exact), or tasks='auto' (a loop of tasks).")
+            folded, loop, how = None, True, f"tasks one after another ({wrong})"
         if not loop and fused is None and folded is None:
             # A random model (dropout in training mode) runs the loop too: its tasks then
             # draw the masks a seeded loop of adapt draws, task after task.

@@ -63,7 +63,7 @@ def test_draw_is_reproducible_and_covers_every_dimension() -> None:
     assert seen["compiled"] == {False, True}
     assert seen["lr_shape"] == {"scalar", "per-step"}
     assert seen["inplace"] == {"weight", "buffer", "running"}
-    assert seen["expected"] == {"exact", "refused-upfront", "refused-in-backward"}
+    assert seen["expected"] == {"exact", "refused-in-backward"}
 
 
 def test_draw_never_asks_integer_inputs_to_require_grad() -> None:

@@ -154,23 +154,25 @@ def test_float32_model_with_float64_data_is_a_type_error() -> None:
 
 
 def test_batchnorm_compiled_adapt_batch_is_refused_before_the_inner_loop() -> None:
-    """Refused up front (ValueError naming BatchNorm); the model is called at most once
-    (the one evaluation that finds the tensors the loss reads), never stepped."""
+    """tasks='batched': refused up front (ValueError naming BatchNorm); the model is called
+    at most once (the one evaluation that finds the tensors the loss reads), never
+    stepped. (tasks='auto' runs such a model's tasks as a loop: the next test.)"""
     model = ZOO["conv_bn"].build(0)
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
     xs = torch.randn(2, 4, 1, 6, 6, dtype=DT)
     ys = torch.randint(0, 3, (2, 4))
     with pytest.raises(ValueError, match="BatchNorm"):
-        amaml.adapt_batch(model, F.cross_entropy, (xs, ys), steps=2, lr=0.1, compile=True)
+        amaml.adapt_batch(model, F.cross_entropy, (xs, ys), steps=2, lr=0.1, compile=True,
+                          tasks="batched")
     assert len(calls) <= 1
 
 
 @pytest.mark.parametrize("model", ["conv_bn", "conv_gn_ln", "transformer", "bert", "gpt2"])
-def test_compiled_adapt_batch_with_statistics_normalisation_is_refused(model: str) -> None:
-    """BatchNorm, GroupNorm, LayerNorm (HF models included): compile=True adapt_batch is
-    refused before compiling anything (ValueError naming the layer); see the two slow
-    tests below for the wrong gradients this avoids."""
+def test_compiled_adapt_batch_with_statistics_normalisation_is_exact(model: str) -> None:
+    """BatchNorm, GroupNorm, LayerNorm (HF models included): compile=True adapt_batch runs
+    the tasks one after another where torch.func's batched second derivative is wrong
+    (see the slow tests below), and is exact."""
     _assert_outcome(C.make_case(model=model, batch=2, compiled=True,
                                 form=ZOO[model].forms[-1]))
 
