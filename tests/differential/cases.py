@@ -100,7 +100,6 @@ class Case:
 
     @property
     def expected(self) -> str:
-        entry = ZOO[self.model]
         if self.action == "inplace" and self.inplace != "running":
             return "refused-in-backward"
         return "exact"  # running statistics changed in place: amaml never read them
