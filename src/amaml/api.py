@@ -155,6 +155,7 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
         fused, path = None, f"generic: the model takes {packed.kind} inputs"
     chosen: Any = fused
     loop = False
+    scope = step_scope(model, loss_fn)
     if batched:
         # How the meta-batch is computed (amaml.folded): a task at a time, folded into
         # channels, or by vmap where vmap is known to be exact for every layer.
@@ -182,11 +183,13 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
             # A random model (dropout in training mode) runs the loop too: its tasks then
             # draw the masks a seeded loop of adapt draws, task after task.
             # (tasks="batched" keeps vmap: exact for the masks it draws, other ones.)
-            random = tasks == "auto" and draws_random(loss, theta, [d[0] for d in first])
-            why = batch_blocker(model) or ("the model draws random numbers (dropout in "
-                                           "training mode): the loop draws each task's "
-                                           "masks as adapt does" if random else None) \
-                or vmap_trial(loss, theta.expand(first[-1].shape[0], *theta.shape), first)
+            with scope():  # as the steps will run: module flags, attention kernel
+                random = tasks == "auto" and draws_random(loss, theta,
+                                                          [d[0] for d in first])
+                why = batch_blocker(model) or (
+                    "the model draws random numbers (dropout in training mode): the loop "
+                    "draws each task's masks as adapt does" if random else None) \
+                    or vmap_trial(loss, theta.expand(first[-1].shape[0], *theta.shape), first)
             if why is not None:
                 if tasks == "batched":
                     raise ValueError(f"adapt_batch(tasks='batched') cannot batch this model "
@@ -198,7 +201,7 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
     dt, per_step = flat.flat_lr(lr, theta, steps)
     _LOG.debug("adapt: %s", path)
     return _Plan(flat, loss if chosen is None else chosen, path, theta, dt, per_step, first,
-                 batches, stepper, adj, opt, loop, step_scope(model, loss_fn))
+                 batches, stepper, adj, opt, loop, scope)
 
 
 def _check_like_model(flat: FlatModel, data: Sequence[Tensor], keys: Sequence[str]) -> None:

@@ -205,9 +205,10 @@ def flow_context(
             pred, loss_of_pred = head(u_at.detach(), first)
             captured = captured_leaves(loss_of_pred, pred, first[1:], random_out=out_flag)
         else:
-            captured = captured_leaves(objective.total, u_at,
-                                       first if batches is None else lambda: batches(0),
-                                       random_out=out_flag)
+            with scope():  # the loss as the steps evaluate it
+                captured = captured_leaves(objective.total, u_at,
+                                           first if batches is None else lambda: batches(0),
+                                           random_out=out_flag)
     random = bool(random_flag and random_flag[0])
     for t in meta_parameters:
         if not isinstance(t, Tensor):
