@@ -58,3 +58,5 @@ def test_revolve_recomputes_the_fewest_steps(snapshots: int, n: int) -> None:
         assert flow.stats.recomputed_steps == expected
         # u_0 and the snapshots, and the state being differentiated
         assert flow.stats.peak_states <= snapshots + 2
+        # what explain's memory model counts, from the schedule alone
+        assert memory.peak_states(n) == flow.stats.peak_states

@@ -24,6 +24,7 @@ from .flow import (
     Euler,
     gradient_flow,
 )
+from .flow.auto import memory_lines
 from .flow.compiled import compile_mode
 from .flow.integrate import flow_context
 from .flow.optimizers import AbstractInnerOptimizer, resolve_optimizer
@@ -198,7 +199,7 @@ def adapt(
     steps: int,
     lr: LearningRate,
     solver: str | AbstractSolver = "euler",
-    memory: str | AbstractMemory = "checkpoint",
+    memory: str | AbstractMemory = "auto",
     proximal: Scalar = 0.0,
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
@@ -325,7 +326,7 @@ def adapt_batch(
     steps: int,
     lr: LearningRate,
     solver: str | AbstractSolver = "euler",
-    memory: str | AbstractMemory = "checkpoint",
+    memory: str | AbstractMemory = "auto",
     proximal: Scalar = 0.0,
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
@@ -422,7 +423,7 @@ def explain(
     steps: int,
     lr: LearningRate,
     solver: str | AbstractSolver = "euler",
-    memory: str | AbstractMemory = "checkpoint",
+    memory: str | AbstractMemory = "auto",
     proximal: Scalar = 0.0,
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
@@ -480,7 +481,7 @@ def explain(
     ctx = type(flow)(spec, flow.theta, flow.dt, flow.mu, flow.data, extras=flow.extras,
                      need_data=need_data, need_extras=need_extras)
     kernel = ctx.kernel().describe()
-    memory_line = ([f"memory: {plan.adjoint.memory.describe(ctx)}"]
+    memory_line = (memory_lines(ctx, plan.adjoint.memory)
                    if isinstance(plan.adjoint, DiscreteAdjoint) else [])
     return "\n".join([f"model: {plan.path}", f"inner loop: {step}",
                       f"meta-parameters: {', '.join(found)}", f"adjoint: {plan.adjoint!r}",

@@ -317,6 +317,30 @@ class Revolve(AbstractMemory):
             free -= 1
         return where
 
+    def peak_states(self, n_steps: int) -> int:
+        """The most states the sweep holds at once for ``n_steps`` steps (``u_0``, the
+        snapshots not yet used, one per open recursion level, and a state recomputed where
+        no snapshot is left): what :func:`amaml.explain`'s memory model counts. The schedule
+        is walked without taking a step."""
+        ready = len(self.first_snapshots(n_steps))
+        peak = [1 + ready]
+
+        def reverse(a: int, b: int, free: int, depth: int) -> None:
+            nonlocal ready
+            if b - a > 1 and free == 0:
+                peak[0] = max(peak[0], 1 + depth + ready + 1)
+                return
+            if b - a == 1:
+                return
+            m = self._split(a, b, free)
+            ready = max(0, ready - 1)  # the first descent takes the forward's snapshots
+            peak[0] = max(peak[0], 1 + depth + 1 + ready)
+            reverse(m, b, free - 1, depth + 1)
+            reverse(a, m, free, depth)
+
+        reverse(0, n_steps, self.snapshots, 0)
+        return peak[0]
+
     def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
         where = self.first_snapshots(flow.n_steps)
         u0 = flow.initial_state()
