@@ -49,7 +49,7 @@ def resolve_solver(solver: str | AbstractSolver) -> AbstractSolver:
 
 
 def resolve_memory(memory: str | AbstractMemory) -> AbstractMemory:
-    """A memory strategy from a registered name (``"store"``, ``"checkpoint"``,
+    """A memory strategy from a registered name (``"auto"``, ``"store"``, ``"checkpoint"``,
     ``"revolve"``, ``"backsolve"``); an :class:`~amaml.flow.AbstractMemory` instance,
     including one defined outside the package, is returned as it is."""
     if isinstance(memory, AbstractMemory):
@@ -253,8 +253,13 @@ def adapt(
             ``(steps, *broadcastable)`` is a per-step rate of that parameter. Tensors
             requiring grad get their meta-gradient too.
         solver: ``"euler"``, ``"heun"``, ``"rk4"`` or an ``AbstractSolver``.
-        memory: ``"store"`` (all states), ``"checkpoint"`` (O(sqrt(steps)) states, one
-            extra forward pass; exact), ``"revolve"`` (binomial checkpointing: 21 states
+        memory: ``"auto"`` (default: the fastest exact strategy whose predicted peak fits
+            half the memory free on the device, measured on step 0: every step's autograd
+            graph kept, as unrolling does, while the whole loop fits, else checkpoints or
+            revolve; ``Auto(megabytes=M)`` or the environment variable
+            ``AMAML_MEMORY_BUDGET_MB`` set the budget; :func:`explain` says which and why;
+            ``docs/memory.md``), ``"store"`` (all states), ``"checkpoint"``
+            (O(sqrt(steps)) states, one extra forward pass; exact), ``"revolve"`` (binomial checkpointing: 21 states
             whatever ``steps``, a few extra forward passes; exact; ``Revolve(snapshots=k)``
             sets the budget), ``Budget(megabytes=M)`` (the last steps' autograd graphs
             while they fit in ``M`` MiB, back-propagated as unrolling does; checkpoints
