@@ -259,8 +259,9 @@ def adapt(
             revolve; ``Auto(megabytes=M)`` or the environment variable
             ``AMAML_MEMORY_BUDGET_MB`` set the budget; :func:`explain` says which and why;
             ``docs/memory.md``), ``"store"`` (all states), ``"checkpoint"``
-            (O(sqrt(steps)) states, one extra forward pass; exact), ``"revolve"`` (binomial checkpointing: 21 states
-            whatever ``steps``, a few extra forward passes; exact; ``Revolve(snapshots=k)``
+            (O(sqrt(steps)) states, one extra forward pass; exact), ``"revolve"``
+            (binomial checkpointing: at most 22 states whatever ``steps``, a few extra
+            forward passes; exact; ``Revolve(snapshots=k)``
             sets the budget), ``Budget(megabytes=M)`` (the last steps' autograd graphs
             while they fit in ``M`` MiB, back-propagated as unrolling does; checkpoints
             before; exact), ``"backsolve"`` (O(1) states; approximate), or any
