@@ -15,9 +15,10 @@ One task, inner loop ``N`` steps of Adam (lr ``--lr``), cross-entropy, float32, 
 Rows: ``forward`` (N steps of ``torch.optim.Adam`` on the module, no graph: the floor),
 ``unrolled`` (``amaml.adapt(adjoint=amaml.Unrolled())``: back-propagation through the N
 steps), ``store``, ``checkpoint``, ``revolve`` (20 snapshots) and ``auto`` (the default,
-``memory="auto"``). Each row runs in its own subprocess: a one-step warm-up, then
-``--repeats`` meta-gradients; time is the fastest, peak memory the growth of the resident
-set's high-water mark over the first (``/proc/self/clear_refs`` resets it; CUDA:
+``memory="auto"``); ``--methods budget`` adds ``Budget`` with room for every step's graph.
+Each row runs in its own subprocess: a one-step warm-up, then ``--repeats``
+meta-gradients; time is the fastest, peak memory the growth of the resident set's
+high-water mark over the first (``/proc/self/clear_refs`` resets it; CUDA:
 ``torch.cuda.max_memory_allocated``). ``pred`` is the peak :func:`amaml.explain` predicts
 from step 0 (``docs/memory.md``); a row whose predicted peak exceeds ``--max-mem-gb`` is
 skipped, not run. Gradients are compared with the unrolled row where both ran.
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 METHODS = ["forward", "unrolled", "store", "checkpoint", "revolve", "auto"]
+EXTRA_METHODS = ["budget"]  # every step's graph kept: Budget with room for all
 MODELS = ["mlp", "resnet18", "bert"]
 
 
@@ -158,9 +160,9 @@ def child(a: argparse.Namespace) -> dict:
                 F.cross_entropy(out, y).backward()
                 opt.step()
             return [p.detach() for p in params]
+        special = {"revolve": amaml.Revolve(snapshots=20), "budget": amaml.Budget(1e9)}
         kw = ({"adjoint": amaml.Unrolled()} if a.method == "unrolled"
-              else {"memory": amaml.Revolve(snapshots=20) if a.method == "revolve"
-                    else a.method})
+              else {"memory": special.get(a.method, a.method)})
         p = amaml.adapt(model, F.cross_entropy, (x, y), steps=n, lr=a.lr, optimizer="adam",
                         **kw)
         q = F.cross_entropy(amaml.functional_call(model, p, xq), yq)
@@ -223,7 +225,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "resnet18"], choices=MODELS)
     ap.add_argument("--N", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA_METHODS)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--images", type=int, default=4, help="support and query images/sequences")
@@ -261,7 +263,7 @@ def main() -> None:
             peaks, choice = pred.get("pred", {}), pred.get("auto", pred.get("error", ""))
             fwd = ref = None
             for m in a.methods:
-                p_mib = peaks.get(m)
+                p_mib = peaks.get("unrolled" if m == "budget" else m)
                 row = {"model": model, "N": n, "method": m, "pred_mib": p_mib}
                 if p_mib is not None and p_mib > a.max_mem_gb * 1024:
                     row["error"] = f"skipped: predicted {p_mib / 1024:.1f} GiB"
