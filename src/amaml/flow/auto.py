@@ -38,9 +38,12 @@ twice), else checkpoint, else revolve.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -136,24 +139,58 @@ def _mib(n: float) -> str:
 def free_bytes(device: torch.device) -> int | None:
     """Memory free on ``device`` now: CUDA ``mem_get_info`` plus what torch's caching
     allocator holds unused; CPU ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the
-    available physical pages; ``None`` where unknown."""
+    available physical pages, plus what glibc's heap holds free for this process (reused
+    by the next tensors; :func:`amaml.tune_cpu_allocator` keeps freed memory there);
+    ``None`` where unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + max(cached, 0))
     if device.type != "cpu":
         return None
+    available = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return available + _heap_free()
+
+
+def _heap_free() -> int:
+    """Bytes glibc's heap holds free for this process (``mallinfo2().fordblks``): memory
+    ``MemAvailable`` does not count but the next tensors reuse, which is most of it after
+    :func:`amaml.tune_cpu_allocator`; 0 where unknown (not glibc >= 2.33)."""
+    global _MALLINFO2
+    if _MALLINFO2 is None:
+        _MALLINFO2 = False
+        try:
+            name = ctypes.util.find_library("c")
+            fn = ctypes.CDLL(name or "libc.so.6").mallinfo2
+            fn.restype = _Mallinfo2
+            _MALLINFO2 = fn
+        except (OSError, AttributeError):
+            pass
+    if _MALLINFO2 is False:
+        return 0
+    return int(_MALLINFO2().fordblks)
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+
+
+_MALLINFO2: Any = None
 
 
 def _env_megabytes() -> float | None:
@@ -187,7 +224,8 @@ class Auto(AbstractMemory):
         megabytes: The budget in MiB for what the meta-gradient holds. ``None`` (default):
             the environment variable ``AMAML_MEMORY_BUDGET_MB`` if set, else ``share`` of
             the memory free on the device when the forward pass starts (CPU:
-            ``MemAvailable``; CUDA: ``torch.cuda.mem_get_info`` plus torch's unused cache).
+            ``MemAvailable`` plus the process's free heap; CUDA: ``torch.cuda.mem_get_info``
+            plus torch's unused cache).
         share: The share of the free memory used when no budget is given, in (0, 1].
 
     Note:
