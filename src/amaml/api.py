@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._types import Batch, LearningRate, LossFn, Params, Scalar
+from .allocator import tune_cpu_allocator_once
 from .batchnorm import BATCH_NORM_MODES, model_forward
 from .fastpath import fused_plan
 from .flow import (
@@ -168,6 +169,8 @@ def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Lear
     plan = _plan(model, loss_fn, data, steps=steps, lr=lr, solver=solver, memory=memory,
                  proximal=proximal, adjoint=adjoint, batched=batched, compile=compile,
                  batch_norm=batch_norm, optimizer=optimizer, tasks=tasks)
+    if plan.theta.device.type == "cpu":  # keep freed memory for reuse (AMAML_MALLOC=system: no)
+        tune_cpu_allocator_once()
 
     def flow(first: Sequence[Tensor], batches: Any, batched: bool) -> Tensor:
         return gradient_flow(plan.loss, plan.theta, dt=plan.dt, n_steps=steps,
