@@ -259,7 +259,7 @@ class Auto(AbstractMemory):
         free = free_bytes(dev)
         if free is None:  # unknown device: as if 4 GiB were free
             free = 4 << 30
-        where = "MemAvailable" if dev.type == "cpu" else f"free on {dev}"
+        where = "MemAvailable and free heap" if dev.type == "cpu" else f"free on {dev}"
         return int(self.share * free), f"{self.share:g} x {_mib(free)} {where}"
 
     @staticmethod
@@ -372,12 +372,12 @@ def memory_lines(flow: FlowContext, memory: AbstractMemory) -> list[str]:
     if isinstance(memory, Auto):
         chosen, taped, reason = Auto.choose(n, seen, memory.budget_bytes(flow.theta.device))
         head = f"memory: auto: {reason}"
-        auto_peak = predict_peak(chosen, n, seen, taped)
+        auto_peak = predict_peak(chosen, n, cost, taped)
     else:
         head = f"memory: {memory.describe(flow)}"
         auto_memory = Auto()
         chosen, taped, _ = Auto.choose(n, seen, auto_memory.budget_bytes(flow.theta.device))
-        auto_peak = predict_peak(chosen, n, seen, taped)
+        auto_peak = predict_peak(chosen, n, cost, taped)
     peaks = {"unrolled": predict_peak(None, n, cost), "store": predict_peak(Store(), n, cost),
              "checkpoint": predict_peak(Checkpoint(), n, cost),
              "revolve": predict_peak(Revolve(), n, cost), "auto": auto_peak}
