@@ -227,7 +227,8 @@ def profile(model: nn.Module, data: tuple[Tensor, ...], k: int, steps_list: list
                 reinit_(model, 0)
                 x = xs.clone().requires_grad_()
                 r = lr.clone().requires_grad_()
-                meta_loss(method, model, x, ys, r, steps, opt, xq, yq, args.truncate).backward()
+                meta_loss(method, model, x, ys, r, steps, opt, xq, yq, args.truncate,
+                          args.profile_memory).backward()
 
             if steps < 10_000:
                 one()  # warm-up
@@ -374,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--profile", default="",
                    help="comma-separated N: measure one meta-gradient of each method instead")
+    p.add_argument("--profile-memory", default="revolve",
+                   help="amaml's memory strategy in --profile (e.g. auto, store, checkpoint)")
     p.add_argument("--profile-repeats", type=int, default=3,
                    help="timed calls after a warm-up (the fastest is reported)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")

@@ -29,3 +29,15 @@ def test_profile_conv4_runs() -> None:
                         "--width", "4", "--tasks", "2", "--repeats", "2"],
                        check=True, env=ENV, timeout=300, capture_output=True, text=True)
     assert "tasks folded into channels" in p.stdout and "F+B1+B2" in p.stdout
+
+
+def test_real_models_bench_runs_predicts_and_agrees(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_real_models.py"),
+                    "--models", "resnet18", "--width", "4", "--images", "2", "--N", "2",
+                    "--methods", "unrolled", "auto", "--repeats", "1", "--json", str(out)],
+                   check=True, env=ENV, timeout=300, capture_output=True)
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["unrolled", "auto"]
+    assert all(r["pred_mib"] > 0 and r["mib"] >= 0 for r in rows)
+    assert rows[1]["err"] < 1e-4  # float32, two Adam steps

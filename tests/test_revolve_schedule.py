@@ -4,6 +4,7 @@ the exhaustive minimum, and the forward pass's snapshots save the first descent.
 from __future__ import annotations
 
 import functools
+import types
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ class _Counting:
 
     def __init__(self, n: int) -> None:
         self.n_steps, self.stats, self.order = n, SweepStats(), []
+        self.spec = types.SimpleNamespace(scratch={})  # where Revolve leaves its snapshots
 
     def initial_state(self):
         return torch.tensor(0.0)
@@ -56,3 +58,5 @@ def test_revolve_recomputes_the_fewest_steps(snapshots: int, n: int) -> None:
         assert flow.stats.recomputed_steps == expected
         # u_0 and the snapshots, and the state being differentiated
         assert flow.stats.peak_states <= snapshots + 2
+        # what explain's memory model counts, from the schedule alone
+        assert memory.peak_states(n) == flow.stats.peak_states

@@ -155,7 +155,7 @@ def test_adapt_batch_conv_checkpoint_is_exact() -> None:
 def test_explain_says_what_checkpoint_and_budget_keep() -> None:
     net = conv_bn_net()
     x, y, _, _ = _conv_task()
-    text = amaml.explain(net, F.cross_entropy, (x, y), steps=5, lr=0.1)
+    text = amaml.explain(net, F.cross_entropy, (x, y), steps=5, lr=0.1, memory="checkpoint")
     assert "memory: checkpoint spaced" in text and "autograd graphs kept" in text
     text = amaml.explain(net, F.cross_entropy, (x, y), steps=5, lr=0.1,
                          memory=amaml.Checkpoint(tapes=False))
@@ -166,5 +166,6 @@ def test_explain_says_what_checkpoint_and_budget_keep() -> None:
     mlp = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(),
                               torch.nn.Linear(4, 1)).to(DT)
     text = amaml.explain(mlp, F.mse_loss, (torch.randn(6, 2, dtype=DT),
-                                           torch.randn(6, 1, dtype=DT)), steps=5, lr=0.1)
+                                           torch.randn(6, 1, dtype=DT)), steps=5, lr=0.1,
+                         memory="checkpoint")
     assert "each segment's states recomputed" in text  # the fused path keeps no graphs

@@ -17,6 +17,7 @@ from .api import (
 )
 from .flow import (
     RK4,
+    Auto,
     Backsolve,
     BacksolveError,
     Budget,
@@ -37,7 +38,8 @@ from .support import MiniBatches
 __version__ = "0.1.0"
 
 __all__ = [
-    "BATCH_NORM_MODES", "Backsolve", "BacksolveError", "Budget", "Checkpoint", "DiscreteAdjoint",
+    "BATCH_NORM_MODES", "Auto", "Backsolve", "BacksolveError", "Budget", "Checkpoint",
+    "DiscreteAdjoint",
     "DivergenceError", "Euler", "FirstOrder", "Heun", "Implicit", "MiniBatches", "RK4", "Revolve",
     "Store",
     "Unrolled", "__version__", "adapt", "adapt_batch", "explain", "functional_call",

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._types import Batch, LearningRate, LossFn, Params, Scalar
+from .allocator import tune_cpu_allocator_once
 from .batchnorm import BATCH_NORM_MODES, model_forward
 from .fastpath import fused_plan
 from .flow import (
@@ -24,6 +25,7 @@ from .flow import (
     Euler,
     gradient_flow,
 )
+from .flow.auto import memory_lines
 from .flow.compiled import compile_mode
 from .flow.fused import AbstractFusedLoss
 from .flow.integrate import flow_context
@@ -58,7 +60,7 @@ def resolve_solver(solver: str | AbstractSolver) -> AbstractSolver:
 
 
 def resolve_memory(memory: str | AbstractMemory) -> AbstractMemory:
-    """A memory strategy from a registered name (``"store"``, ``"checkpoint"``,
+    """A memory strategy from a registered name (``"auto"``, ``"store"``, ``"checkpoint"``,
     ``"revolve"``, ``"backsolve"``); an :class:`~amaml.flow.AbstractMemory` instance,
     including one defined outside the package, is returned as it is."""
     if isinstance(memory, AbstractMemory):
@@ -231,6 +233,8 @@ def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Lear
     plan = _plan(model, loss_fn, data, steps=steps, lr=lr, solver=solver, memory=memory,
                  proximal=proximal, adjoint=adjoint, batched=batched, compile=compile,
                  batch_norm=batch_norm, optimizer=optimizer, tasks=tasks)
+    if plan.theta.device.type == "cpu":  # keep freed memory for reuse (AMAML_MALLOC=system: no)
+        tune_cpu_allocator_once()
 
     def flow(first: Sequence[Tensor], batches: Any, batched: bool) -> Tensor:
         return gradient_flow(plan.loss, plan.theta, dt=plan.dt, n_steps=steps,
@@ -263,7 +267,7 @@ def adapt(
     steps: int,
     lr: LearningRate,
     solver: str | AbstractSolver = "euler",
-    memory: str | AbstractMemory = "checkpoint",
+    memory: str | AbstractMemory = "auto",
     proximal: Scalar = 0.0,
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
@@ -317,9 +321,15 @@ def adapt(
             ``(steps, *broadcastable)`` is a per-step rate of that parameter. Tensors
             requiring grad get their meta-gradient too.
         solver: ``"euler"``, ``"heun"``, ``"rk4"`` or an ``AbstractSolver``.
-        memory: ``"store"`` (all states), ``"checkpoint"`` (O(sqrt(steps)) states, one
-            extra forward pass; exact), ``"revolve"`` (binomial checkpointing: 21 states
-            whatever ``steps``, a few extra forward passes; exact; ``Revolve(snapshots=k)``
+        memory: ``"auto"`` (default: the fastest exact strategy whose predicted peak fits
+            half the memory free on the device, measured on step 0: every step's autograd
+            graph kept, as unrolling does, while the whole loop fits, else checkpoints or
+            revolve; ``Auto(megabytes=M)`` or the environment variable
+            ``AMAML_MEMORY_BUDGET_MB`` set the budget; :func:`explain` says which and why;
+            ``docs/memory.md``), ``"store"`` (all states), ``"checkpoint"``
+            (O(sqrt(steps)) states, one extra forward pass; exact), ``"revolve"``
+            (binomial checkpointing: at most 22 states whatever ``steps``, a few extra
+            forward passes; exact; ``Revolve(snapshots=k)``
             sets the budget), ``Budget(megabytes=M)`` (the last steps' autograd graphs
             while they fit in ``M`` MiB, back-propagated as unrolling does; checkpoints
             before; exact), ``"backsolve"`` (O(1) states; approximate), or any
@@ -390,7 +400,7 @@ def adapt_batch(
     steps: int,
     lr: LearningRate,
     solver: str | AbstractSolver = "euler",
-    memory: str | AbstractMemory = "checkpoint",
+    memory: str | AbstractMemory = "auto",
     proximal: Scalar = 0.0,
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
@@ -527,7 +537,7 @@ def explain(
     steps: int,
     lr: LearningRate,
     solver: str | AbstractSolver = "euler",
-    memory: str | AbstractMemory = "checkpoint",
+    memory: str | AbstractMemory = "auto",
     proximal: Scalar = 0.0,
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
@@ -591,7 +601,7 @@ def explain(
     ctx = type(flow)(spec, flow.theta, flow.dt, flow.mu, flow.data, extras=flow.extras,
                      need_data=need_data, need_extras=need_extras)
     kernel = ctx.kernel().describe()
-    memory_line = ([f"memory: {plan.adjoint.memory.describe(ctx)}"]
+    memory_line = (memory_lines(ctx, plan.adjoint.memory)
                    if isinstance(plan.adjoint, DiscreteAdjoint) else [])
     return "\n".join([f"model: {plan.path}", f"inner loop: {step}",
                       f"meta-parameters: {', '.join(found)}", f"adjoint: {plan.adjoint!r}",

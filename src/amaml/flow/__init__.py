@@ -33,6 +33,7 @@ from .adjoint import (
     Unrolled,
     adjoint_sweep,
 )
+from .auto import Auto
 from .budget import Budget
 from .context import FlowContext
 from .errors import BacksolveError, DivergenceError
@@ -49,10 +50,12 @@ MEMORIES: dict[str, type[AbstractMemory]] = {
     "revolve": Revolve,
     "backsolve": Backsolve,
     "budget": Budget,
+    "auto": Auto,
 }
 
 __all__ = [
-    "AbstractAdjoint", "AbstractMemory", "AbstractSolver", "AbstractSweepAdjoint", "Backsolve",
+    "AbstractAdjoint", "AbstractMemory", "AbstractSolver", "AbstractSweepAdjoint", "Auto",
+    "Backsolve",
     "BacksolveError", "Budget", "Checkpoint", "DiscreteAdjoint", "DivergenceError", "Euler",
     "FirstOrder",
     "FlowContext", "Heun", "Implicit", "MEMORIES", "Objective", "RK4", "Revolve", "SOLVERS",

@@ -334,10 +334,17 @@ class _FlowFn(torch.autograd.Function):
         ctx.spec = spec
         ctx.n_tensors = len(tensors)
         ctx.mark_non_differentiable(output[1])
+        # Without this, autograd hands backward a zero tensor the size of the kept states
+        # as the (unused) cotangent of the second output: one more copy of everything kept,
+        # allocated at the start of the backward pass (issue 25: store's peak was 2.1x its
+        # N + 1 states). ``lam`` is then ``None`` when ``u_N`` received no cotangent.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(output[1], theta, dt, mu, *tensors)
 
     @staticmethod
     def backward(ctx: Any, lam: Tensor, _: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        if lam is None:  # u_N did not reach the loss: nothing flows back
+            return (None,) * (4 + ctx.n_tensors)
         kept, theta, dt, mu, *tensors = ctx.saved_tensors
         spec = ctx.spec
         spec.watched.check(spec.scope)  # the steps are evaluated again: as they ran

@@ -18,7 +18,7 @@ from .context import AutogradTape, FlowContext
 from .errors import DivergenceError
 from .memory import AbstractMemory, recomputed_segment, taped_segment
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "budget_forward"]
 
 
 @dataclass(frozen=True)
@@ -67,41 +67,10 @@ class Budget(AbstractMemory):
                 f"{self.megabytes:g} MiB (measured on step 0), the steps before {rest}")
 
     def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
-        n, scratch = flow.n_steps, flow.spec.scratch
         z0 = flow.initial_state()
         z1, tape0 = flow.tape_step(z0, 0)
-        per_step = max(tape0.nbytes(), 1)
-        taped = min(n, int(self.megabytes * 2**20 // per_step))
-        start = n - taped
-        tapes: list[AutogradTape] = []
-        # kept: the checkpoints of steps 0 .. start-1, then the state at ``start``
-        if start == 0:
-            kept = torch.stack([z0])
-            tapes.append(tape0)
-            z, first, every = z1, 1, 0
-        else:
-            del tape0
-            graphs = taped > 0 and flow.kernel().name == "autograd"
-            every = taped if graphs else max(1, math.isqrt(start - 1) + 1)
-            n_ckpt = -(-start // every)
-            kept = z0.new_empty((n_ckpt + 1, *z0.shape))
-            kept[0].copy_(z0)
-            z, _ = flow.integrate(z1, 1, min(every, start))
-            if every < start:
-                z, _ = flow.integrate(z, every, start, keep_every=every, out=kept[1:n_ckpt])
-            kept[-1].copy_(z)
-            z, first = kept[-1], start
-            every = every if graphs else -every  # < 0: segments without graphs
-        for k in range(first, n):
-            z, tape = flow.tape_step(z, k)
-            tapes.append(tape)
-        if not bool(torch.isfinite(z).all()):
-            raise DivergenceError(n, n, " (under memory=Budget)")
-        scratch["budget"] = tapes
-        scratch["budget_start"] = start
-        scratch["budget_every"] = every
-        flow.stats.taped_steps = taped
-        return z, kept
+        taped = min(flow.n_steps, int(self.megabytes * 2**20 // max(tape0.nbytes(), 1)))
+        return budget_forward(flow, z0, z1, tape0, taped)
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
         n, stats, scratch = flow.n_steps, flow.stats, flow.spec.scratch
@@ -126,3 +95,42 @@ class Budget(AbstractMemory):
             else:
                 lam = recomputed_segment(flow, kept[j], s0, s1, lam, others - 1)
         return lam
+
+
+def budget_forward(flow: FlowContext, z0: Tensor, z1: Tensor, tape0: AutogradTape,
+                   taped: int) -> tuple[Tensor, Tensor]:
+    """:class:`Budget`'s forward pass once step 0 is taken (``z1``, its graph ``tape0``):
+    the last ``taped`` steps with their graphs kept, checkpoints before (what
+    :meth:`Budget.sweep` reads back). :class:`~amaml.flow.auto.Auto` calls it with the
+    count it chose from the same first step."""
+    n, scratch = flow.n_steps, flow.spec.scratch
+    start = n - taped
+    tapes: list[AutogradTape] = []
+    # kept: the checkpoints of steps 0 .. start-1, then the state at ``start``
+    if start == 0:
+        kept = torch.stack([z0])
+        tapes.append(tape0)
+        z, first, every = z1, 1, 0
+    else:
+        del tape0
+        graphs = taped > 0 and flow.kernel().name == "autograd"
+        every = taped if graphs else max(1, math.isqrt(start - 1) + 1)
+        n_ckpt = -(-start // every)
+        kept = z0.new_empty((n_ckpt + 1, *z0.shape))
+        kept[0].copy_(z0)
+        z, _ = flow.integrate(z1, 1, min(every, start))
+        if every < start:
+            z, _ = flow.integrate(z, every, start, keep_every=every, out=kept[1:n_ckpt])
+        kept[-1].copy_(z)
+        z, first = kept[-1], start
+        every = every if graphs else -every  # < 0: segments without graphs
+    for k in range(first, n):
+        z, tape = flow.tape_step(z, k)
+        tapes.append(tape)
+    if not bool(torch.isfinite(z).all()):
+        raise DivergenceError(n, n, " (under memory=Budget)")
+    scratch["budget"] = tapes
+    scratch["budget_start"] = start
+    scratch["budget_every"] = every
+    flow.stats.taped_steps = taped
+    return z, kept

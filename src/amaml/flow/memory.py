@@ -172,7 +172,15 @@ class Checkpoint(AbstractMemory):
             return u_end, ckpts
         # Measure one step's graph on step 0, then place the checkpoints.
         u1, tape = flow.tape_step(u0, 0)
-        every = self.taped_segment(n, u0.numel() * u0.element_size(), tape.nbytes())
+        return self.forward_taken(flow, u0, u1, tape)
+
+    def forward_taken(self, flow: FlowContext, u0: Tensor, u1: Tensor,
+                      tape: AutogradTape) -> tuple[Tensor, Tensor]:
+        """The forward pass with segments recomputed with their graphs, once step 0 is taken
+        (``u1``, its graph ``tape``, which sets the segment length; ``N >= 2``)."""
+        n = flow.n_steps
+        every = (self.every if self.every is not None else
+                 self.taped_segment(n, u0.numel() * u0.element_size(), tape.nbytes()))
         del tape
         ckpts = u0.new_empty((-(-n // every), *u0.shape))
         ckpts[0].copy_(u0)
@@ -309,23 +317,54 @@ class Revolve(AbstractMemory):
             free -= 1
         return where
 
+    def peak_states(self, n_steps: int) -> int:
+        """The most states the sweep holds at once for ``n_steps`` steps (``u_0``, the
+        snapshots not yet used, one per open recursion level, and a state recomputed where
+        no snapshot is left): what :func:`amaml.explain`'s memory model counts. The schedule
+        is walked without taking a step."""
+        ready = len(self.first_snapshots(n_steps))
+        peak = [1 + ready]
+
+        def reverse(a: int, b: int, free: int, depth: int) -> None:
+            nonlocal ready
+            if b - a > 1 and free == 0:
+                peak[0] = max(peak[0], 1 + depth + ready + 1)
+                return
+            if b - a == 1:
+                return
+            m = self._split(a, b, free)
+            ready = max(0, ready - 1)  # the first descent takes the forward's snapshots
+            peak[0] = max(peak[0], 1 + depth + 1 + ready)
+            reverse(m, b, free - 1, depth + 1)
+            reverse(a, m, free, depth)
+
+        reverse(0, n_steps, self.snapshots, 0)
+        return peak[0]
+
     def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
         where = self.first_snapshots(flow.n_steps)
         u0 = flow.initial_state()
-        kept = u0.new_empty((1 + len(where), *u0.shape))
+        kept = u0.new_empty((1, *u0.shape))
         kept[0].copy_(u0)
-        u, k = u0, 0
-        for i, m in enumerate(where, 1):
+        # The snapshots are separate tensors, held in the flow's scratch until the sweep
+        # takes them: each dies when the recursion level that uses it returns. Rows of the
+        # one kept tensor would stay alive (saved for backward) through the whole sweep while
+        # the recursion allocates new states beside them: up to twice ``snapshots + 1``
+        # states (issue 25).
+        ready: dict[int, Tensor] = {}
+        u, k = kept[0], 0
+        for m in where:
             u, _ = flow.integrate(u, k, m)
-            kept[i].copy_(u)
-            u, k = kept[i], m
+            ready[m], k = u, m
         u_end, _ = flow.integrate(u, k, flow.n_steps)
+        flow.spec.scratch["revolve_ready"] = ready
         return u_end, kept
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
         stats = flow.stats
         # The snapshots the forward pass placed, by step: used (once) by the first descent.
-        ready = dict(zip(self.first_snapshots(flow.n_steps), kept[1:]))
+        # A second backward pass through the same result finds none and recomputes them.
+        ready = flow.spec.scratch.pop("revolve_ready", {})
         held = [1]  # states alive now: u0 (the caller's), then one per open recursion level
         # The cotangent lives in one box, not in the recursion's frames: a frame that passed
         # ``lam`` down would otherwise keep that stale vector alive until it returns.
