@@ -56,8 +56,10 @@ FD_EPS = (1e-7, 1e-8, 1e-9, 1e-6)
 # "checkpoint" as the user writes it (segments picked by amaml), "checkpoint2" every 2nd
 # state kept with no graphs kept (each step's VJP recomputed), "revolve2" binomial
 # checkpointing with 2 snapshots (the default 21 would store every state of these short
-# loops), "budget" a Budget small enough that these models' tapes and checkpoints mix.
-MEMORIES = ("store", "checkpoint", "checkpoint2", "revolve2", "budget")
+# loops), "budget" a Budget small enough that these models' tapes and checkpoints mix,
+# "auto" the default (room for every step's graph), "auto-tiny" auto under a budget that
+# fits no graph (checkpoint or revolve chosen).
+MEMORIES = ("store", "checkpoint", "checkpoint2", "revolve2", "budget", "auto", "auto-tiny")
 ACTIONS = ("none", "switch", "inplace")
 METAS = ("init", "lr", "data", "weight")
 LR = {"gd": 0.1, "sgd": 0.05, "adam": 0.01, "rmsprop": 0.005}
@@ -179,7 +181,8 @@ def _memory(name: str) -> Any:
             "revolve2": amaml.Revolve(snapshots=2),
             # 0.05 MB: a few steps' graphs of these models (amaml.explain: "the last steps
             # kept while they fit in 0.05 MiB, the steps before recomputed").
-            "budget": amaml.Budget(megabytes=0.05)}.get(name, name)
+            "budget": amaml.Budget(megabytes=0.05),
+            "auto-tiny": amaml.Auto(megabytes=0.002)}.get(name, name)
 
 
 def _amaml_optimizer(kind: str) -> Any:
