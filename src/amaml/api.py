@@ -601,8 +601,9 @@ def explain(
     ctx = type(flow)(spec, flow.theta, flow.dt, flow.mu, flow.data, extras=flow.extras,
                      need_data=need_data, need_extras=need_extras)
     kernel = ctx.kernel().describe()
-    memory_line = (memory_lines(ctx, plan.adjoint.memory)
-                   if isinstance(plan.adjoint, DiscreteAdjoint) else [])
+    with plan.scope():  # the first step measured as the loop will take it
+        memory_line = (memory_lines(ctx, plan.adjoint.memory)
+                       if isinstance(plan.adjoint, DiscreteAdjoint) else [])
     return "\n".join([f"model: {plan.path}", f"inner loop: {step}",
                       f"meta-parameters: {', '.join(found)}", f"adjoint: {plan.adjoint!r}",
                       *memory_line, f"step VJP kernel: {kernel}",
