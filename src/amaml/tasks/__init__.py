@@ -7,8 +7,8 @@ Build one with :func:`make_family`::
     support_x, support_y, query_x, query_y = fam.train.batch([0, 1, 2, 3, 4])
 
 Classification families (``"glyphs"``, ``"omniglot"``, its minimal background splits
-``"omniglot-minimal"``, ``"omniglot-small1"``, ``"omniglot-small2"``, and ``"mini-imagenet"``; ``kind ==
-"classification"``) draw N-way episodes of images with int64 labels::
+``"omniglot-minimal"``, ``"omniglot-small1"``, ``"omniglot-small2"``, and
+``"mini-imagenet"``; ``kind == "classification"``) draw N-way episodes of images with int64 labels::
 
     fam = make_family("glyphs", ways=5, shots=1, queries=15, n_test=600, seed=0)
     batch = fam.sample_train_batch(32, torch.Generator().manual_seed(0))  # fresh episodes
