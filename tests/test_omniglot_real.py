@@ -223,3 +223,22 @@ def test_cli_lake_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
                  "--out", str(five)]) == 0
     assert main(["lake-runs", "--checkpoint", str(five / "init.pt"), "--no-baselines"]) == 2
     assert "--ways 20" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_omniglot_memory_runs(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "mem.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_omniglot_memory.py"),
+                    "--data-dir", str(DATA), "--steps", "1", "2", "3", "--conv-width", "4",
+                    "--meta-batch", "1", "--repeats", "1", "--max-mb", "1e-9",
+                    "--out", str(out)], check=True, timeout=300, capture_output=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["n_steps"]) for r in rows] == [
+        (m, n) for m in ("amaml", "maml") for n in (1, 2, 3)]
+    assert rows[2]["peak_mib"] is None and rows[0]["peak_mib"] > 0  # N=3 over the budget
