@@ -19,9 +19,19 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+
+
+def _meta_gradient(model: Any, algorithm: Any, loss: Any, batch: Any) -> Callable[[], None]:
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        algorithm.meta_step(model, loss, batch)
+
+    return run
 
 
 def main() -> None:
@@ -64,12 +74,8 @@ def main() -> None:
             cfg = base.replace(method=method, steps=n, maml_steps=n)
             model = build_model(cfg, family.input_shape)
             algorithm = build_algorithm(cfg)
-            loss = config_loss(cfg)
 
-            def meta_gradient() -> None:
-                model.zero_grad(set_to_none=True)
-                algorithm.meta_step(model, loss, batch)  # noqa: B023 (called in this loop)
-
+            meta_gradient = _meta_gradient(model, algorithm, config_loss(cfg), batch)
             mib = peak_memory_mib(meta_gradient, "cpu")
             times = []
             for _ in range(args.repeats):
