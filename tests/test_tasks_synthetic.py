@@ -66,6 +66,9 @@ def test_list_families() -> None:
         "movielens-100k",
         "movielens-1m",
         "omniglot",
+        "omniglot-minimal",
+        "omniglot-small1",
+        "omniglot-small2",
         "sinusoid",
     ]
 

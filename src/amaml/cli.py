@@ -1,4 +1,5 @@
-"""The ``amaml`` command: ``train``, ``compare``, ``sweep-steps``, ``eval``, ``summarize``.
+"""The ``amaml`` command: ``train``, ``compare``, ``sweep-steps``, ``eval``, ``lake-runs``,
+``summarize``.
 
 Flags mirror :class:`amaml.experiments.config.TrainConfig` (``--meta-iters`` sets
 ``meta_iters``). Bad values, missing data, a diverged inner loop or a damaged
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"amaml {__version__}")
     sub = parser.add_subparsers(dest="command",
-                                metavar="{train,compare,sweep-steps,eval,summarize}",
+                                metavar="{train,compare,sweep-steps,eval,lake-runs,summarize}",
                                 parser_class=_Parser)
     sub.required = True
 
@@ -119,6 +120,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_flags(e)
     e.add_argument("--output", help="also write the result as JSON to this file")
     add_runtime_flags(e)
+
+    k = sub.add_parser("lake-runs", help="score a saved initialisation on Omniglot's own "
+                       "one-shot test (20 within-alphabet 20-way 1-shot runs)",
+                       description="Adapt a saved 20-way initialisation (init.pt or "
+                       "checkpoint.pt) with its method on each run's 20 training images of "
+                       "all_runs.zip, classify its 20 test images, and print the error over "
+                       "the 400 test images with its 95%% Wilson interval, beside the random "
+                       "initialisation adapted the same way (no-meta), nearest neighbour on "
+                       "pixels, the modified Hausdorff distance and the published rates; "
+                       "optionally the accuracy on random 5- and 20-way 1-shot episodes of "
+                       "the run's held-out alphabets.")
+    k.add_argument("--checkpoint", required=True, help="init.pt or checkpoint.pt of a run "
+                   "meta-trained with --ways 20 on an Omniglot family")
+    k.add_argument("--runs-dir", help="folder holding all_runs.zip or all_runs/ (default: "
+                   "the run's --data-dir)")
+    k.add_argument("--download", action="store_true",
+                   help="download all_runs.zip (and the run's data) where missing")
+    k.add_argument("--eval-steps", type=_int_list, help="adaptation steps, comma-separated "
+                   "(default: the method's own inner loop)")
+    k.add_argument("--episodes", type=int, default=0, help="held-out episodes per way "
+                   "count (5 and 20) of the run's family (default 0: none)")
+    k.add_argument("--method", help="adapt with this method's inner loop instead of the "
+                   "run's (e.g. amaml on a maml run)")
+    k.add_argument("--no-baselines", action="store_true",
+                   help="leave out the pixel nearest-neighbour and Hausdorff rows")
+    k.add_argument("--output", help="also write the report as JSON to this file")
+    add_runtime_flags(k)
 
     s = sub.add_parser("summarize", help="summarise comparisons of several seeds",
                        description="Summarise `amaml compare` runs of one setting that "
@@ -299,6 +327,46 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 5,20,100;"
+                                         f" got {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1; got {text!r}")
+    return values
+
+
+def _run_lake_runs(args: argparse.Namespace) -> int:
+    from .experiments.checkpoint import atomic_write_json
+    from .experiments.lake_runs import format_lake_report, lake_report, load_initialisation
+    from .tasks import read_lake_runs
+
+    if args.episodes < 0:
+        raise _CliError(f"--episodes must be >= 0; got {args.episodes}.")
+    config, model = load_initialisation(args.checkpoint)
+    if args.download:
+        config = config.replace(download=True)
+    if args.method is not None:
+        config = config.replace(method=args.method)
+    runs = read_lake_runs(args.runs_dir or config.data_dir, download=args.download)
+    steps = args.eval_steps or (config.eval_steps or _own_steps(config),)
+    report = lake_report(config, model, runs, eval_steps=steps, episodes=args.episodes,
+                         baselines=not args.no_baselines)
+    report["checkpoint"] = str(args.checkpoint)
+    if args.output:
+        atomic_write_json(Path(args.output), report)
+    print(format_lake_report(report), end="")
+    return 0
+
+
+def _own_steps(config: Any) -> int:
+    from .experiments.build import build_algorithm
+
+    return int(build_algorithm(config).n_steps)
+
+
 def _run_summarize(args: argparse.Namespace) -> int:
     from .experiments.summary import format_summary, summarize_seeds, write_summary
 
@@ -343,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_summarize(args)
         if args.command == "sweep-steps":
             return _run_sweep(args)
+        if args.command == "lake-runs":
+            return _run_lake_runs(args)
         return _run_eval(args)
     except TrainingInterrupted as stop:
         sys.stderr.write(f"amaml: {stop}\n")

@@ -6,8 +6,9 @@ Build one with :func:`make_family`::
     fam = make_family("cosmixture", shots=50, queries=50, seed=0)
     support_x, support_y, query_x, query_y = fam.train.batch([0, 1, 2, 3, 4])
 
-Classification families (``"glyphs"``, ``"omniglot"``, ``"mini-imagenet"``; ``kind ==
-"classification"``) draw N-way episodes of images with int64 labels::
+Classification families (``"glyphs"``, ``"omniglot"``, its minimal background splits
+``"omniglot-minimal"``, ``"omniglot-small1"``, ``"omniglot-small2"``, and
+``"mini-imagenet"``; ``kind == "classification"``) draw N-way episodes of images with int64 labels::
 
     fam = make_family("glyphs", ways=5, shots=1, queries=15, n_test=600, seed=0)
     batch = fam.sample_train_batch(32, torch.Generator().manual_seed(0))  # fresh episodes
@@ -34,6 +35,14 @@ from .episodic import (
 )
 from .glyphs import Glyphs
 from .images import ImageFolderClasses, read_mini_imagenet, read_omniglot
+from .lake_runs import (
+    LakeRun,
+    mhd_predictions,
+    modified_hausdorff,
+    pixel_nn_predictions,
+    read_lake_runs,
+)
+from .omniglot import MINIMAL_SPLITS, read_minimal
 from .oracle import oracle_nrmse, supports_oracle
 from .registry import (
     FamilyBuilder,
@@ -57,6 +66,7 @@ __all__ = [
     "DEFAULT_WAYS",
     "FRESH_EPISODES",
     "KINDS",
+    "MINIMAL_SPLITS",
     "UNVERIFIED_ARCHIVES",
     "AbstractClassSource",
     "AbstractSyntheticFunction",
@@ -72,6 +82,7 @@ __all__ = [
     "FamilyRequest",
     "Glyphs",
     "ImageFolderClasses",
+    "LakeRun",
     "Ratings",
     "Rotated",
     "Sinusoid",
@@ -87,8 +98,13 @@ __all__ = [
     "has_fixed_data",
     "list_families",
     "make_family",
+    "mhd_predictions",
+    "modified_hausdorff",
     "oracle_nrmse",
+    "pixel_nn_predictions",
+    "read_lake_runs",
     "read_mini_imagenet",
+    "read_minimal",
     "read_omniglot",
     "register_family",
     "supports_oracle",

@@ -21,10 +21,15 @@ Checksum sources:
   the Berkeley archive (the Eigentaste site publishes no checksum); file sizes 4,171,628,
   3,924,205 and 2,151,299 bytes.
 
-* Omniglot: none. Its archives are listed apart, in ``UNVERIFIED_ARCHIVES``, because no
-  checksum could be computed where this table was written (no network) and its authors
-  publish none; they are downloaded from the authors' GitHub repository with a warning
-  that nothing was verified. Pin one by moving the entry to ``ARCHIVES`` with its SHA-256.
+* Omniglot's full archives (``images_background.zip``, ``images_evaluation.zip``): none.
+  They are listed apart, in ``UNVERIFIED_ARCHIVES``, because no checksum could be computed
+  where this table was written (no network) and its authors publish none; they are
+  downloaded from the authors' GitHub repository with a warning that nothing was
+  verified. Pin one by moving the entry to ``ARCHIVES`` with its SHA-256.
+* Omniglot's minimal background splits (``images_background_small1.zip``,
+  ``images_background_small2.zip``) and its one-shot test (``all_runs.zip``), from the
+  same repository: SHA-256 values computed here from copies of those files (sizes
+  1,319,022, 1,580,917 and 352,787 bytes); the authors publish none.
 
 An archive whose table entry has no checksum is still downloaded, with a warning.
 """
@@ -84,9 +89,24 @@ class Archive:
 
 
 _GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
+_OMNIGLOT = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+_SMALL1 = Archive(
+    "images_background_small1.zip",
+    _OMNIGLOT + "images_background_small1.zip",
+    "images_background_small1",
+    sha256="f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4",
+)
+_SMALL2 = Archive(
+    "images_background_small2.zip",
+    _OMNIGLOT + "images_background_small2.zip",
+    "images_background_small2",
+    sha256="3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f",
+)
 _EIGENTASTE = "https://eigentaste.berkeley.edu/dataset/archive/"
 
-#: Official archives of each collaborative-filtering family.
+#: Official archives of each collaborative-filtering family, of Omniglot's minimal
+#: background families and of its one-shot test (``omniglot-runs``: ``all_runs.zip``,
+#: whose runs ``run01 .. run20`` extract into ``all_runs/``).
 ARCHIVES: dict[str, tuple[Archive, ...]] = {
     "movielens-100k": (
         Archive(
@@ -121,10 +141,20 @@ ARCHIVES: dict[str, tuple[Archive, ...]] = {
             sha256="7f548d3762d3506cf7cd37d8cb9e3adb67984a7da7aa2d2096d5e0b1b884758d",
         ),
     ),
+    "omniglot-small1": (_SMALL1,),
+    "omniglot-small2": (_SMALL2,),
+    "omniglot-minimal": (_SMALL1, _SMALL2),
+    "omniglot-runs": (
+        Archive(
+            "all_runs.zip",
+            _OMNIGLOT + "all_runs.zip",
+            "all_runs",
+            sha256="437c1eeab0af8484112e1b4cc0f3d541ec727f7c47b9b202da738af9dfd6c325",
+        ),
+    ),
 }
 
 
-_OMNIGLOT = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 
 #: Official archives whose checksum is not known (see the module docstring): downloaded
 #: with a warning that they were not verified. Each extracts to its own top folder.

@@ -19,6 +19,7 @@ from .classification import DEFAULT_WAYS
 from .collaborative import build_collaborative
 from .glyphs import build_glyphs
 from .images import build_mini_imagenet, build_omniglot
+from .omniglot import MINIMAL_SPLITS, build_omniglot_minimal
 from .synthetic import (
     AbstractSyntheticFunction,
     Alpine,
@@ -60,6 +61,7 @@ _FAMILIES: dict[str, FamilyBuilder] = {
     "glyphs": build_glyphs,
     "omniglot": build_omniglot,
     "mini-imagenet": build_mini_imagenet,
+    **{name: build_omniglot_minimal for name in MINIMAL_SPLITS},
 }
 
 # The kind of each family not listed is "regression".
@@ -67,6 +69,7 @@ _KINDS: dict[str, str] = {
     "glyphs": "classification",
     "omniglot": "classification",
     "mini-imagenet": "classification",
+    **{name: "classification" for name in MINIMAL_SPLITS},
 }
 
 
@@ -158,7 +161,9 @@ def make_family(
             code), ``"alpine-paper"``, ``"cosmixture-paper"`` (the paper's printed
             formulas), ``"sinusoid"`` (synthetic) or ``"jester-1"``, ``"movielens-100k"``,
             ``"movielens-1m"`` (collaborative filtering, one task per user), or
-            ``"glyphs"``, ``"omniglot"``, ``"mini-imagenet"`` (N-way classification,
+            ``"glyphs"``, ``"omniglot"``, ``"omniglot-minimal"``, ``"omniglot-small1"``,
+            ``"omniglot-small2"`` (Omniglot's minimal background splits,
+            :mod:`amaml.tasks.omniglot`), ``"mini-imagenet"`` (N-way classification,
             :mod:`amaml.tasks.classification`).
         shots: Support points per task, >= 1; per class for classification.
         queries: Query points per task, >= 1; per class for classification.
