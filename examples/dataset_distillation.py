@@ -221,7 +221,8 @@ def distill(method: str, model: nn.Module, data: tuple[Tensor, ...], k: int, ste
     accs = [train_eval(model, xs.detach(), ys, steps, lr, opt, 60_000 + j, xte, yte)
             for j in range(args.eval_nets)]
     return {"test_accuracy": mean_ci(accs), "learned_lr": lr, "meta_loss_history": history,
-            "meta_grad_norm_history": norms, "meta_seconds": seconds, "images": xs.detach().tolist(), "labels": ys.tolist()}
+            "meta_grad_norm_history": norms, "meta_seconds": seconds,
+            "images": xs.detach().tolist(), "labels": ys.tolist()}
 
 
 def profile(model: nn.Module, data: tuple[Tensor, ...], k: int, steps_list: list[int],

@@ -2,10 +2,11 @@
 
 Data: ``sklearn.datasets.load_digits`` (1,797 images, 10 classes, no download), pixels
 scaled to [0, 1], split by a seeded permutation into 1,000 training and 797 test images.
-Models: an MLP 64-128-10 (ReLU), the field's normalised ConvNet, and the earlier small CNN. The inner loop written out with plain
-autograd over ``torch.func.functional_call`` (independent of amaml): the unrolled
-(back-propagation through every step) and truncated (through the last ``K_t`` steps only,
-Shaban et al. 2019) baselines, and the training of the evaluation networks.
+Models: an MLP 64-128-10 (ReLU), the field's normalised ConvNet and the earlier small CNN.
+The inner loop written out with plain autograd over ``torch.func.functional_call``
+(independent of amaml): the unrolled (back-propagation through every step) and truncated
+(through the last ``K_t`` steps only, Shaban et al. 2019) baselines, and the training of
+the evaluation networks.
 """
 
 from __future__ import annotations
