@@ -6,7 +6,9 @@ once by each of 20 people. This reads the "minimal" background split
 ``n_way`` characters at random over all its alphabets (``numpy.random.default_rng(seed)``),
 inverts the images (strokes 1, paper 0) and resizes them to ``side x side`` (antialiased).
 The drawings of the first ``train_drawers`` people are the training set, the others the
-test set: a new person's handwriting of the same characters.
+test set: a new person's handwriting of the same characters. Both are ordered by drawer,
+then character, so that any leading slice (the example's held-out fifth for picking a
+rate) holds whole drawers of every character.
 """
 
 from __future__ import annotations
@@ -54,14 +56,19 @@ def load_omniglot_split(root: str | Path, *, n_way: int = 20, train_drawers: int
             raise ValueError(f"n_way must be in 2..{len(names)}, not {n_way}")
         picked = [names[i] for i in np.random.default_rng(seed).choice(len(names), n_way,
                                                                         replace=False)]
-        xtr, ytr, xte, yte = [], [], [], []
+        train: list[tuple[int, int, np.ndarray]] = []
+        test: list[tuple[int, int, np.ndarray]] = []
         for label, char in enumerate(picked):
             for f in sorted(chars[char]):
                 img = Image.open(io.BytesIO(z.read(f))).convert("L")
                 img = img.resize((side, side), Image.Resampling.LANCZOS)
                 x = 1.0 - np.asarray(img, dtype=np.float64) / 255.0
                 drawer = int(_DRAWER.search(f).group(1))  # type: ignore[union-attr]
-                (xtr if drawer <= train_drawers else xte).append(x.clip(0, 1).ravel())
-                (ytr if drawer <= train_drawers else yte).append(label)
-    return (torch.tensor(np.stack(xtr), dtype=dtype), torch.tensor(ytr),
-            torch.tensor(np.stack(xte), dtype=dtype), torch.tensor(yte))
+                (train if drawer <= train_drawers else test).append(
+                    (drawer, label, x.clip(0, 1).ravel()))
+    train.sort(key=lambda t: t[:2])
+    test.sort(key=lambda t: t[:2])
+    return (torch.tensor(np.stack([t[2] for t in train]), dtype=dtype),
+            torch.tensor([t[1] for t in train]),
+            torch.tensor(np.stack([t[2] for t in test]), dtype=dtype),
+            torch.tensor([t[1] for t in test]))

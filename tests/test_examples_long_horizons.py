@@ -87,6 +87,7 @@ def test_omniglot_quick(tmp_path: Path) -> None:
     xtr, ytr, xte, yte = omniglot_small.load_omniglot_split(root, n_way=4)  # 80 PNGs
     assert xtr.shape == (60, 784) and xte.shape == (20, 784)
     assert ytr.bincount().tolist() == [15] * 4 and yte.bincount().tolist() == [5] * 4
+    assert ytr[:12].tolist() == [0, 1, 2, 3] * 3  # drawer-major: a leading fifth has all
     assert 0.0 <= float(xtr.min()) and float(xtr.max()) <= 1.0
     assert float(xtr.mean()) < 0.3  # strokes are 1 on a background of 0
     res = dd.main(["--quick", "--no-progress", "--dataset", "omniglot", "--model", "cnn",
