@@ -1,4 +1,4 @@
-"""Dataset distillation on scikit-learn's 8x8 digits with exact long-horizon meta-gradients.
+"""Dataset distillation on the 8x8 digits (or Omniglot) with exact long-horizon meta-gradients.
 
 Learn K synthetic images per class (labels fixed) such that a freshly initialised network,
 trained on them alone for N steps of the inner optimiser, reaches the best accuracy on real
@@ -21,7 +21,19 @@ interval (Student's t, 9 degrees of freedom). References: K random real images p
 other training images) and the whole training set (1,000 images, 1,000 full-batch steps,
 rate picked on a held-out fifth of the training set): the ceiling.
 
+The models (``--model``): an MLP; ``cnn``, the field's ConvNet in its "metasmooth" form
+(Engstrom et al. 2025): 3x3 convolutions of ``--width`` channels, each followed by a
+per-channel normalisation (``--norm instance``: ``GroupNorm(C, C)``, as DC/MTT/RaT-BPTT;
+``batch``: BatchNorm with batch statistics, as FRePo; ``none``), ReLU and 2x2 average
+pooling, a linear head whose logits are multiplied by ``--logit-scale`` (0.1); its inner
+rate starts at 0.3, the images' meta-rate is 0.1 and the meta-gradient is clipped to norm
+``--clip`` (1). ``small-cnn`` is the earlier plain CNN (8 and 16 channels, no
+normalisation, logits unscaled), which did not distil. ``--dataset omniglot`` distils
+``--n-way`` (20) Omniglot characters at 28x28 (``omniglot_small.py``).
+
     python examples/dataset_distillation.py --steps 100 --images-per-class 1 \
+        --meta-iters 300 --out D
+    python examples/dataset_distillation.py --model cnn --steps 100 --images-per-class 1 \
         --meta-iters 300 --out D
     python examples/dataset_distillation.py --quick --out runs/dd-quick   # seconds (the tests)
     python examples/dataset_distillation.py --profile 10,100,1000 --out D  # time and memory
@@ -51,7 +63,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_common import (  # noqa: E402
-    N_CLASSES,
+    NORMS,
     InnerOpt,
     accuracy_and_loss,
     load_digits_split,
@@ -60,12 +72,18 @@ from digits_common import (  # noqa: E402
     plain_train,
     reinit_,
 )
+from omniglot_small import default_root, load_omniglot_split  # noqa: E402
 
 import amaml  # noqa: E402
 
 METHODS = ("amaml", "unrolled", "truncated")
 LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.01}
+# The ConvNet's recipe: its logits are scaled down 10x, so its inner rate starts higher; the
+# images move faster (meta-rate 0.1), with the meta-gradient clipped to norm 1.
+DEFAULT_LR_CNN = {"sgd": 0.3, "adam": 0.01}
+DEFAULT_META_LR = {"cnn": 0.1}
+DEFAULT_CLIP = {"cnn": 1.0}
 
 
 def meta_loss(method: str, model: nn.Module, xs: Tensor, ys: Tensor, lr: Tensor, steps: int,
@@ -103,11 +121,15 @@ def train_eval(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, op
     return accuracy_and_loss(model, params, xe, ye)[0]
 
 
+def n_classes_of(y: Tensor) -> int:
+    return int(y.max()) + 1
+
+
 def random_real(xtr: Tensor, ytr: Tensor, k: int, gen: torch.Generator
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """K random training images per class, and the mask of the others."""
     idx = []
-    for c in range(N_CLASSES):
+    for c in range(n_classes_of(ytr)):
         pool = (ytr == c).nonzero().flatten()
         idx.append(pool[torch.randperm(len(pool), generator=gen)[:k]])
     sel = torch.cat(idx)
@@ -137,6 +159,9 @@ def references(model: nn.Module, data: tuple[Tensor, ...], k: int, steps: int, o
         accs.append(train_eval(model, xs, ys, steps, best, opt, 30_000 + j, xte, yte))
     out["random_real"] = {"lr": best, "val_accuracy_by_lr": {str(r): s for r, s in scores.items()},
                           "test_accuracy": mean_ci(accs)}
+    if full_steps == 0:  # skipped: it depends on neither N, K nor the seed
+        out["full_data"] = {"skipped": "--full-steps 0", "test_accuracy": {"mean": None}}
+        return out
     # The whole training set: rate picked on a held-out fifth, then trained on all of it.
     n_val = len(ytr) // 5
     scores = {lr: train_eval(model, xtr[n_val:], ytr[n_val:], full_steps, lr, opt, 40_000,
@@ -158,15 +183,16 @@ def distill(method: str, model: nn.Module, data: tuple[Tensor, ...], k: int, ste
         xs0, ys, _ = random_real(xtr, ytr, k, gen)
         xs = xs0.clone()
     else:
-        xs = torch.rand(k * N_CLASSES, xtr.shape[1], generator=gen)
-        ys = torch.arange(N_CLASSES).repeat_interleave(k)
+        xs = torch.rand(k * n_classes_of(ytr), xtr.shape[1], generator=gen)
+        ys = torch.arange(n_classes_of(ytr)).repeat_interleave(k)
     xs.requires_grad_()
     log_lr = torch.tensor(math.log(args.lr), requires_grad=True)
     groups = [{"params": [xs], "lr": args.meta_lr}]
     if args.learn_lr:
         groups.append({"params": [log_lr], "lr": args.meta_lr_lr})
     meta_opt = torch.optim.Adam(groups)
-    history = []
+    history: list[float] = []
+    norms: list[float] = []
     t0 = time.perf_counter()
     bar = tqdm(range(meta_iters), desc=f"{method} N={steps}", disable=args.no_progress,
                mininterval=2.0)
@@ -179,6 +205,11 @@ def distill(method: str, model: nn.Module, data: tuple[Tensor, ...], k: int, ste
         loss.backward()
         if not (torch.isfinite(xs.grad).all() and torch.isfinite(log_lr.grad)):
             raise FloatingPointError(f"{method}: non-finite meta-gradient at iteration {it}")
+        if args.clip > 0:
+            # One norm over the images and log lr, as torch.nn.utils.clip_grad_norm_: a long
+            # exact unroll's rare huge meta-gradients would otherwise inflate Adam's second
+            # moment (or, at its first step, move the images by a full meta-rate at once).
+            norms.append(float(torch.nn.utils.clip_grad_norm_([xs, log_lr], args.clip)))
         meta_opt.step()
         with torch.no_grad():
             xs.clamp_(0.0, 1.0)
@@ -190,7 +221,8 @@ def distill(method: str, model: nn.Module, data: tuple[Tensor, ...], k: int, ste
     accs = [train_eval(model, xs.detach(), ys, steps, lr, opt, 60_000 + j, xte, yte)
             for j in range(args.eval_nets)]
     return {"test_accuracy": mean_ci(accs), "learned_lr": lr, "meta_loss_history": history,
-            "meta_seconds": seconds, "images": xs.detach().tolist(), "labels": ys.tolist()}
+            "meta_grad_norm_history": norms, "meta_seconds": seconds,
+            "images": xs.detach().tolist(), "labels": ys.tolist()}
 
 
 def profile(model: nn.Module, data: tuple[Tensor, ...], k: int, steps_list: list[int],
@@ -205,8 +237,8 @@ def profile(model: nn.Module, data: tuple[Tensor, ...], k: int, steps_list: list
 
     xtr, ytr = data[0], data[1]
     gen = torch.Generator().manual_seed(0)
-    xs = torch.rand(k * N_CLASSES, xtr.shape[1], generator=gen)
-    ys = torch.arange(N_CLASSES).repeat_interleave(k)
+    xs = torch.rand(k * n_classes_of(ytr), xtr.shape[1], generator=gen)
+    ys = torch.arange(n_classes_of(ytr)).repeat_interleave(k)
     xq, yq = xtr[:args.query_batch], ytr[:args.query_batch]
     lr = torch.tensor(args.lr)
     rows = []
@@ -280,10 +312,12 @@ def plot_images(images: Tensor, k: int, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     shown = min(k, 10)  # one column per class, up to 10 rows
-    per = images.reshape(N_CLASSES, k, 8, 8)
-    fig = plt.figure(figsize=(N_CLASSES * 0.7, shown * 0.7 + 0.5))
-    axes = fig.subplots(shown, N_CLASSES, squeeze=False)
-    for c in range(N_CLASSES):
+    side = math.isqrt(images.shape[1])
+    n_classes = images.shape[0] // k
+    per = images.reshape(n_classes, k, side, side)
+    fig = plt.figure(figsize=(n_classes * 0.7, shown * 0.7 + 0.5))
+    axes = fig.subplots(shown, n_classes, squeeze=False)
+    for c in range(n_classes):
         for j in range(min(k, 10)):
             ax = axes[j][c]
             ax.imshow(per[c, j].numpy(), cmap="gray_r", vmin=0, vmax=1)
@@ -306,12 +340,13 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
 
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["model"], r["optimizer"], r["images_per_class"]), []).append(r)
+        groups.setdefault((r.get("dataset", "digits"), r["model"], r["optimizer"],
+                           r["images_per_class"]), []).append(r)
     fig, ax = plt.subplots(figsize=(6, 4))
     styles = {"amaml": ("C0", "o-"), "unrolled": ("C2", "s--"), "truncated": ("C3", "v-"),
               "random_real": ("C7", "x:")}
-    for (model, optname, k), rs in sorted(groups.items()):
-        label = f"{model} {optname} K={k}"
+    for (dataset, model, optname, k), rs in sorted(groups.items()):
+        label = f"{dataset} {model} {optname} K={k}"
         for key, (color, style) in styles.items():
             pts: dict[int, list[float]] = {}
             for r in rs:
@@ -323,7 +358,9 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
                 ns = sorted(pts)
                 ax.plot(ns, [sum(pts[n]) / len(pts[n]) for n in ns], style, color=color,
                         label=f"{key} ({label})", ms=4)
-        full = [r["full_data_accuracy"] for r in rs]
+        full = [r["full_data_accuracy"] for r in rs if r["full_data_accuracy"] is not None]
+        if not full:
+            continue
         ax.axhline(sum(full) / len(full), color="k", lw=0.8, ls="-.",
                    label=f"full data ({label})")
     ax.set_xscale("log")
@@ -352,7 +389,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--meta-iters", type=int, default=300)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                    help="inner optimiser: sgd (momentum 0.9) or adam")
-    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--model", choices=("mlp", "cnn", "small-cnn"), default="mlp",
+                   help="cnn: the normalised ConvNet (the flags below); small-cnn: the "
+                        "earlier plain 8-16 channel CNN")
+    p.add_argument("--dataset", choices=("digits", "omniglot"), default="digits",
+                   help="digits: sklearn 8x8; omniglot: --n-way random characters of the "
+                        "minimal background split, 28x28, 15 drawers train, 5 test")
+    p.add_argument("--omniglot-root", default=None,
+                   help="folder of images_background_small1.zip (default "
+                        "<repo>/../shared/data/omniglot)")
+    p.add_argument("--n-way", type=int, default=20, help="Omniglot characters (classes)")
+    p.add_argument("--width", type=int, default=32, help="cnn: channels per block")
+    p.add_argument("--norm", choices=NORMS, default="instance",
+                   help="cnn: per-channel normalisation before each ReLU: instance "
+                        "(GroupNorm(C, C)), batch (batch statistics always) or none")
+    p.add_argument("--logit-scale", type=float, default=0.1,
+                   help="cnn: fixed factor on the logits (1: unscaled)")
+    p.add_argument("--clip", type=float, default=None,
+                   help="clip the meta-gradient (images and log lr) to this norm; 0: off "
+                        f"(default {DEFAULT_CLIP['cnn']} for cnn, off otherwise)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (the first one run "
                         "gives distilled_accuracy)")
@@ -360,17 +415,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-memory-mb", type=float, default=64.0,
                    help="unrolled back-propagation is not run above this peak memory")
     p.add_argument("--lr", type=float, default=None,
-                   help="initial inner learning rate (default 0.1 for sgd, 0.01 for adam)")
+                   help="initial inner learning rate (default 0.1 for sgd, 0.01 for adam; "
+                        f"cnn: {DEFAULT_LR_CNN['sgd']} for sgd, {DEFAULT_LR_CNN['adam']} "
+                        "for adam)")
     p.add_argument("--no-learn-lr", dest="learn_lr", action="store_false",
                    help="keep the inner learning rate fixed")
-    p.add_argument("--meta-lr", type=float, default=0.01, help="Adam's rate on the images")
+    p.add_argument("--meta-lr", type=float, default=None,
+                   help=f"Adam's rate on the images (default {DEFAULT_META_LR['cnn']} for cnn, "
+                        "0.01 otherwise)")
     p.add_argument("--meta-lr-lr", type=float, default=0.01, help="Adam's rate on log lr")
     p.add_argument("--init", choices=("noise", "real"), default="noise",
                    help="start from uniform noise or from random real images")
     p.add_argument("--query-batch", type=int, default=256)
     p.add_argument("--eval-nets", type=int, default=10)
     p.add_argument("--full-steps", type=int, default=1000,
-                   help="steps of the whole-training-set reference")
+                   help="steps of the whole-training-set reference (0: skip it; it is "
+                        "the same for every N, K and --seed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the images and the meta-loop")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--profile", default="",
@@ -394,7 +454,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.lr is None:
-        args.lr = DEFAULT_LR[args.optimizer]
+        args.lr = (DEFAULT_LR_CNN if args.model == "cnn" else DEFAULT_LR)[args.optimizer]
+    if args.meta_lr is None:
+        args.meta_lr = DEFAULT_META_LR.get(args.model, 0.01)
+    if args.clip is None:
+        args.clip = DEFAULT_CLIP.get(args.model, 0.0)
     grid = LR_GRID
     if args.quick:
         args.steps, args.meta_iters, args.eval_nets = min(args.steps, 5), 3, 2
@@ -403,8 +467,25 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_default_dtype(dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_digits_split(args.split_seed, dtype)
-    model = make_model(args.model).to(dtype)
+    if args.dataset == "omniglot":
+        root = Path(args.omniglot_root) if args.omniglot_root else default_root()
+        try:
+            data = load_omniglot_split(root, n_way=args.n_way, seed=args.split_seed,
+                                       dtype=dtype)
+        except FileNotFoundError as e:
+            print(f"skipped: {e}", flush=True)
+            return {"skipped": str(e)}
+        split = (f"{args.n_way} characters picked by numpy.random.default_rng("
+                 f"{args.split_seed}) from images_background_small1, 28x28; drawers 1-15 "
+                 "train, 16-20 test")
+    else:
+        data = load_digits_split(args.split_seed, dtype)
+        split = f"seeded permutation (seed {args.split_seed}): 1000 train, 797 test"
+    if args.model == "small-cnn" and args.dataset != "digits":
+        p.error("--model small-cnn is for 8x8 digits only")
+    model = make_model(args.model, side=math.isqrt(data[0].shape[1]),
+                       n_classes=n_classes_of(data[1]), width=args.width, norm=args.norm,
+                       logit_scale=args.logit_scale).to(dtype)
     model._kind = args.model
     opt = InnerOpt(args.optimizer)
     k = args.images_per_class
@@ -429,25 +510,30 @@ def main(argv: list[str] | None = None) -> dict:
     for m in methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}")
-    result: dict = {"model": args.model, "optimizer": args.optimizer, "steps": args.steps,
-                    "images_per_class": k, "meta_iters": args.meta_iters, "seed": args.seed,
-                    "split": f"seeded permutation (seed {args.split_seed}): 1000 train, "
-                             "797 test", "ci": "95% Student t over eval networks",
+    result: dict = {"dataset": args.dataset, "model": args.model, "optimizer": args.optimizer,
+                    "steps": args.steps, "images_per_class": k, "meta_iters": args.meta_iters,
+                    "seed": args.seed, "split": split, "lr_init": args.lr,
+                    "clip": args.clip, "meta_lr": args.meta_lr,
+                    "ci": "95% Student t over eval networks",
                     "argv": sys.argv[1:] if argv is None else argv, "methods": {}}
+    if args.model == "cnn":
+        result["cnn"] = {"width": args.width, "norm": args.norm,
+                         "logit_scale": args.logit_scale,
+                         "depth": len(model.features) // (3 if args.norm == "none" else 4)}
     ref = references(model, data, k, args.steps, opt, args.eval_nets, args.full_steps,
                      args.seed, grid)
     result["references"] = ref
     result["random_real_accuracy"] = ref["random_real"]["test_accuracy"]["mean"]
     result["full_data_accuracy"] = ref["full_data"]["test_accuracy"]["mean"]
     print(f"random real ({k}/class): {result['random_real_accuracy']:.3f}  "
-          f"full data: {result['full_data_accuracy']:.3f}", flush=True)
+          f"full data: {result['full_data_accuracy']}", flush=True)
     for method in methods:
         if method == "unrolled" and not args.quick:
             from amaml.experiments.memory import peak_memory_mib
 
             probe = max(1, min(args.steps, 20))
-            xs = torch.rand(k * N_CLASSES, 64)
-            ys = torch.arange(N_CLASSES).repeat_interleave(k)
+            xs = torch.rand(k * n_classes_of(data[1]), data[0].shape[1])
+            ys = torch.arange(n_classes_of(data[1])).repeat_interleave(k)
 
             def one(probe: int = probe, xs: Tensor = xs, ys: Tensor = ys) -> None:
                 reinit_(model, 0)
@@ -483,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot_accuracy(_found(args.plot_from) if args.plot_from else [result],
                   out / "accuracy_vs_steps.png")
     print(f"distilled accuracy {result['distilled_accuracy']}, random real "
-          f"{result['random_real_accuracy']:.3f}, full data {result['full_data_accuracy']:.3f}"
+          f"{result['random_real_accuracy']:.3f}, full data {result['full_data_accuracy']}"
           f" -> {out / 'results.json'}", flush=True)
     return result
 

@@ -2,10 +2,11 @@
 
 Data: ``sklearn.datasets.load_digits`` (1,797 images, 10 classes, no download), pixels
 scaled to [0, 1], split by a seeded permutation into 1,000 training and 797 test images.
-Models: an MLP 64-128-10 (ReLU) and a small CNN. The inner loop written out with plain
-autograd over ``torch.func.functional_call`` (independent of amaml): the unrolled
-(back-propagation through every step) and truncated (through the last ``K_t`` steps only,
-Shaban et al. 2019) baselines, and the training of the evaluation networks.
+Models: an MLP 64-128-10 (ReLU), the field's normalised ConvNet and the earlier small CNN.
+The inner loop written out with plain autograd over ``torch.func.functional_call``
+(independent of amaml): the unrolled (back-propagation through every step) and truncated
+(through the last ``K_t`` steps only, Shaban et al. 2019) baselines, and the training of
+the evaluation networks.
 """
 
 from __future__ import annotations
@@ -39,17 +40,74 @@ def load_digits_split(seed: int = 0, dtype: torch.dtype = torch.float32
     return x[tr], y[tr], x[te], y[te]
 
 
-def make_model(kind: str) -> nn.Module:
-    """``mlp``: 64-128-10 with ReLU; ``cnn``: two 3x3 convolutions (8, 16 channels)."""
+NORMS = ("instance", "batch", "none")
+
+
+class ConvNet(nn.Module):
+    """The distillation field's ConvNet (Wang et al. 2018; Zhao et al.'s DC, MTT, RaT-BPTT),
+    in the "metasmooth" form of Engstrom et al. 2025: blocks of a 3x3 convolution, a
+    per-channel normalisation *before* the ReLU, 2x2 average pooling; a linear head whose
+    logits are multiplied by a fixed ``logit_scale`` (outputs scaled down).
+
+    Args:
+        side: Images are ``side x side``, one channel, given flat ``[n, side * side]``.
+        n_classes: Number of classes.
+        width: Channels of every block.
+        depth: Blocks; default: as many as keep the feature map at least 2 x 2
+            (8 x 8 digits: 2, 28 x 28 Omniglot: 3).
+        norm: ``"instance"``: ``GroupNorm(width, width)`` (one group per channel, each
+            image normalised alone, with a learned affine map), as DC/MTT/RaT-BPTT;
+            ``"batch"``: ``BatchNorm2d`` with batch statistics always (no running
+            statistics, so training and evaluation both normalise with the batch given:
+            evaluation is transductive over the test batch), as FRePo; ``"none"``.
+        logit_scale: The fixed factor on the logits (1 = a standard network).
+    """
+
+    def __init__(self, side: int, n_classes: int = N_CLASSES, *, width: int = 32,
+                 depth: int | None = None, norm: str = "instance",
+                 logit_scale: float = 0.1) -> None:
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
+        if depth is None:
+            depth = max(1, int(math.log2(side)) - 1)
+        if side >> depth < 1:
+            raise ValueError(f"depth={depth} pools a {side}x{side} image below 1x1")
+        self.side, self.logit_scale = side, float(logit_scale)
+        layers: list[nn.Module] = []
+        cin = 1
+        for _ in range(depth):
+            layers.append(nn.Conv2d(cin, width, 3, padding=1))
+            if norm == "instance":
+                layers.append(nn.GroupNorm(width, width))
+            elif norm == "batch":
+                layers.append(nn.BatchNorm2d(width, track_running_stats=False))
+            layers += [nn.ReLU(), nn.AvgPool2d(2)]
+            cin = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width * (side >> depth) ** 2, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.features(x.reshape(-1, 1, self.side, self.side))
+        return self.head(h.flatten(1)) * self.logit_scale
+
+
+def make_model(kind: str, *, side: int = 8, n_classes: int = N_CLASSES, width: int = 32,
+               norm: str = "instance", logit_scale: float = 0.1) -> nn.Module:
+    """``mlp``: (side*side)-128-n_classes with ReLU; ``cnn``: :class:`ConvNet` (the keyword
+    arguments); ``small-cnn``: the earlier plain CNN (two 3x3 convolutions with 8 and 16
+    channels, ReLU, average pooling, no normalisation, logits unscaled; 8 x 8 only)."""
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, N_CLASSES))
+        return nn.Sequential(nn.Linear(side * side, 128), nn.ReLU(), nn.Linear(128, n_classes))
     if kind == "cnn":
+        return ConvNet(side, n_classes, width=width, norm=norm, logit_scale=logit_scale)
+    if kind == "small-cnn":
         return nn.Sequential(
             nn.Unflatten(1, (1, 8, 8)),
             nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),   # 8 x 4 x 4
             nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),  # 16 x 2 x 2
-            nn.Flatten(), nn.Linear(64, N_CLASSES))
-    raise ValueError(f"model must be 'mlp' or 'cnn', not {kind!r}")
+            nn.Flatten(), nn.Linear(64, n_classes))
+    raise ValueError(f"model must be 'mlp', 'cnn' or 'small-cnn', not {kind!r}")
 
 
 def reinit_(model: nn.Module, seed: int) -> nn.Module:
