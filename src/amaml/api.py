@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._types import Batch, LearningRate, LossFn, Params, Scalar
 from .allocator import tune_cpu_allocator_once
 from .batchnorm import BATCH_NORM_MODES, model_forward
+from .calls import functional_call, functional_call_batch
 from .fastpath import fused_plan
 from .flow import (
     MEMORIES,
@@ -27,16 +27,15 @@ from .flow import (
 )
 from .flow.auto import memory_lines
 from .flow.compiled import compile_mode
-from .flow.fused import AbstractFusedLoss
 from .flow.integrate import flow_context
 from .flow.optimizers import AbstractInnerOptimizer, resolve_optimizer
 from .flow.scope import StepScope
-from .folded import batch_plan, folded_forward
+from .folded import batch_plan
 from .modelscope import (
-    attention_kernels,
     batch_blocker,
+    batched_norm,
     draws_random,
-    mha_fastpath_off,
+    scope_lines,
     step_scope,
     vmap_trial,
 )
@@ -69,14 +68,6 @@ def resolve_memory(memory: str | AbstractMemory) -> AbstractMemory:
         return MEMORIES[memory.lower()]()
     raise ValueError(f"Unknown memory strategy {memory!r}; expected one of {sorted(MEMORIES)} "
                      "or an AbstractMemory instance.")
-
-
-def _batched_norm(model: nn.Module, batch_norm: str) -> str | None:
-    """The first layer whose batched second derivative torch.func gets wrong."""
-    return next((f"{n or type(m).__name__} ({type(m).__name__})"
-                 for n, m in model.named_modules()
-                 if (isinstance(m, nn.LayerNorm) and m.elementwise_affine)
-                 or (isinstance(m, _BatchNorm) and batch_norm == "batch")), None)
 
 
 def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
@@ -128,7 +119,7 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable: loss_fn(prediction, target) -> scalar "
                         "(or loss_fn(output) with a dict support that holds the targets).")
-    _check_like_model(flat, first, packed.keys if not packed.targets else ())
+    flat.check_like(first, packed.keys if not packed.targets else ())
     stepper = resolve_solver(solver)
     mode = compile_mode(compile)  # TypeError / ValueError naming the accepted values
     if adjoint is not None and mode is not None:
@@ -164,7 +155,7 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
         folded, loop, how = batch_plan(flat, loss_fn, first[0] if packed.kind == "tensor"
                                        else None, loss, packed.unflatten, batch_norm, tasks,
                                        fused is not None)
-        norm = (_batched_norm(model, batch_norm) if not loop and fused is None
+        norm = (batched_norm(model, batch_norm) if not loop and fused is None
                 and isinstance(adj, DiscreteAdjoint) and compile_mode(adj.compile) is not None
                 else None)
         if norm is not None:
@@ -204,24 +195,6 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
     _LOG.debug("adapt: %s", path)
     return _Plan(flat, loss if chosen is None else chosen, path, theta, dt, per_step, first,
                  batches, stepper, adj, opt, loop, scope)
-
-
-def _check_like_model(flat: FlatModel, data: Sequence[Tensor], keys: Sequence[str]) -> None:
-    """Floating-point support tensors in the parameters' dtype and on their device."""
-    p = flat.params[0]
-    names = [repr(k) for k in keys] or [*(f"inputs[{i}]" for i in range(len(data) - 1)),
-                                         "targets"]
-    if len(names) != len(data):
-        names = [f"tensor {i}" for i in range(len(data))]
-    for name, d in zip(names, data):
-        if d.device != p.device:
-            raise ValueError(f"The support {name} is on {d.device} but the model's parameters "
-                             f"are on {p.device}; move one of them (model.to(device) or "
-                             "x.to(device)).")
-        if d.is_floating_point() and d.dtype != p.dtype:
-            raise TypeError(f"The support {name} has dtype {d.dtype} but the model's "
-                            f"parameters have dtype {p.dtype}; convert one of them "
-                            f"(model.to({d.dtype}) or x.to({p.dtype})).")
 
 
 def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
@@ -441,94 +414,6 @@ def adapt_batch(
                   meta_parameters=meta_parameters, tasks=tasks)
 
 
-def functional_call(model: nn.Module, params: Params, x: Tensor, *,
-                    batch_norm: str = "batch") -> Tensor:
-    """Evaluate ``model`` with parameters ``params`` (e.g. from :func:`adapt`) on ``x``.
-
-    ``torch.func.functional_call(model, params, (x,))``, except for BatchNorm layers,
-    which normalise as ``batch_norm`` says and never update their running statistics.
-
-    Args:
-        model: The module (its buffers and parameters missing from ``params`` are used).
-        params: Parameters by name, e.g. adapted ones.
-        x: Inputs ``[n, ...]``.
-        batch_norm: ``"batch"`` (default, transductive: the mean and variance of ``x``
-            itself, as a BatchNorm in training mode; pass the same value as to
-            :func:`adapt`) or ``"running"`` (the layers' running statistics, as in eval
-            mode; needs ``track_running_stats=True``). ``model.training`` does not matter
-            for BatchNorm layers and is left as it is; running statistics, including
-            ``num_batches_tracked``, are never written (to update them, run the model in
-            training mode on data yourself). Buffers given in ``params`` are used as given
-            with ``"running"`` and ignored with ``"batch"``.
-
-    Returns:
-        The model's output.
-
-    Raises:
-        ValueError: ``batch_norm`` not in :data:`BATCH_NORM_MODES`, or ``"running"`` with
-            a BatchNorm layer without running statistics.
-    """
-    return model_forward(model, batch_norm)(params, x)
-
-
-def functional_call_batch(model: nn.Module, params: Params, x: Any, *,
-                          batch_norm: str = "batch") -> Any:
-    """Evaluate ``model`` with per-task parameters ``[B, ...]`` on inputs ``[B, n, ...]``.
-
-    :func:`functional_call` task by task (a chain that :func:`adapt_batch` folds into
-    channels runs folded here too, a model whose layers vmap batches exactly runs under
-    :func:`torch.func.vmap`, any other one task after another, its outputs stacked), e.g.
-    on the query sets with the parameters from :func:`adapt_batch`. ``x`` may be a tuple or
-    a dict of such inputs (``model(**x[b])``). With ``batch_norm="batch"`` (default) each
-    task is normalised with the statistics of its own inputs ``x[b]``; with ``"running"``,
-    with the model's running statistics. Running statistics are never updated.
-    """
-    forward = model_forward(model, batch_norm)  # ValueError naming batch_norm
-    out = folded_forward(model, params, x, batch_norm)  # a convolutional chain: one network
-    if out is not None:
-        return out
-    if batch_blocker(model) is None:
-        try:
-            with mha_fastpath_off():  # under vmap it would be taken, without a derivative
-                return torch.func.vmap(forward, randomness="different")(params, x)
-        except (RuntimeError, ValueError, NotImplementedError) as err:
-            if "vmap" not in str(err) and "Batching rule" not in str(err) \
-                    and "batched" not in str(err).lower():
-                raise  # not vmap's refusal: the model's own error
-    return _stack([forward({n: p[b] for n, p in params.items()}, _task(x, b))
-                   for b in range(_n_tasks(params, x))])
-
-
-def _task(x: Any, b: int) -> Any:
-    if isinstance(x, Mapping):
-        return {k: v[b] for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return tuple(v[b] for v in x)
-    return x[b]
-
-
-def _n_tasks(params: Params, x: Any) -> int:
-    first = next(iter(x.values())) if isinstance(x, Mapping) else (
-        x[0] if isinstance(x, (tuple, list)) else x)
-    return int(first.shape[0])
-
-
-def _stack(outs: list[Any]) -> Any:
-    """Stack per-task outputs: tensors, tuples and dicts (a HuggingFace output) of them."""
-    head = outs[0]
-    if isinstance(head, Tensor):
-        return torch.stack(outs)
-    if isinstance(head, Mapping):
-        stacked = {k: _stack([o[k] for o in outs]) for k in head}
-        try:
-            return type(head)(**stacked)
-        except TypeError:
-            return stacked
-    if isinstance(head, (tuple, list)):
-        return type(head)(_stack(list(items)) for items in zip(*outs))
-    return outs
-
-
 def explain(
     model: nn.Module,
     loss_fn: LossFn,
@@ -607,25 +492,4 @@ def explain(
     return "\n".join([f"model: {plan.path}", f"inner loop: {step}",
                       f"meta-parameters: {', '.join(found)}", f"adjoint: {plan.adjoint!r}",
                       *memory_line, f"step VJP kernel: {kernel}",
-                      *_scope_lines(model, plan, flow)])
-
-
-def _scope_lines(model: nn.Module, plan: _Plan, flow: Any) -> list[str]:
-    """What the steps read besides their tensors, for :func:`explain`."""
-    modules = list(model.modules())
-    training = sum(m.training for m in modules)
-    lines = [f"module modes: fixed as now for every evaluation of the steps, backward pass "
-             f"included ({training} of {len(modules)} modules in training mode)"]
-    data = [d[0] for d in flow.data] if flow.spec.objective.batched else list(flow.data)
-    # The fused MLP computes no attention; a folded chain's one task is the user's model.
-    probe = None if isinstance(plan.loss, AbstractFusedLoss) else getattr(
-        plan.loss, "single", plan.loss)
-    fused = [] if probe is None else attention_kernels(probe, plan.theta, data)
-    if fused:
-        lines.append(f"attention: evaluated with the math kernel in the inner loop (outside "
-                     f"it the model runs {', '.join(fused)}, which has no double backward)")
-    watched = flow.spec.watched.tensors
-    if watched:
-        names = [plan.scope.name(t) for t in watched]
-        lines.append(f"checked unchanged before the backward pass: {'; '.join(names)}")
-    return lines
+                      *scope_lines(model, plan.scope, plan.loss, plan.theta, flow)])

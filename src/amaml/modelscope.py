@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._types import LossFn
+from .flow.fused import AbstractFusedLoss
 from .flow.scope import StepScope
 
 __all__ = ["BATCH_EXACT", "attention_kernels", "batch_blocker", "draws_random",
-           "mha_fastpath_off", "step_scope", "vmap_trial"]
+           "batched_norm", "mha_fastpath_off", "scope_lines", "step_scope", "vmap_trial"]
 
 
 def _address(t: Tensor) -> int:
@@ -188,3 +190,34 @@ def vmap_trial(fn: Callable[..., Tensor], u: Tensor, data: Any) -> str | None:
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
         return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     return None
+
+
+def batched_norm(model: nn.Module, batch_norm: str) -> str | None:
+    """The first layer whose batched second derivative torch.func gets wrong (compiled
+    ``adapt_batch`` then loops over the tasks), or ``None``."""
+    return next((f"{n or type(m).__name__} ({type(m).__name__})"
+                 for n, m in model.named_modules()
+                 if (isinstance(m, nn.LayerNorm) and m.elementwise_affine)
+                 or (isinstance(m, _BatchNorm) and batch_norm == "batch")), None)
+
+
+def scope_lines(model: nn.Module, scope: StepScope, loss: Any, theta: Tensor, flow: Any
+                ) -> list[str]:
+    """What the steps read besides their tensors, for :func:`amaml.explain`: the module
+    modes, the attention kernel, the tensors checked before the backward pass."""
+    modules = list(model.modules())
+    training = sum(m.training for m in modules)
+    lines = [f"module modes: fixed as now for every evaluation of the steps, backward pass "
+             f"included ({training} of {len(modules)} modules in training mode)"]
+    data = [d[0] for d in flow.data] if flow.spec.objective.batched else list(flow.data)
+    # The fused MLP computes no attention; a folded chain's one task is the user's model.
+    probe = None if isinstance(loss, AbstractFusedLoss) else getattr(loss, "single", loss)
+    fused = [] if probe is None else attention_kernels(probe, theta, data)
+    if fused:
+        lines.append(f"attention: evaluated with the math kernel in the inner loop (outside "
+                     f"it the model runs {', '.join(fused)}, which has no double backward)")
+    watched = flow.spec.watched.tensors
+    if watched:
+        names = [scope.name(t) for t in watched]
+        lines.append(f"checked unchanged before the backward pass: {'; '.join(names)}")
+    return lines

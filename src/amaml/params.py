@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -84,3 +84,26 @@ class FlatModel:
                              f"({steps},); give a dict of per-parameter tensors for Meta-SGD "
                              f"style rates (got shape {tuple(t.shape)}).")
         return t.to(like.dtype).to(like.device), False
+
+    def check_like(self, data: Sequence[Tensor], keys: Sequence[str] = ()) -> None:
+        """Floating-point support tensors in the parameters' dtype and on their device
+        (``keys``: the names of a dict support's entries, for messages).
+
+        Raises:
+            TypeError: A floating-point tensor of another dtype.
+            ValueError: A tensor on another device.
+        """
+        p = self.params[0]
+        names = [repr(k) for k in keys] or [
+            *(f"inputs[{i}]" for i in range(len(data) - 1)), "targets"]
+        if len(names) != len(data):
+            names = [f"tensor {i}" for i in range(len(data))]
+        for name, d in zip(names, data):
+            if d.device != p.device:
+                raise ValueError(f"The support {name} is on {d.device} but the model's "
+                                 f"parameters are on {p.device}; move one of them "
+                                 "(model.to(device) or x.to(device)).")
+            if d.is_floating_point() and d.dtype != p.dtype:
+                raise TypeError(f"The support {name} has dtype {d.dtype} but the model's "
+                                f"parameters have dtype {p.dtype}; convert one of them "
+                                f"(model.to({d.dtype}) or x.to({p.dtype})).")
