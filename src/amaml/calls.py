@@ -73,7 +73,7 @@ def functional_call_batch(model: nn.Module, params: Params, x: Any, *,
                     and "batched" not in str(err).lower():
                 raise  # not vmap's refusal: the model's own error
     return _stack([forward({n: p[b] for n, p in params.items()}, _task(x, b))
-                   for b in range(_n_tasks(params, x))])
+                   for b in range(_n_tasks(x))])
 
 
 def _task(x: Any, b: int) -> Any:
@@ -84,7 +84,7 @@ def _task(x: Any, b: int) -> Any:
     return x[b]
 
 
-def _n_tasks(params: Params, x: Any) -> int:
+def _n_tasks(x: Any) -> int:
     first = next(iter(x.values())) if isinstance(x, Mapping) else (
         x[0] if isinstance(x, (tuple, list)) else x)
     return int(first.shape[0])
