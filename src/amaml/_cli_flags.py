@@ -176,7 +176,7 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _compile_flag(value: str) -> str | bool:
-    from .flow.compiled import COMPILE_MODES
+    from .flow.kernels import COMPILE_MODES
 
     if value == "off":
         return False

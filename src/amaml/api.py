@@ -23,13 +23,12 @@ from .flow import (
     AbstractSolver,
     DiscreteAdjoint,
     Euler,
-    gradient_flow,
 )
 from .flow.auto import memory_lines
-from .flow.compiled import compile_mode
-from .flow.integrate import flow_context
-from .flow.optimizers import AbstractInnerOptimizer, resolve_optimizer
+from .flow.integrate import FlowOptions, flow_context
+from .flow.kernels import compile_mode
 from .flow.scope import StepScope
+from .flow.step_maps import AbstractStepMap, resolve_optimizer
 from .folded import batch_plan
 from .modelscope import (
     batch_blocker,
@@ -83,6 +82,25 @@ def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
         raise ValueError(f"proximal must be >= 0; got {proximal!r}.")
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The keyword arguments of :func:`adapt`, :func:`adapt_batch` and :func:`explain`
+    (same names), as one object the three share."""
+
+    steps: int
+    lr: LearningRate
+    solver: str | AbstractSolver = "euler"
+    memory: str | AbstractMemory = "auto"
+    proximal: Scalar = 0.0
+    adjoint: AbstractAdjoint | None = None
+    compile: bool | str = False
+    batch_norm: str = "batch"
+    optimizer: str | AbstractStepMap | None = None
+    meta_parameters: Sequence[Tensor] = ()
+    batched: bool = False
+    tasks: str = "auto"
+
+
 @dataclass
 class _Plan:
     """What one ``adapt`` call runs: everything but the flow itself."""
@@ -97,16 +115,22 @@ class _Plan:
     batches: Callable[[int], tuple[Tensor, ...]] | None
     solver: AbstractSolver
     adjoint: AbstractAdjoint
-    optimizer: AbstractInnerOptimizer | None
+    optimizer: AbstractStepMap | None
     loop: bool = False  # a meta-batch adapted one task after another
     scope: StepScope = StepScope()
 
+    def flow_options(self, o: _Options, first: Sequence[Tensor], batches: Any,
+                     batched: bool) -> FlowOptions:
+        """The flow of these tasks (``first``: their support data, or ``batches``)."""
+        return FlowOptions(self.dt, o.steps, None, first if batches is None else (),
+                           self.solver, self.adjoint, o.proximal, batched, self.optimizer,
+                           batches, self.per_step, o.meta_parameters, self.scope)
 
-def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
-          solver: str | AbstractSolver, memory: str | AbstractMemory, proximal: Scalar,
-          adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str,
-          batch_norm: str, optimizer: str | AbstractInnerOptimizer | None,
-          tasks: str = "auto") -> _Plan:
+
+def _plan(model: nn.Module, loss_fn: LossFn, data: Any, o: _Options) -> _Plan:
+    steps, lr, solver, memory, proximal = o.steps, o.lr, o.solver, o.memory, o.proximal
+    adjoint, batched, compile, batch_norm = o.adjoint, o.batched, o.compile, o.batch_norm
+    optimizer, tasks = o.optimizer, o.tasks
     flat = FlatModel(model)
     forward = model_forward(model, batch_norm)  # ValueError naming batch_norm
     opt = resolve_optimizer(optimizer)  # ValueError naming the registered names
@@ -197,25 +221,15 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: Learn
                  batches, stepper, adj, opt, loop, scope)
 
 
-def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, *, steps: int, lr: LearningRate,
-           solver: str | AbstractSolver, memory: str | AbstractMemory, proximal: Scalar,
-           adjoint: AbstractAdjoint | None, batched: bool, compile: bool | str = False,
-           batch_norm: str = "batch",
-           optimizer: str | AbstractInnerOptimizer | None = None,
-           meta_parameters: Sequence[Tensor] = (), tasks: str = "auto") -> Params:
-    plan = _plan(model, loss_fn, data, steps=steps, lr=lr, solver=solver, memory=memory,
-                 proximal=proximal, adjoint=adjoint, batched=batched, compile=compile,
-                 batch_norm=batch_norm, optimizer=optimizer, tasks=tasks)
+def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, o: _Options) -> Params:
+    plan = _plan(model, loss_fn, data, o)
+    batched = o.batched
     if plan.theta.device.type == "cpu":  # keep freed memory for reuse (AMAML_MALLOC=system: no)
         tune_cpu_allocator_once()
 
     def flow(first: Sequence[Tensor], batches: Any, batched: bool) -> Tensor:
-        return gradient_flow(plan.loss, plan.theta, dt=plan.dt, n_steps=steps,
-                             data=first if batches is None else (), batches=batches,
-                             solver=plan.solver, adjoint=plan.adjoint, mu=proximal,
-                             batched=batched, optimizer=plan.optimizer,
-                             dt_per_step=plan.per_step, meta_parameters=meta_parameters,
-                             scope=plan.scope)
+        return plan.adjoint.solve(flow_context(plan.loss, plan.theta,
+                                               plan.flow_options(o, first, batches, batched)))
 
     if plan.loop:  # a meta-batch, one task after another, stacked
         rows = []
@@ -245,7 +259,7 @@ def adapt(
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
     batch_norm: str = "batch",
-    optimizer: str | AbstractInnerOptimizer | None = None,
+    optimizer: str | AbstractStepMap | None = None,
     meta_parameters: Sequence[Tensor] = (),
 ) -> Params:
     """Adapt a model to one task by gradient flow; differentiable by the adjoint method.
@@ -359,10 +373,9 @@ def adapt(
         >>> net.weight.grad.shape
         torch.Size([1, 1])
     """
-    return _adapt(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
-                  proximal=proximal, adjoint=adjoint, batched=False, compile=compile,
-                  batch_norm=batch_norm, optimizer=optimizer,
-                  meta_parameters=meta_parameters)
+    return _adapt(model, loss_fn, support, _Options(
+        steps, lr, solver, memory, proximal, adjoint, compile, batch_norm, optimizer,
+        meta_parameters))
 
 
 def adapt_batch(
@@ -378,7 +391,7 @@ def adapt_batch(
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
     batch_norm: str = "batch",
-    optimizer: str | AbstractInnerOptimizer | None = None,
+    optimizer: str | AbstractStepMap | None = None,
     meta_parameters: Sequence[Tensor] = (),
     tasks: str = "auto",
 ) -> Params:
@@ -408,10 +421,9 @@ def adapt_batch(
             ``batch_norm="batch"``: the compiled steps differentiate with ``torch.func``,
             whose batched second derivative of batch statistics is wrong in torch 2.13.
     """
-    return _adapt(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
-                  proximal=proximal, adjoint=adjoint, batched=True, compile=compile,
-                  batch_norm=batch_norm, optimizer=optimizer,
-                  meta_parameters=meta_parameters, tasks=tasks)
+    return _adapt(model, loss_fn, support, _Options(
+        steps, lr, solver, memory, proximal, adjoint, compile, batch_norm, optimizer,
+        meta_parameters, True, tasks))
 
 
 def explain(
@@ -427,7 +439,7 @@ def explain(
     adjoint: AbstractAdjoint | None = None,
     compile: bool | str = False,
     batch_norm: str = "batch",
-    optimizer: str | AbstractInnerOptimizer | None = None,
+    optimizer: str | AbstractStepMap | None = None,
     batched: bool = False,
     tasks: str = "auto",
 ) -> str:
@@ -448,46 +460,33 @@ def explain(
         ...                     lr=0.1).splitlines()[0])
         model: fused MLP (nn.Sequential: 2 linear layers)
     """
-    plan = _plan(model, loss_fn, support, steps=steps, lr=lr, solver=solver, memory=memory,
-                 proximal=proximal, adjoint=adjoint, batched=batched, compile=compile,
-                 batch_norm=batch_norm, optimizer=optimizer, tasks=tasks)
+    o = _Options(steps, lr, solver, memory, proximal, adjoint, compile, batch_norm, optimizer,
+                 (), batched, tasks)
+    plan = _plan(model, loss_fn, support, o)
     first, batches = plan.first, plan.batches
     if plan.loop:  # each task's flow alone: the first one's stands for all
         first = tuple(d[0] for d in first)
         batches = None if batches is None else (
             lambda k, of=batches: tuple(t[0] for t in of(k)))
-    flow = flow_context(plan.loss, plan.theta, dt=plan.dt, n_steps=steps,
-                        data=first if batches is None else (),
-                        batches=batches, solver=plan.solver, adjoint=plan.adjoint,
-                        mu=proximal, batched=batched and not plan.loop,
-                        optimizer=plan.optimizer, dt_per_step=plan.per_step,
-                        scope=plan.scope)
-    if isinstance(plan.adjoint, DiscreteAdjoint):
-        flow = plan.adjoint.prepare(flow)
-    spec, inner = flow.spec, flow.spec.inner
-    if inner is None:
-        step = f"{steps} steps of gradient flow, solver {plan.solver.name}"
-    elif inner.optimizer is None:
-        step = f"{steps} steps of gradient flow, solver {plan.solver.name} (general step map)"
+    flow = flow_context(plan.loss, plan.theta,
+                        plan.flow_options(o, first, batches, batched and not plan.loop))
+    step_map, reads = flow.spec.step_map, flow.reads
+    if isinstance(step_map, AbstractSolver):
+        step = f"{steps} steps of gradient flow, solver {step_map.name}"
     else:
-        step = f"{steps} steps of {inner.optimizer.describe()}"
+        step = f"{steps} steps of {step_map.describe()}"
     found = [f"theta ({plan.theta.numel()} numbers)"]
     if plan.dt.requires_grad:
         found.append(f"lr {tuple(plan.dt.shape) or 'scalar'}"
                      + (" per step" if plan.per_step else ""))
-    found += [f"support tensor {i} {tuple(d.shape)}" for i, d in enumerate(flow.data)
+    found += [f"support tensor {i} {tuple(d.shape)}" for i, d in enumerate(reads.data)
               if d.requires_grad]
-    n_hyper = 0 if inner is None else len(inner.hyper_tensors)
-    found += [f"optimizer {n}" for n, t in zip(inner.hyper_tensors if inner else (),
-                                               flow.extras) if t.requires_grad]
-    found += [f"a tensor the loss reads {tuple(t.shape)}" for t in flow.extras[n_hyper:]]
-    need_data = [d.requires_grad for d in flow.data]
-    need_extras = [t.requires_grad for t in flow.extras]
-    ctx = type(flow)(spec, flow.theta, flow.dt, flow.mu, flow.data, extras=flow.extras,
-                     need_data=need_data, need_extras=need_extras)
-    kernel = ctx.kernel().describe()
+    found += [f"optimizer {n}" for n, t in zip(reads.hyper_names, reads.hyper)
+              if t.requires_grad]
+    found += [f"a tensor the loss reads {tuple(t.shape)}" for t in reads.captured]
+    kernel = flow.kernel().describe()
     with plan.scope():  # the first step measured as the loop will take it
-        memory_line = (memory_lines(ctx, plan.adjoint.memory)
+        memory_line = (memory_lines(flow, plan.adjoint.memory)
                        if isinstance(plan.adjoint, DiscreteAdjoint) else [])
     return "\n".join([f"model: {plan.path}", f"inner loop: {step}",
                       f"meta-parameters: {', '.join(found)}", f"adjoint: {plan.adjoint!r}",

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ._types import LossFn
 from .fastpath import FUNCTION_KINDS, hooked, layer_chain
+from .flow.objective import BatchedLoss
 from .params import FlatModel
 
 __all__ = ["FOLD_KINDS", "FoldedLoss", "TASK_MODES", "batch_plan", "folded_forward",
@@ -50,7 +51,7 @@ _FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
 _Step = tuple[str, Any, str]  # (kind, module or function, parameter prefix)
 
 
-class FoldedLoss:
+class FoldedLoss(BatchedLoss):
     """The loss of one task (``__call__``, as the generic path computes it) and of a
     meta-batch with the tasks folded into channels (:meth:`per_task_batched`).
 

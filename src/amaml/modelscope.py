@@ -209,7 +209,8 @@ def scope_lines(model: nn.Module, scope: StepScope, loss: Any, theta: Tensor, fl
     training = sum(m.training for m in modules)
     lines = [f"module modes: fixed as now for every evaluation of the steps, backward pass "
              f"included ({training} of {len(modules)} modules in training mode)"]
-    data = [d[0] for d in flow.data] if flow.spec.objective.batched else list(flow.data)
+    data = flow.reads.at(0).data
+    data = [d[0] for d in data] if flow.spec.objective.batched else list(data)
     # The fused MLP computes no attention; a folded chain's one task is the user's model.
     probe = None if isinstance(loss, AbstractFusedLoss) else getattr(loss, "single", loss)
     fused = [] if probe is None else attention_kernels(probe, theta, data)

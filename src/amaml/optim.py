@@ -10,19 +10,26 @@ the memory strategies (store, checkpoint, revolve) sweep at flat memory:
     ...                 optimizer=amaml.optim.Adam(), memory="revolve")
     >>> torch.nn.functional.mse_loss(torch.func.functional_call(net, p, (x,)), y).backward()
 
-See :mod:`amaml.flow.optimizers` for the update equations and the treatment of the square
-root at zero.
+A new rule is one class: an :class:`AbstractInnerOptimizer` (its buffers and its ``update``)
+or, for a step that reads the gradient elsewhere than at the parameters, an
+:class:`AbstractStepMap` (``rows`` and ``step``); every memory strategy, ``adapt`` and
+``adapt_batch`` then give its exact meta-gradient. See :mod:`amaml.flow.step_maps` for the
+update equations and the treatment of the square root at zero
+(:func:`~amaml.flow.step_maps.base.sqrt0`).
 """
 
-from .flow.optimizers import (
+from .flow.step_maps import (
     OPTIMIZERS,
     SGD,
     AbstractInnerOptimizer,
+    AbstractStepMap,
     Adam,
     AdamW,
     RMSprop,
     resolve_optimizer,
+    sqrt0,
 )
+from .flow.step_maps.base import Update
 
-__all__ = ["OPTIMIZERS", "SGD", "AbstractInnerOptimizer", "Adam", "AdamW", "RMSprop",
-           "resolve_optimizer"]
+__all__ = ["OPTIMIZERS", "SGD", "AbstractInnerOptimizer", "AbstractStepMap", "Adam", "AdamW",
+           "RMSprop", "Update", "resolve_optimizer", "sqrt0"]

@@ -91,16 +91,16 @@ def resolve_compile(config: TrainConfig) -> tuple[bool | str, str]:
 
     ``compile="auto"`` compiles when the whole run's inner steps (solver stages x steps x
     meta-batch x meta-iterations) pass the measured break-even of
-    :func:`amaml.flow.compiled.recommend_compile`, except where compiling is not exact or
+    :func:`amaml.compile_cache.recommend_compile`, except where compiling is not exact or
     not supported: batch-statistics BatchNorm under ``adapt_batch`` (``conv4``), and methods
     other than A-MAML (their inner loops are not compiled). An inner optimiser's steps
     compile like gradient descent's (one compiled function for every step). A compiling
     run keeps
-    its compiled code on disk (:func:`amaml.flow.compiled.enable_compile_cache`), so a
+    its compiled code on disk (:func:`amaml.compile_cache.enable_compile_cache`), so a
     second run of the same shapes starts without recompiling.
     """
-    from ..flow.compiled import enable_compile_cache, recommend_compile
-    from ..flow.solvers import SOLVERS
+    from ..compile_cache import enable_compile_cache, recommend_compile
+    from ..flow.step_maps import SOLVERS
 
     if config.method != "amaml":
         return False, f"{config.method}: eager (only A-MAML's solver steps compile)"

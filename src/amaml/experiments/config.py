@@ -277,7 +277,7 @@ class TrainConfig:
                              f"got {self.hidden!r}.")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise ValueError(f"{flag('data_dir')} must be a path string; got {self.data_dir!r}.")
-        from ..flow.compiled import COMPILE_MODES
+        from ..flow.kernels import COMPILE_MODES
 
         if not (isinstance(self.compile, bool) or self.compile in (*COMPILE_MODES, "auto")):
             raise ValueError(f"{flag('compile')} must be a bool, 'auto' or one of "

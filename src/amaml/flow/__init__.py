@@ -1,27 +1,26 @@
-"""The core: gradient flow, its solvers and its adjoints. Knows nothing of tasks.
+"""The core: inner loops as step maps, their adjoints and memory strategies. Knows nothing
+of tasks or models.
 
 Names: the flow ``du/dt = -grad L(u) - mu (u - theta)``, ``u(0) = theta``, is integrated
-with ``n_steps`` solver steps of size ``dt`` up to ``t1 = n_steps * dt``; ``mu`` is the
-proximal weight. The same quantities are ``steps``, ``lr`` and ``proximal`` in
-:func:`amaml.adapt` / :func:`amaml.adapt_batch`, and ``n_steps``, ``inner_lr`` and
-``proximal`` in :mod:`amaml.algorithms`.
+with ``n_steps`` steps of size ``dt`` up to ``t1 = n_steps * dt``; ``mu`` is the proximal
+weight. The same quantities are ``steps``, ``lr`` and ``proximal`` in :func:`amaml.adapt` /
+:func:`amaml.adapt_batch`, and ``n_steps``, ``inner_lr`` and ``proximal`` in
+:mod:`amaml.algorithms`.
 
-Modules, one idea each:
-    :mod:`~amaml.flow.solvers` (explicit Runge-Kutta steps),
-    :mod:`~amaml.flow.optimizers` (inner optimisers: torch.optim's rules as step maps),
-    :mod:`~amaml.flow.hvp` (the support objective, Hessian-vector products, CG),
-    :mod:`~amaml.flow.trajectory` (gradient flow's forward loop and one step's VJP),
-    :mod:`~amaml.flow.steps` (a general step map: optimiser, schedules, mini-batches,
-    meta-parameters; its forward loop and one step's VJP),
-    :mod:`~amaml.flow.kernels` (which kernel transposes a step, and why: the one place),
-    :mod:`~amaml.flow.context` (:class:`FlowContext`, what adjoints and memory strategies
-    receive), :mod:`~amaml.flow.capture` (tensors the loss reads besides its arguments),
-    :mod:`~amaml.flow.memory` (which states the discrete adjoint keeps and how it gets
-    them back), :mod:`~amaml.flow.adjoint` (the adjoints and the one autograd Function),
+One step's seam, one idea a module:
+    :mod:`~amaml.flow.reads` (:class:`Reads`: everything a step reads besides its state),
+    :mod:`~amaml.flow.step_maps` (the step: Runge-Kutta tableaus and inner optimisers),
+    :mod:`~amaml.flow.objective` (the support loss, its gradient, CG),
+    :mod:`~amaml.flow.kernels` (what takes a step and transposes it: autograd, fused,
+    compiled; chosen once per flow), :mod:`~amaml.flow.loop` (:class:`FlowContext`: the
+    forward loop and one step back, what memory strategies receive),
+    :mod:`~amaml.flow.memory`, :mod:`~amaml.flow.budget`, :mod:`~amaml.flow.auto` (which
+    states the discrete adjoint keeps and how it gets them back),
+    :mod:`~amaml.flow.adjoint` (the adjoints and the one autograd Function),
     :mod:`~amaml.flow.integrate` (:func:`gradient_flow`, the entry point),
-    :mod:`~amaml.flow.fused` (losses with their own derivatives: the MLP),
-    :mod:`~amaml.flow.compiled`, :mod:`~amaml.flow.compiled_maps` (compiled steps),
-    :mod:`~amaml.flow.errors`.
+    :mod:`~amaml.flow.capture`, :mod:`~amaml.flow.scope` (what the loss reads besides its
+    arguments, and the context its steps run in), :mod:`~amaml.flow.fused` (losses with
+    their own derivatives: the MLP), :mod:`~amaml.flow.errors`.
 """
 
 from .adjoint import (
@@ -32,16 +31,26 @@ from .adjoint import (
     Implicit,
     Unrolled,
     adjoint_sweep,
+    forward_kept,
 )
 from .auto import Auto
 from .budget import Budget
-from .context import FlowContext
 from .errors import BacksolveError, DivergenceError
-from .hvp import Objective, conjugate_gradient
-from .integrate import gradient_flow
+from .integrate import FlowOptions, flow_context, gradient_flow
+from .loop import FlowContext, SweepStats
 from .memory import AbstractMemory, Backsolve, Checkpoint, Revolve, Store
-from .solvers import RK4, SOLVERS, AbstractSolver, Euler, Heun
-from .trajectory import SweepStats
+from .objective import Objective, conjugate_gradient
+from .reads import Reads
+from .spec import FlowSpec
+from .step_maps import (
+    RK4,
+    SOLVERS,
+    AbstractInnerOptimizer,
+    AbstractSolver,
+    AbstractStepMap,
+    Euler,
+    Heun,
+)
 
 #: Registered memory strategy names.
 MEMORIES: dict[str, type[AbstractMemory]] = {
@@ -54,10 +63,10 @@ MEMORIES: dict[str, type[AbstractMemory]] = {
 }
 
 __all__ = [
-    "AbstractAdjoint", "AbstractMemory", "AbstractSolver", "AbstractSweepAdjoint", "Auto",
-    "Backsolve",
-    "BacksolveError", "Budget", "Checkpoint", "DiscreteAdjoint", "DivergenceError", "Euler",
-    "FirstOrder",
-    "FlowContext", "Heun", "Implicit", "MEMORIES", "Objective", "RK4", "Revolve", "SOLVERS",
-    "Store", "SweepStats", "Unrolled", "adjoint_sweep", "conjugate_gradient", "gradient_flow",
+    "AbstractAdjoint", "AbstractInnerOptimizer", "AbstractMemory", "AbstractSolver",
+    "AbstractStepMap", "AbstractSweepAdjoint", "Auto", "Backsolve", "BacksolveError", "Budget",
+    "Checkpoint", "DiscreteAdjoint", "DivergenceError", "Euler", "FirstOrder", "FlowContext",
+    "FlowOptions", "FlowSpec", "Heun", "Implicit", "MEMORIES", "Objective", "RK4", "Reads",
+    "Revolve", "SOLVERS", "Store", "SweepStats", "Unrolled", "adjoint_sweep",
+    "conjugate_gradient", "flow_context", "forward_kept", "gradient_flow",
 ]

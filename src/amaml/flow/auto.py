@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from .budget import Budget, budget_forward
-from .context import AutogradTape, FlowContext
+from .loop import AutogradTape, FlowContext
 from .memory import AbstractMemory, Backsolve, Checkpoint, Revolve, Store
 
 __all__ = ["BUDGET_ENV", "Auto", "StepCost", "free_bytes", "predict_peak"]
@@ -340,8 +340,8 @@ class Auto(AbstractMemory):
         cost, z0, z1, tape = self.measure(flow)
         memory, taped, reason = self.choose(flow.n_steps, cost,
                                             self.budget_bytes(flow.theta.device))
-        flow.spec.scratch["auto"] = memory
-        flow.spec.scratch["auto_why"] = reason
+        flow.carry["auto"] = memory
+        flow.carry["auto_why"] = reason
         if tape is None:
             return memory.forward(flow)
         if isinstance(memory, Budget) and taped is not None:
@@ -352,7 +352,7 @@ class Auto(AbstractMemory):
         return memory.forward(flow)
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
-        memory: AbstractMemory = flow.spec.scratch["auto"]
+        memory: AbstractMemory = flow.carry["auto"]
         return memory.sweep(flow, kept, lam)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .context import AutogradTape, FlowContext
+from .loop import AutogradTape, FlowContext
 from .errors import DivergenceError
 from .memory import AbstractMemory, recomputed_segment, taped_segment
 
@@ -73,9 +73,9 @@ class Budget(AbstractMemory):
         return budget_forward(flow, z0, z1, tape0, taped)
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
-        n, stats, scratch = flow.n_steps, flow.stats, flow.spec.scratch
-        start, every = scratch["budget_start"], scratch["budget_every"]
-        tapes = scratch.pop("budget", None)
+        n, stats, carry = flow.n_steps, flow.stats, flow.carry
+        start, every = carry["budget_start"], carry["budget_every"]
+        tapes = carry.pop("budget", None)
         others = kept.shape[0]
         if tapes is not None:
             stats.peak_states = max(stats.peak_states, others + len(tapes))
@@ -103,7 +103,7 @@ def budget_forward(flow: FlowContext, z0: Tensor, z1: Tensor, tape0: AutogradTap
     the last ``taped`` steps with their graphs kept, checkpoints before (what
     :meth:`Budget.sweep` reads back). :class:`~amaml.flow.auto.Auto` calls it with the
     count it chose from the same first step."""
-    n, scratch = flow.n_steps, flow.spec.scratch
+    n, carry = flow.n_steps, flow.carry
     start = n - taped
     tapes: list[AutogradTape] = []
     # kept: the checkpoints of steps 0 .. start-1, then the state at ``start``
@@ -129,8 +129,8 @@ def budget_forward(flow: FlowContext, z0: Tensor, z1: Tensor, tape0: AutogradTap
         tapes.append(tape)
     if not bool(torch.isfinite(z).all()):
         raise DivergenceError(n, n, " (under memory=Budget)")
-    scratch["budget"] = tapes
-    scratch["budget_start"] = start
-    scratch["budget_every"] = every
+    carry["budget"] = tapes
+    carry["budget_start"] = start
+    carry["budget_every"] = every
     flow.stats.taped_steps = taped
     return z, kept

@@ -5,7 +5,7 @@ product by double backward through ``torch.func.functional_call`` costs about th
 gradients, mostly in graph construction, module traversal and tiny view ops (profiles in
 ``benchmarks/README.md``). A loss that knows its own structure can do without: an
 :class:`AbstractFusedLoss` gives the gradient ``g(u)`` and the Hessian-vector product
-``H(u) v`` directly, and the flow (:mod:`amaml.flow.trajectory`) then takes each solver
+``H(u) v`` directly, and the fused kernel (:mod:`amaml.flow.kernels.fused`) then takes each
 step, and transposes it, without autograd.
 
 :class:`MLPLoss` is such a loss for a multilayer perceptron: ``Linear`` layers and
@@ -82,6 +82,18 @@ class AbstractFusedLoss(abc.ABC):
 
     #: Whether :meth:`hvp_input` is implemented.
     input_grad: bool = False
+
+    def cache_key(self) -> Any:
+        """A hashable key of everything the loss computes besides its tensors (compiled
+        kernels are shared between losses with equal keys), or ``None``."""
+        return None
+
+    def head(self, u: Tensor, data: Sequence[Tensor]
+             ) -> tuple[Tensor, Callable[[Tensor, Sequence[Tensor]], Tensor]] | None:
+        """``(prediction, f)`` with ``f(prediction, data[1:])`` the summed support loss, when
+        the loss is a fixed network followed by ``f`` (so that what it reads besides ``u``
+        and the data is what ``f`` reads); ``None`` otherwise."""
+        return None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ recovers the rest:
     kept while they fit in a memory budget).
 
 A new strategy subclasses :class:`AbstractMemory` and implements ``forward`` and
-``sweep`` with the :class:`~amaml.flow.trajectory.FlowContext` it is given; it can be passed
+``sweep`` with the :class:`~amaml.flow.loop.FlowContext` it is given; it can be passed
 as ``memory=`` to :func:`amaml.adapt` without any change to the package.
 """
 
@@ -23,13 +23,15 @@ import abc
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .context import AutogradTape, FlowContext
 from .errors import BacksolveError
-from .trajectory import StepTape
+from .loop import AutogradTape, FlowContext
+from .reads import THETA
+from .step_maps.runge_kutta import AbstractSolver
 
 __all__ = ["AbstractMemory", "Backsolve", "Checkpoint", "Revolve", "Store", "recomputed_segment",
            "taped_segment"]
@@ -168,7 +170,7 @@ class Checkpoint(AbstractMemory):
             every = self.segment(n)
             ckpts = u0.new_empty((-(-n // every), *u0.shape))
             u_end, _ = flow.integrate(u0, keep_every=every, out=ckpts)
-            flow.spec.scratch["checkpoint_every"] = every
+            flow.carry["checkpoint_every"] = every
             return u_end, ckpts
         # Measure one step's graph on step 0, then place the checkpoints.
         u1, tape = flow.tape_step(u0, 0)
@@ -187,12 +189,12 @@ class Checkpoint(AbstractMemory):
         u, _ = flow.integrate(u1, 1, min(every, n))  # checks its last state (n >= 2)
         if every < n:
             u, _ = flow.integrate(u, every, n, keep_every=every, out=ckpts[1:])
-        flow.spec.scratch["checkpoint_every"] = every
+        flow.carry["checkpoint_every"] = every
         return u, ckpts
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
         n = flow.n_steps
-        every = flow.spec.scratch.get("checkpoint_every") or self.segment(n)
+        every = flow.carry.get("checkpoint_every") or self.segment(n)
         graphs = self.graphs(flow)
         use_tapes = not graphs and self.tapes is True and flow.tape_numel() > 0
         for j in range(kept.shape[0] - 1, -1, -1):
@@ -209,14 +211,14 @@ def recomputed_segment(flow: FlowContext, u: Tensor, start: int, stop: int, lam:
     steps taken, all but the last, where ``fused_tapes``), then one ``flow.vjp`` per step,
     last to first; ``others``: states held besides."""
     stats = flow.stats
-    tapes: list[StepTape] | None = [] if fused_tapes else None
+    tapes: list[Any] | None = [] if fused_tapes else None
     u_last, seg = flow.integrate(u, start, stop - 1, keep_every=1, tapes=tapes)
     seg.append(u_last)
     stats.recomputed_steps += stop - 1 - start
     stats.peak_states = max(stats.peak_states, others + len(seg))
     for k in range(stop - 1, start - 1, -1):
         tape = tapes.pop() if tapes and k - start < len(tapes) else None
-        stats.taped_steps += tape is not None
+        stats.taped_steps += bool(tape)
         lam = flow.vjp(seg[k - start], lam, tape, k=k)
     return lam
 
@@ -346,7 +348,7 @@ class Revolve(AbstractMemory):
         u0 = flow.initial_state()
         kept = u0.new_empty((1, *u0.shape))
         kept[0].copy_(u0)
-        # The snapshots are separate tensors, held in the flow's scratch until the sweep
+        # The snapshots are separate tensors, held in the flow's carry until the sweep
         # takes them: each dies when the recursion level that uses it returns. Rows of the
         # one kept tensor would stay alive (saved for backward) through the whole sweep while
         # the recursion allocates new states beside them: up to twice ``snapshots + 1``
@@ -357,14 +359,14 @@ class Revolve(AbstractMemory):
             u, _ = flow.integrate(u, k, m)
             ready[m], k = u, m
         u_end, _ = flow.integrate(u, k, flow.n_steps)
-        flow.spec.scratch["revolve_ready"] = ready
+        flow.carry["revolve_ready"] = ready
         return u_end, kept
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
         stats = flow.stats
         # The snapshots the forward pass placed, by step: used (once) by the first descent.
         # A second backward pass through the same result finds none and recomputes them.
-        ready = flow.spec.scratch.pop("revolve_ready", {})
+        ready = flow.carry.pop("revolve_ready", {})
         held = [1]  # states alive now: u0 (the caller's), then one per open recursion level
         # The cotangent lives in one box, not in the recursion's frames: a frame that passed
         # ``lam`` down would otherwise keep that stale vector alive until it returns.
@@ -432,28 +434,32 @@ class Backsolve(AbstractMemory):
         return u_end, torch.stack([u_end])
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
-        spec = flow.spec
-        if spec.inner is not None:
+        spec, need = flow.spec, flow.need
+        solver = spec.step_map
+        if not isinstance(solver, AbstractSolver):
             raise ValueError("memory='backsolve' integrates gradient flow backward in time; it "
                              "has no version for an inner optimiser, a per-step learning "
                              "rate, mini-batches or meta-parameters beyond theta, lr and mu. "
                              "Use memory='revolve' or 'checkpoint' (exact).")
-        zeros = flow.zero_bars()
+        zeros = [(i, torch.zeros_like(t.detach())) for i, t in enumerate(flow.reads.tensors())
+                 if t is not None and need[i] and (i != THETA or flow.reads.mu is not None)]
 
         def augmented(z: Sequence[Tensor]) -> list[Tensor]:
             # Reverse time tau = N - s: du/dtau = -F(u), dlam/dtau = J_F(u)^T lam,
             # d(bar_p)/dtau = (dF/dp)^T lam.
             f, lam_u, bars = flow.field_vjp(z[0], z[1])
-            return [-f, lam_u, *(bars[n] for n in zeros)]
+            got = dict(bars)
+            return [-f, lam_u, *(got.get(i, torch.zeros_like(b)) for i, b in zeros)]
 
-        z: list[Tensor] = [kept[0].detach(), lam, *zeros.values()]
+        z: list[Tensor] = [flow.params(kept[0]).detach(), flow.params(lam),
+                           *(b for _, b in zeros)]
         flow.stats.peak_states = max(flow.stats.peak_states, 1)
         check = flow.check_every
         for k in range(spec.n_steps):
-            z = spec.solver.step_tuple(augmented, z)
+            z = solver.step_tuple(augmented, z)
             if (k + 1) % check == 0 and not bool(torch.isfinite(z[0]).all()):
                 break
-        u0 = flow.initial_state().detach()
+        u0 = flow.params(flow.initial_state())
         err = float((z[0] - u0).norm() / u0.norm().clamp_min(torch.finfo(u0.dtype).tiny))
         if not math.isfinite(err) or err > self.tol or not bool(torch.isfinite(z[1]).all()):
             raise BacksolveError(
@@ -463,5 +469,5 @@ class Backsolve(AbstractMemory):
                 f"would be wrong; use memory='checkpoint' (exact, O(sqrt(steps)) memory) "
                 f"instead."
             )
-        flow.add_bars(dict(zip(zeros, z[2:])))
-        return z[1]
+        flow.add_bars([(i, b) for (i, _), b in zip(zeros, z[2:])])
+        return z[1].unsqueeze(-2)

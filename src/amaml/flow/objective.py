@@ -1,4 +1,4 @@
-"""The support objective on flat parameters: gradients, Hessian-vector products, CG.
+"""The support objective on flat parameters: its gradient, Hessian-vector products, CG.
 
 Everything here works on a flat parameter vector ``u`` of shape ``(P,)`` for one
 task, or ``(B, P)`` for a meta-batch of ``B`` independent tasks. A batched
@@ -18,8 +18,8 @@ immutable"). ``benchmarks/bench_hvp.py`` measures one ``H v`` each way; the figu
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,7 +27,20 @@ from torch import Tensor
 from .._types import FlatLoss
 from .fused import AbstractFusedLoss
 
-__all__ = ["Objective", "make_field", "conjugate_gradient"]
+__all__ = ["BatchedLoss", "Objective", "conjugate_gradient"]
+
+
+class BatchedLoss(abc.ABC):
+    """A flat loss that also evaluates a whole meta-batch itself (tasks folded into channels,
+    :mod:`amaml.folded`) instead of by :func:`torch.func.vmap`."""
+
+    @abc.abstractmethod
+    def __call__(self, u: Tensor, *data: Tensor) -> Tensor:
+        """The loss of one task."""
+
+    @abc.abstractmethod
+    def per_task_batched(self, u: Tensor, *data: Tensor) -> Tensor:
+        """The loss of each task of a meta-batch: ``u`` ``(B, P)``, result ``(B,)``."""
 
 
 class Objective:
@@ -37,7 +50,7 @@ class Objective:
         loss: ``loss(u, *data) -> scalar`` for one task, ``u`` of shape ``(P,)``. An
             :class:`~amaml.flow.fused.AbstractFusedLoss` also gives its own gradient and
             Hessian-vector products: :meth:`grad` (without a graph) then uses them, and so
-            do the step VJPs (:mod:`amaml.flow.trajectory`).
+            does the fused kernel (:mod:`amaml.flow.kernels.fused`).
         batched: If true, ``u`` has shape ``(B, P)`` and every data tensor a
             leading task dimension ``B``; ``total`` is the sum of task losses.
     """
@@ -48,7 +61,7 @@ class Objective:
         # randomness='different': each task draws its own masks (dropout), from the global
         # generator, so that a step's draws can be replayed from its recorded state.
         # A loss with its own batched form (amaml.folded: tasks folded into channels) uses it.
-        own = getattr(loss, "per_task_batched", None)
+        own = loss.per_task_batched if isinstance(loss, BatchedLoss) else None
         self._batched_loss = None if not batched else (
             own if own is not None else torch.func.vmap(loss, randomness="different"))
         #: The loss's own derivatives, or ``None`` (autograd then).
@@ -85,50 +98,18 @@ class Objective:
             (g,) = torch.autograd.grad(total, u, create_graph=create_graph)
         return g
 
-    def hvp(self, u: Tensor, vs: Sequence[Tensor], data: Sequence[Tensor]) -> list[Tensor]:
-        """Hessian-vector products ``H(u) v`` for several ``v``, one graph built."""
+    def hessian(self, u: Tensor, data: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
+        """``v -> H(u) v`` by double backward, the gradient's graph built once and kept while
+        the returned function lives (conjugate gradients call it many times)."""
         with torch.enable_grad():
             u = u.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self.total(u, data), u, create_graph=True)
-            out = []
-            for i, v in enumerate(vs):
-                (hv,) = torch.autograd.grad(g, u, v, retain_graph=i < len(vs) - 1)
-                out.append(hv)
-        return out
 
+        def hvp(v: Tensor) -> Tensor:
+            (hv,) = torch.autograd.grad(g, u, v, retain_graph=True)
+            return hv
 
-def make_field(
-    objective: Objective,
-    data: Sequence[Tensor],
-    theta: Tensor,
-    dt: Tensor,
-    mu: Tensor | None,
-    create_graph: bool,
-    record: list[tuple[Tensor, Any]] | None = None,
-) -> Callable[[Tensor], Tensor]:
-    """The vector field ``F(u) = -dt * (grad L(u) + mu (u - theta))`` of a unit step.
-
-    ``mu`` is ``None`` when the proximal term is absent (skipped, not multiplied by 0).
-    With ``record`` (a list; the objective must be fused, without ``create_graph``), each
-    evaluation appends ``(u, tape)``, the loss's tape of its gradient at ``u``
-    (:meth:`~amaml.flow.fused.AbstractFusedLoss.grad`).
-    """
-
-    neg_dt = -dt  # once, not at every evaluation
-    fused = objective.fused if record is not None and not create_graph else None
-
-    def field(u: Tensor) -> Tensor:
-        if fused is not None and record is not None:
-            tape: list[Any] = []
-            g = fused.grad(u.detach(), data, tape=tape)
-            record.append((u, tape[0] if tape else None))
-        else:
-            g = objective.grad(u, data, create_graph=create_graph)
-        if mu is not None:
-            g = g + mu * (u - theta)
-        return neg_dt * g
-
-    return field
+        return hvp
 
 
 def _dot(a: Tensor, b: Tensor, batched: bool) -> Tensor:

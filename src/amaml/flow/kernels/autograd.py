@@ -1,0 +1,50 @@
+"""The autograd kernel: one step differentiated by double backward. Every loss, step map
+and read; a random loss's steps replay the random state they drew."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..reads import Reads
+from ..spec import FlowSpec
+from .base import AbstractKernel, Cotangents, eager_step
+
+__all__ = ["AutogradKernel", "graph_step"]
+
+
+def graph_step(spec: FlowSpec, k: int, z: Tensor, reads: Reads, need: Sequence[bool]
+               ) -> tuple[Tensor, Tensor, list[tuple[int, Tensor]]]:
+    """Step ``k`` from ``z`` with its autograd graph: ``(z_{k+1}, z leaf, [(index, leaf)])``
+    for the reads that ``need`` and that the step differentiates (call with grad enabled,
+    inside the step's random state)."""
+    leaves = reads.leaves(need, k)
+    zl = z.detach().requires_grad_(True)
+    out = eager_step(spec, k, zl, leaves, graph=True)
+    return out, zl, list(leaves.wanted(need))
+
+
+class AutogradKernel(AbstractKernel):
+    """Double backward through one step (see the module)."""
+
+    name = "autograd"
+
+    @classmethod
+    def supports(cls, spec: FlowSpec, need: Sequence[bool]) -> str | None:
+        return None
+
+    def step(self, k: int, z: Tensor, reads: Reads, record: list[Any] | None = None) -> Tensor:
+        with reads.random_step(k, z.device):
+            return eager_step(self.spec, k, z, reads)
+
+    def vjp(self, k: int, z: Tensor, lam: Tensor, reads: Reads, need: Sequence[bool],
+            tape: Any = None) -> tuple[Tensor, Cotangents]:
+        with torch.enable_grad(), reads.random_step(k, z.device):
+            out, zl, wanted = graph_step(self.spec, k, z, reads, need)
+            res = torch.autograd.grad(out, [zl, *(t for _, t in wanted)], lam,
+                                      allow_unused=True)
+        lam_z = res[0] if res[0] is not None else torch.zeros_like(z)
+        return lam_z, [(i, g) for (i, _), g in zip(wanted, res[1:])]

@@ -1,0 +1,110 @@
+"""What a kernel is, and which one transposes a flow's steps: the one place that decides.
+
+A kernel takes a step (without a graph) and computes one step's vector-Jacobian product
+``(dPhi_k/dz)^T lam`` with the cotangents of what the step reads (:class:`~amaml.flow.reads.
+Reads`). Three are tried in this order; each says what it supports, or why not:
+
+    ``"compiled"``  the step and its VJP as functions compiled by :func:`torch.compile`
+                    (:mod:`~amaml.flow.kernels.compiled`);
+    ``"fused"``     the loss's own gradient and Hessian-vector product (a plain MLP,
+                    :class:`~amaml.flow.fused.AbstractFusedLoss`) and the step map's own
+                    transpose: no autograd graph through the model
+                    (:mod:`~amaml.flow.kernels.fused`);
+    ``"autograd"``  double backward through one step: every loss, step map and read
+                    (:mod:`~amaml.flow.kernels.autograd`).
+
+:func:`select_kernel` is called once per flow, with the real needs (which reads require
+grad); the memory strategies then talk to the chosen kernel only. :func:`amaml.explain`
+prints its choice and why the faster ones were declined.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ..reads import Reads
+from ..spec import FlowSpec
+
+__all__ = ["AbstractKernel", "Cotangents", "KernelChoice", "eager_step"]
+
+#: A step VJP's cotangents of the reads: ``(index in Reads.tensors(), cotangent)``.
+Cotangents = list[tuple[int, Tensor | None]]
+
+
+def eager_step(spec: FlowSpec, k: int, z: Tensor, reads: Reads, graph: bool = False) -> Tensor:
+    """Step ``k`` from ``z`` by the step map, the gradient by the objective (its own when
+    it has one and no graph is wanted; autograd otherwise); with ``graph``, the step's
+    autograd graph is built (``z`` and ``reads`` must be part of it)."""
+    r = reads.at(k)
+    objective, data, mu, theta = spec.objective, r.data, r.mu, r.theta
+
+    def grad(v: Tensor) -> Tensor:
+        g = objective.grad(v, data, create_graph=graph)
+        return g if mu is None else g + mu * (v - theta)
+
+    return spec.step_map.step(k, z, grad, r)
+
+
+class AbstractKernel(abc.ABC):
+    """Takes steps and transposes them for one flow (see the module)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, spec: FlowSpec) -> None:
+        self.spec = spec
+
+    @classmethod
+    @abc.abstractmethod
+    def supports(cls, spec: FlowSpec, need: Sequence[bool]) -> str | None:
+        """``None`` if this kernel transposes the flow's steps with these needs, else why
+        not, in words."""
+
+    def step(self, k: int, z: Tensor, reads: Reads, record: list[Any] | None = None) -> Tensor:
+        """``z_{k+1}`` without a graph. ``record``: a list to which the kernel appends what
+        it computed that its :meth:`vjp` of this step can reuse (``[]`` if nothing)."""
+        return eager_step(self.spec, k, z, reads)
+
+    @abc.abstractmethod
+    def vjp(self, k: int, z: Tensor, lam: Tensor, reads: Reads, need: Sequence[bool],
+            tape: Any = None) -> tuple[Tensor, Cotangents]:
+        """``((dPhi_k/dz (z))^T lam, cotangents of the needed reads)``. ``tape``: what
+        :meth:`step` recorded when it took this step from ``z`` (the same result)."""
+
+    def active(self) -> tuple[AbstractKernel, str | None]:
+        """The kernel doing the work now and, if not this one, why (a compiled kernel whose
+        compilation failed hands its work to an eager one)."""
+        return self, None
+
+    def tape_numel(self, reads: Reads) -> int:
+        """Numbers one step's record holds (0: this kernel records nothing)."""
+        return 0
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The chosen kernel and why each faster one was not taken.
+
+    Attributes:
+        kernel: The kernel (built for the flow).
+        declined: ``(kernel name, reason)`` for each faster kernel, in order.
+    """
+
+    kernel: AbstractKernel
+    declined: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The working kernel's name: ``"compiled"``, ``"fused"`` or ``"autograd"``."""
+        return self.kernel.active()[0].name
+
+    def describe(self) -> str:
+        """One line: the kernel, then why not the faster ones."""
+        active, why_not = self.kernel.active()
+        declined = self.declined + ((self.kernel.name, why_not),) if why_not else self.declined
+        why = "; ".join(f"not {k}: {r}" for k, r in declined)
+        return active.name + (f" ({why})" if why else "")
