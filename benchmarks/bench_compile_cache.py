@@ -1,7 +1,7 @@
 """Compile cost with and without the persistent cache, and the per-step saving of compile=True.
 
 Runs itself twice in fresh subprocesses sharing one empty cache folder
-(``amaml.flow.compiled.enable_compile_cache``): the first process compiles from scratch and
+(``amaml.compile_cache.enable_compile_cache``): the first process compiles from scratch and
 fills the cache, the second loads from it. Each child times its first compiled ``adapt``
 meta-gradient (the compilation), then the steady per-inner-step time of eager and compiled
 store (thread CPU time, medians). Workload: MLP 2-32-32-1 tanh, 100 support/query points,
@@ -23,7 +23,7 @@ import time
 
 
 def child(steps: int, cache: str) -> dict[str, float]:
-    from amaml.flow.compiled import enable_compile_cache
+    from amaml.compile_cache import enable_compile_cache
 
     enable_compile_cache(cache)
     import torch

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from _workload import machine_info, make_workload, sync, timed
 from torch import Tensor
 
-from amaml.flow import DiscreteAdjoint, Euler, FlowContext, Objective, Store
-from amaml.flow.trajectory import FlowSpec
+from amaml.flow import Euler, FlowContext, FlowSpec, Objective, Reads
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,11 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         return F.mse_loss(torch.func.functional_call(model, unflatten(u), (xb,)), yb)
 
     objective = Objective(manual_mse)
-    spec = FlowSpec(objective, Euler(), DiscreteAdjoint(Store()), 1, False)
+    spec = FlowSpec(objective, Euler(), 1, n_data=2)
     eta = torch.tensor(1.0, dtype=dtype, device=args.device)
 
     def double_backward() -> Tensor:
-        return objective.hvp(u0, [v], (x, y))[0]
+        return objective.hessian(u0, (x, y))(v)
 
     def fwd_over_rev(loss: Callable[..., Tensor] = manual_mse) -> Tensor:
         return torch.func.jvp(lambda u: torch.func.grad(loss)(u, x, y), (u0,), (v,))[1]
@@ -80,11 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     def rev_over_rev() -> Tensor:
         return torch.func.vjp(lambda u: torch.func.grad(manual_mse)(u, x, y), u0)[1](v)[0]
 
-    flow = FlowContext(spec, u0, eta, None, (x, y), (True, False, False))
+    flow = FlowContext(spec, Reads(u0, eta, None, (x, y)), (True, False, False, False, False))
 
     def step_vjp() -> Tensor:
         # Euler with eta = 1: (dPhi/du)^T v = v - H v.
-        return v - flow.vjp(u0, v, k=0)
+        return v - flow.vjp(u0.unsqueeze(0), v.unsqueeze(0), k=0)[0]
 
     fns: dict[str, Callable[[], Tensor]] = {
         "double-backward": double_backward,

@@ -23,7 +23,7 @@ from helpers import (
 
 import amaml
 from amaml.flow import DiscreteAdjoint
-from amaml.flow.integrate import flow_context
+from amaml.flow.integrate import FlowOptions, flow_context
 
 TOL = 1e-10
 # no room, room for some steps, room for every step (MiB; one step's graph is ~40 KiB here)
@@ -93,17 +93,17 @@ def test_budget_keeps_what_fits_and_a_second_backward_recomputes() -> None:
         ps = {n: t.view_as(p) for (n, t), p in zip(ps.items(), model.parameters())}
         return F.mse_loss(torch.func.functional_call(model, ps, (xb,)), yb)
 
-    flow = flow_context(loss, theta, dt=0.03, n_steps=40, data=(x, y),
-                        adjoint=DiscreteAdjoint(amaml.Budget(megabytes=0.0)))
+    flow = flow_context(loss, theta, FlowOptions(
+        0.03, 40, data=(x, y), adjoint=DiscreteAdjoint(amaml.Budget(megabytes=0.0))))
     z1, tape = flow.tape_step(flow.initial_state(), 0)
     per_step = tape.nbytes()
     assert per_step > 0
     budget = amaml.Budget(megabytes=10.5 * per_step / 2**20)
-    flow = flow_context(loss, theta, dt=0.03, n_steps=40, data=(x, y),
-                        adjoint=DiscreteAdjoint(budget))
+    flow = flow_context(loss, theta, FlowOptions(0.03, 40, data=(x, y),
+                                                 adjoint=DiscreteAdjoint(budget)))
     budget.forward(flow)
     assert flow.stats.taped_steps == 10  # floor(10.5): the budget is not exceeded
-    assert sum(t.nbytes() for t in flow.spec.scratch["budget"]) <= budget.megabytes * 2**20
+    assert sum(t.nbytes() for t in flow.carry["budget"]) <= budget.megabytes * 2**20
     # retain_graph: the second backward recomputes the taped steps and agrees
     model.zero_grad()
     p = amaml.adapt(model, F.mse_loss, (x, y), steps=40, lr=0.03, memory=budget)

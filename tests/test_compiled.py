@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from helpers import DT, amaml_meta_grad, mlp, regression_data, rel_err, unrolled_meta_grad
 
 import amaml
-from amaml.flow import compiled
+from amaml import compile_cache
+from amaml.flow.kernels import compiled
 
 TOL = 1e-10
 
@@ -59,7 +60,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
         return run
 
     monkeypatch.setattr(compiled.torch, "compile", broken)
-    monkeypatch.setattr(compiled, "_STEP_CACHE", {})  # the failed steps stay in this test
+    monkeypatch.setattr(compiled, "_COMPILED", {})  # the failed steps stay in this test
     model = mlp(hidden=8)
     x, y, xq, yq = regression_data()
     ref = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=30, lr=0.05, memory="store")
@@ -84,7 +85,7 @@ def test_cpp_wrapper_failure_rebuilds_without_it(monkeypatch: pytest.MonkeyPatch
         return run
 
     monkeypatch.setattr(compiled.torch, "compile", fake)
-    monkeypatch.setattr(compiled, "_STEP_CACHE", {})
+    monkeypatch.setattr(compiled, "_COMPILED", {})
     model = mlp(hidden=8)
     x, y, xq, yq = regression_data()
     ref = amaml_meta_grad(model, F.mse_loss, x, y, xq, yq, steps=20, lr=0.05, memory="store")
@@ -96,30 +97,36 @@ def test_cpp_wrapper_failure_rebuilds_without_it(monkeypatch: pytest.MonkeyPatch
     assert rel_err(got, ref) < TOL
     assert calls[0] == {"dynamic": False, "options": {"cpp_wrapper": True}}
     assert all("options" not in kw for kw in calls[1:]) and len(calls) >= 3
-    (fns,) = compiled._STEP_CACHE.values()
-    assert not fns.failed and not fns._cpp_wrapper
+    (fns,) = compiled._COMPILED.values()
+    assert not fns.failed and not fns.cpp_wrapper
 
 
-def test_step_functions_are_shared_by_equal_fused_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_functions_are_shared_by_equal_fused_losses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from amaml.flow import FlowSpec, Objective, Reads
     from amaml.flow.fused import Layer, MLPLoss
-    from amaml.flow.solvers import RK4, Euler
+    from amaml.flow.step_maps import RK4, Euler
 
-    monkeypatch.setattr(compiled, "_STEP_CACHE", {})
+    monkeypatch.setattr(compiled, "_COMPILED", {})
     layers = [Layer("linear", 2, 4), Layer("tanh"), Layer("linear", 4, 1)]
+    theta, lr = torch.zeros(17, dtype=DT), torch.tensor(0.1, dtype=DT)
+    reads = Reads(theta, lr, None, (torch.zeros(3, 2, dtype=DT), torch.zeros(3, 1, dtype=DT)))
 
-    def fns(loss_fn: object = F.mse_loss, solver: object = None, batched: bool = False):  # type: ignore[no-untyped-def]
-        return compiled.step_functions(MLPLoss(layers, loss_fn),  # type: ignore[arg-type]
-                                       solver or Euler(), batched, False)
+    def fns(loss_fn: object = F.mse_loss, solver: object = None, tasks: int | None = None):  # type: ignore[no-untyped-def]
+        spec = FlowSpec(Objective(MLPLoss(layers, loss_fn), tasks is not None),  # type: ignore[arg-type]
+                        solver or Euler(), 5, tasks, 2, compile="default")
+        return compiled.CompiledKernel(spec, reads, compiled.AbstractKernel).fns  # type: ignore[arg-type]
 
     first = fns()
     assert fns() is first  # a new MLPLoss of the same layers and loss function
     assert fns(F.l1_loss) is not first and fns(solver=RK4()) is not first
-    assert fns(batched=True) is not first
-    plain = compiled.step_functions(lambda u, x, y: (u.sum() * x).sum(), Euler(), False, False)
-    assert compiled.step_functions(plain._step_eager, Euler(), False, False) is not plain
-    for i in range(compiled._STEP_CACHE_SIZE + 3):  # bounded, least recently used dropped
+    assert fns(tasks=3) is not first
+    plain = FlowSpec(Objective(lambda u, x, y: (u.sum() * x).sum()), Euler(), 5, compile="default")
+    one = compiled.CompiledKernel(plain, reads, compiled.AbstractKernel).fns  # type: ignore[arg-type]
+    assert compiled.CompiledKernel(plain, reads, compiled.AbstractKernel).fns is not one  # type: ignore[arg-type]
+    for i in range(compiled._COMPILED_SIZE + 3):  # bounded, least recently used dropped
         fns(loss_fn=lambda p, t, i=i: F.mse_loss(p, t) * (i + 1))
-    assert len(compiled._STEP_CACHE) == compiled._STEP_CACHE_SIZE
+    assert len(compiled._COMPILED) == compiled._COMPILED_SIZE
     assert fns() is not first
 
 
@@ -146,14 +153,14 @@ def test_compile_mode_reduce_overhead_is_exact() -> None:
 
 def test_recommend_compile_break_even() -> None:
     # 100 steps x 5 tasks x 1000 meta-iterations = 5e5 task-steps: well past break-even
-    assert compiled.recommend_compile(100, 1000, 5, "cpu")
-    assert compiled.recommend_compile(100, 1000, 5, "cuda:0")
+    assert compile_cache.recommend_compile(100, 1000, 5, "cpu")
+    assert compile_cache.recommend_compile(100, 1000, 5, "cuda:0")
     # 10 steps x 5 tasks x 100 meta-iterations = 5e3: compiling would not pay
-    assert not compiled.recommend_compile(10, 100, 5, "cpu")
+    assert not compile_cache.recommend_compile(10, 100, 5, "cpu")
     with pytest.raises(ValueError, match="n_steps must be an int >= 1"):
-        compiled.recommend_compile(0, 10, 5, "cpu")
+        compile_cache.recommend_compile(0, 10, 5, "cpu")
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
-        compiled.recommend_compile(10, 10, 5, "tpu")
+        compile_cache.recommend_compile(10, 10, 5, "tpu")
 
 
 def test_enable_compile_cache_points_inductor_to_the_folder(
@@ -173,12 +180,12 @@ def test_enable_compile_cache_points_inductor_to_the_folder(
     try:
         base = Path(str(tmp_path))
         monkeypatch.setenv("AMAML_CACHE", str(base / "amaml"))
-        path = compiled.enable_compile_cache()
+        path = compile_cache.enable_compile_cache()
         assert path == (base / "amaml" / "torch-compile").resolve() and path.is_dir()
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(path)
         assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
         assert inductor_config.fx_graph_cache is True
-        explicit = compiled.enable_compile_cache(base / "elsewhere")
+        explicit = compile_cache.enable_compile_cache(base / "elsewhere")
         assert explicit == (base / "elsewhere").resolve()
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(explicit)
     finally:

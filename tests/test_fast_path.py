@@ -125,11 +125,18 @@ def test_meta_gradient_equals_unrolled(memory: str, solver: str, steps: int) -> 
 def test_checkpoint_tapes_give_the_store_gradient_bit_for_bit(solver: str, batched: bool) -> None:
     """A segment's step VJPs reuse its recomputed steps' tapes: every VJP but the
     segment's last, and the gradient (theta, lr, mu) identical to store's."""
-    from amaml.flow import Checkpoint, Store, SweepStats
-    from amaml.flow.adjoint import DiscreteAdjoint, adjoint_sweep, forward_kept
-    from amaml.flow.hvp import Objective
-    from amaml.flow.solvers import SOLVERS
-    from amaml.flow.trajectory import FlowSpec
+    from amaml.flow import (
+        SOLVERS,
+        Checkpoint,
+        DiscreteAdjoint,
+        FlowContext,
+        FlowSpec,
+        Objective,
+        Reads,
+        Store,
+        adjoint_sweep,
+        forward_kept,
+    )
 
     torch.manual_seed(4)
     model = _net(nn.Sigmoid, bias=True)
@@ -142,13 +149,15 @@ def test_checkpoint_tapes_give_the_store_gradient_bit_for_bit(solver: str, batch
     grads, stats = {}, {}
     for name, memory in (("store", Store()), ("tapes", Checkpoint(every=5, tapes=True)),
                          ("plain", Checkpoint(every=5))):
-        spec = FlowSpec(Objective(fused, batched), SOLVERS[solver](),
-                        DiscreteAdjoint(memory=memory), steps, True)
-        u_end, kept = forward_kept(spec, theta, dt, mu, (x, y))
+        spec = FlowSpec(Objective(fused, batched), SOLVERS[solver](), steps,
+                        x.shape[0] if batched else None, 2)
+        adjoint = DiscreteAdjoint(memory=memory)
+        flow = FlowContext(spec, Reads(theta, dt, mu, (x, y)), (True, True, True, False, False))
+        u_end, kept = forward_kept(adjoint, flow)
         lam = torch.linspace(-1, 1, u_end.numel(), dtype=DT).reshape(u_end.shape)
-        stats[name] = SweepStats()
-        grads[name] = adjoint_sweep(spec, kept, lam, theta, dt, mu, (x, y),
-                                    need=(True, True, True), stats=stats[name])
+        back = flow.backward_flow(flow.reads.tensors(), flow.need)
+        grads[name] = adjoint_sweep(adjoint, back, kept, lam)[:3]
+        stats[name] = back.stats
     for name in ("tapes", "plain"):
         for got, ref in zip(grads[name], grads["store"]):
             assert torch.equal(got, ref), name

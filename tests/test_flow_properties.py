@@ -20,13 +20,14 @@ from amaml.flow import (
     Euler,
     Heun,
     Store,
-    SweepStats,
+    FlowContext,
+    FlowSpec,
+    Objective,
+    Reads,
     adjoint_sweep,
+    forward_kept,
     gradient_flow,
 )
-from amaml.flow.adjoint import forward_kept
-from amaml.flow.hvp import Objective
-from amaml.flow.trajectory import FlowSpec
 
 
 def _quadratic(P: int = 6, seed: int = 1):
@@ -176,8 +177,19 @@ def _flat_mlp_flow(memory, steps: int, hidden: int = 8):
         ps = {n: t.view(s) for n, t, s in zip(names, u.split(sizes), shapes)}
         return F.mse_loss(torch.func.functional_call(model, ps, (xb,)), yb)
 
-    spec = FlowSpec(Objective(loss), Euler(), DiscreteAdjoint(memory), steps, False)
+    spec = FlowSpec(Objective(loss), Euler(), steps, n_data=2)
     return spec, theta, (x, y)
+
+
+def _run(memory, spec, theta, dt, data, lam=None):
+    """One forward pass and one sweep of the theta gradient: ``(g_theta, backward flow,
+    kept)``."""
+    adjoint = DiscreteAdjoint(memory)
+    flow = FlowContext(spec, Reads(theta, dt, None, tuple(data)))
+    u_end, kept = forward_kept(adjoint, flow)
+    back = flow.backward_flow(flow.reads.tensors(), (True,) + (False,) * (2 + len(data)))
+    lam = torch.ones_like(u_end) if lam is None else lam.reshape(u_end.shape)
+    return adjoint_sweep(adjoint, back, kept, lam)[0], back, kept
 
 
 @pytest.mark.parametrize("steps", [100, 400, 1000])
@@ -187,11 +199,9 @@ def test_checkpoint_peak_states_during_backward(steps: int) -> None:
     fewest bytes."""
     dt = torch.tensor(0.01, dtype=DT)
     for memory in (Checkpoint(tapes=False), Checkpoint()):
-        stats = SweepStats()
         spec, theta, data = _flat_mlp_flow(memory, steps)
-        u_end, kept = forward_kept(spec, theta, dt, None, data)
-        adjoint_sweep(spec, kept, torch.ones_like(u_end), theta, dt, None, data, stats=stats)
-        every = spec.scratch["checkpoint_every"]
+        _, back, kept = _run(memory, spec, theta, dt, data)
+        stats, every = back.stats, back.carry["checkpoint_every"]
         if memory.tapes is False:
             assert stats.peak_states <= 2 * math.ceil(math.sqrt(steps))
             assert stats.taped_steps == 0
@@ -204,10 +214,8 @@ def test_checkpoint_peak_states_during_backward(steps: int) -> None:
 
 def _graph(spec) -> int:
     """Bytes one step's graph keeps (what the taped checkpoint measures)."""
-    from amaml.flow import FlowContext
-
     _, theta, data = _flat_mlp_flow(Checkpoint(), 2)
-    flow = FlowContext(spec, theta, torch.tensor(0.01, dtype=DT), None, data)
+    flow = FlowContext(spec, Reads(theta, torch.tensor(0.01, dtype=DT), None, tuple(data)))
     return flow.tape_step(flow.initial_state(), 0)[1].nbytes()
 
 
@@ -302,11 +310,9 @@ def test_conjugate_gradient_stops_at_negative_curvature() -> None:
 def _sweep(memory, steps: int):
     spec, theta, data = _flat_mlp_flow(memory, steps)
     dt = torch.tensor(0.05, dtype=DT)
-    stats = SweepStats()
-    u_end, kept = forward_kept(spec, theta, dt, None, data)
-    lam = torch.linspace(-1, 1, u_end.numel(), dtype=DT)
-    g, _, _ = adjoint_sweep(spec, kept, lam, theta, dt, None, data, stats=stats)
-    return g, stats
+    lam = torch.linspace(-1, 1, theta.numel(), dtype=DT)
+    g, back, _ = _run(memory, spec, theta, dt, data, lam)
+    return g, back.stats
 
 
 @pytest.mark.parametrize("snapshots", [1, 2, 3, 5])

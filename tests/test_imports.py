@@ -131,7 +131,7 @@ def test_cycle_detector_finds_a_cycle() -> None:
     ("from .. import __version__", {"amaml"}),
     ("from ..flow import DiscreteAdjoint", {"amaml.flow"}),
     ("def f():\n    from ..tasks import make_family\n", {"amaml.tasks"}),
-    ("import amaml.flow.solvers", {"amaml.flow.solvers"}),
+    ("import amaml.flow.loop", {"amaml.flow.loop"}),
     ("from . import evaluate", {"amaml.experiments.evaluate"}),
     ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..flow import Euler\n",
      set()),

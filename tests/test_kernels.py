@@ -17,7 +17,8 @@ from torch import nn
 
 import amaml
 from amaml.flow import AbstractSolver
-from amaml.flow.kernels import is_tableau, select_kernel
+from amaml.flow.kernels import select_kernel
+from amaml.flow.step_maps import is_tableau
 
 TOL = 1e-10
 
@@ -114,7 +115,7 @@ def test_user_tableau_solver_gets_the_fused_kernel() -> None:
     assert rel_err(got, ref) < TOL
 
 
-def test_solver_overriding_step_is_declined_with_a_reason() -> None:
+def test_solver_overriding_advance_is_declined_with_a_reason() -> None:
     @dataclass(frozen=True)
     class Custom(AbstractSolver):
         a: ClassVar[tuple[tuple[float, ...], ...]] = ((),)
@@ -122,17 +123,19 @@ def test_solver_overriding_step_is_declined_with_a_reason() -> None:
         order: ClassVar[int] = 1
         name: ClassVar[str] = "custom"
 
-        def step(self, field, u):
+        def advance(self, field, u):
             return u + field(u)
 
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
     x, y, _, _ = regression_data()
     plan = amaml.explain(model, F.mse_loss, (x, y), steps=3, lr=0.1, solver=Custom())
     assert "step VJP kernel: autograd" in plan
-    assert "solver Custom overrides step(): its tableau is unknown" in plan
-    from amaml.flow import Objective
+    assert "solver Custom overrides advance(): its tableau is unknown" in plan
+    from amaml.flow import FlowSpec, Objective, Reads
 
-    choice = select_kernel(Objective(lambda u: (u ** 2).sum()), Custom(), None, None)
+    spec = FlowSpec(Objective(lambda u: (u ** 2).sum()), Custom(), 3)
+    reads = Reads(torch.zeros(3, dtype=DT), torch.tensor(0.1, dtype=DT), None)
+    choice = select_kernel(spec, reads, (True, False, False))
     assert [k for k, _ in choice.declined] == ["compiled", "fused"]
 
 

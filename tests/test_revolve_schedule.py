@@ -4,7 +4,6 @@ the exhaustive minimum, and the forward pass's snapshots save the first descent.
 from __future__ import annotations
 
 import functools
-import types
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ class _Counting:
 
     def __init__(self, n: int) -> None:
         self.n_steps, self.stats, self.order = n, SweepStats(), []
-        self.spec = types.SimpleNamespace(scratch={})  # where Revolve leaves its snapshots
+        self.carry = {}  # where Revolve leaves its snapshots
 
     def initial_state(self):
         return torch.tensor(0.0)

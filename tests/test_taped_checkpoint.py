@@ -16,7 +16,7 @@ from helpers import DT, conv_bn_apply, conv_bn_net, rel_err, unrolled_meta_grad_
 
 import amaml
 from amaml.flow import Checkpoint, DiscreteAdjoint
-from amaml.flow.integrate import flow_context
+from amaml.flow.integrate import FlowOptions, flow_context
 
 TOL = 1e-10
 
@@ -48,15 +48,13 @@ def _sweep(memory, steps: int, net=None):
     net = conv_bn_net() if net is None else net
     x, y, xq, yq = _conv_task()
     loss, theta = _flat_conv_loss(net)
-    flow = flow_context(loss, theta, dt=0.3, n_steps=steps, data=(x, y),
-                        adjoint=DiscreteAdjoint(memory))
+    flow = flow_context(loss, theta, FlowOptions(0.3, steps, data=(x, y),
+                                                 adjoint=DiscreteAdjoint(memory)))
     u_end, kept = memory.forward(flow)
-    u = u_end.detach().requires_grad_()
+    u = flow.params(u_end).detach().requires_grad_()
     lam = torch.autograd.grad(loss(u, xq, yq), u)[0]
-    back = flow_context(loss, theta, dt=0.3, n_steps=steps, data=(x, y),
-                        adjoint=DiscreteAdjoint(memory))
-    back = type(back)(flow.spec, back.theta, back.dt, back.mu, back.data, (True, False, False))
-    lam0 = memory.sweep(back, kept, lam)
+    back = flow.backward_flow(flow.reads.tensors(), (True, False, False, False, False))
+    lam0 = back.params(memory.sweep(back, kept, lam.unsqueeze(0)))
     ref = unrolled_meta_grad_apply(conv_bn_apply, dict(net.named_parameters()), F.cross_entropy,
                                    x, y, xq, yq, steps=steps, lr=0.3)
     return back.stats, lam0, ref, kept
@@ -95,8 +93,8 @@ def _graph_bytes() -> tuple[int, int]:
     """Bytes of one step's graph and of one state, for the flat conv loss."""
     loss, theta = _flat_conv_loss(conv_bn_net())
     x, y, _, _ = _conv_task()
-    flow = flow_context(loss, theta, dt=0.3, n_steps=2, data=(x, y),
-                        adjoint=DiscreteAdjoint(Checkpoint()))
+    flow = flow_context(loss, theta, FlowOptions(0.3, 2, data=(x, y),
+                                                 adjoint=DiscreteAdjoint(Checkpoint())))
     return flow.tape_step(flow.initial_state(), 0)[1].nbytes(), theta.numel() * 8
 
 

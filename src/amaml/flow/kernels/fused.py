@@ -31,13 +31,18 @@ class _Oracle:
         self.need_theta = need[THETA] and self.mu is not None
         self.need_mu = need[MU] and self.mu is not None
         self.need_x = own_data and len(need) > FIRST_DATA and need[FIRST_DATA]
-        self.tapes: dict[int, Any] = dict(enumerate(recorded or ()))
+        # what the step's forward evaluation recorded, by stage: (gradient, tape)
+        self.recorded: dict[int, tuple[Tensor, Any]] = dict(enumerate(recorded or ()))
+        self.tapes: dict[int, Any] = {i: t for i, (_, t) in self.recorded.items()}
         self.bars: dict[int, Tensor] = {}
 
     def grad(self, u: Tensor, stage: int) -> Tensor:
-        tape: list[Any] = []
-        g = self.fused.grad(u, self.data, tape=tape)
-        self.tapes[stage] = tape[0] if tape else None
+        if stage in self.recorded:
+            g = self.recorded[stage][0]
+        else:
+            tape: list[Any] = []
+            g = self.fused.grad(u, self.data, tape=tape)
+            self.tapes[stage] = tape[0] if tape else None
         return g if self.mu is None else g + self.mu * (u - self.theta)
 
     def pull(self, u: Tensor, w: Tensor, stage: int, with_grad: bool
@@ -97,7 +102,7 @@ class FusedKernel(AbstractKernel):
         def grad(v: Tensor) -> Tensor:
             tape: list[Any] = []
             g = fused.grad(v, data, tape=tape)
-            record.append(tape[0] if tape else None)
+            record.append((g, tape[0] if tape else None))
             return g if mu is None else g + mu * (v - theta)
 
         return self.spec.step_map.step(k, z, grad, r)
