@@ -105,9 +105,8 @@ def test_folded_forward_is_each_task_alone() -> None:
     theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
     u = theta + 0.1 * torch.randn(3, theta.numel(), dtype=DT)
     plan = amaml.api._plan(net, F.cross_entropy, (xs, torch.zeros(3, 6, dtype=torch.long)),
-                           steps=1, lr=0.1, solver="euler", memory="store", proximal=0.0,
-                           adjoint=None, batched=True, compile=False, batch_norm="batch",
-                           optimizer=None, tasks="batched")
+                           amaml.api._Options(steps=1, lr=0.1, memory="store", batched=True,
+                                              tasks="batched"))
     assert isinstance(plan.loss, FoldedLoss)
     out = plan.loss.forward(u, xs)
     via_api = amaml.functional_call_batch(net, plan.flat.unflatten(u), xs)  # folded too

@@ -45,6 +45,7 @@ from .loop import FlowContext
 from .memory import AbstractMemory, Checkpoint
 from .objective import conjugate_gradient
 from .reads import THETA
+from .step_maps.base import AbstractStepMap
 
 __all__ = [
     "AbstractAdjoint",
@@ -215,10 +216,16 @@ def adjoint_sweep(adjoint: AbstractSweepAdjoint, flow: FlowContext, kept: Tensor
         lam: Cotangent of ``z_N``, same shape as ``z_N``.
     """
     with flow.spec.scope():
-        lam0 = flow.params(adjoint.sweep(flow, kept, lam))
-    bars = flow.bars
+        lam0 = adjoint.sweep(flow, kept, lam)
+    bars, step_map = flow.bars, flow.spec.step_map
     if flow.need[THETA]:
-        g = lam0.sum(0) if flow.spec.n_tasks is not None else lam0
+        if type(step_map).init is AbstractStepMap.init:  # z_0 = (theta, 0, ...)
+            g = flow.params(lam0)
+            g = g.sum(0) if flow.spec.n_tasks is not None else g
+        else:  # a step map's own initial state: its transpose, by autograd
+            with torch.enable_grad():
+                th = flow.reads.theta.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(step_map.init(th, flow.spec.n_tasks), th, lam0)
         bars[THETA] = g if bars[THETA] is None else g + bars[THETA]
     return [None if not n or t is None else (torch.zeros_like(t) if g is None else g)
             for t, n, g in zip(flow.reads.tensors(), flow.need, bars)]

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..fused import AbstractFusedLoss
 from ..reads import FIRST_DATA, LR, MU, THETA, Reads, StepReads
 from ..spec import FlowSpec
+from ..step_maps.base import AbstractStepMap
 from ..step_maps.runge_kutta import AbstractSolver, is_tableau
 from .base import AbstractKernel, Cotangents
 
@@ -82,6 +83,10 @@ class FusedKernel(AbstractKernel):
                     "Linear and tanh/ReLU/sigmoid/identity layers has them)")
         if isinstance(step_map, AbstractSolver) and not is_tableau(step_map):
             return f"solver {type(step_map).__name__} overrides advance(): its tableau is unknown"
+        if not step_map.gradient_at_u and \
+                type(step_map).transpose is AbstractStepMap.transpose:
+            return (f"step map {type(step_map).__name__} reads the gradient elsewhere than at "
+                    "row 0 and has no transpose of its own")
         n_data = spec.n_data
         if any(need[FIRST_DATA + n_data + spec.n_hyper:]):
             return ("a tensor the loss reads needs a gradient: the fused loss gives H w, not "

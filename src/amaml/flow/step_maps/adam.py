@@ -88,19 +88,13 @@ def _adam_vjp(k: int, x: Update, lam_u: Tensor, lam_bufs: list[Tensor], need_lr:
     return lam_u, [b1 * bar_m, b2 * bar_v], bar_g, lr_bar
 
 
-def _adam_update(k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
-                 h: Mapping[str, Hyper], amsgrad: bool, decoupled: bool
-                 ) -> tuple[Tensor, list[Tensor]]:
-    """Adam's update with its weight decay: L2 (``g + wd u``, Adam) or decoupled
-    (``u (1 - lr wd)`` first, AdamW); torch.optim's order of operations."""
-    wd = h["weight_decay"]
-    if not is_zero(wd):
-        if decoupled:
-            u = u * (1 - lr * wd)
-        else:
-            g = g + wd * u
-    direction, new, bc1 = _adam_direction(k, bufs, g, h, amsgrad)
-    return u - (lr / bc1) * direction, new
+def _decayed(u: Tensor, g: Tensor, lr: Tensor, wd: Hyper, decoupled: bool
+             ) -> tuple[Tensor, Tensor]:
+    """Adam's weight decay, torch.optim's order: L2 (``g + wd u``, Adam) or decoupled
+    (``u (1 - lr wd)`` first, AdamW)."""
+    if is_zero(wd):
+        return u, g
+    return (u * (1 - lr * wd), g) if decoupled else (u, g + wd * u)
 
 
 def _adam_update_vjp(k: int, x: Update, lam_u: Tensor, lam_bufs: list[Tensor], need_lr: bool,
@@ -151,7 +145,9 @@ class Adam(AbstractInnerOptimizer):
 
     def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                h: Mapping[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
-        return _adam_update(k, u, bufs, g, lr, h, self.amsgrad, decoupled=False)
+        u, g = _decayed(u, g, lr, h["weight_decay"], False)
+        direction, new, bc1 = _adam_direction(k, bufs, g, h, self.amsgrad)
+        return u - (lr / bc1) * direction, new
 
     def update_vjp(self, k: int, x: Update, lam_u: Tensor, lam_bufs: list[Tensor],
                    need_lr: bool) -> UpdateVJP | None:
@@ -183,7 +179,9 @@ class AdamW(AbstractInnerOptimizer):
 
     def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                h: Mapping[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
-        return _adam_update(k, u, bufs, g, lr, h, self.amsgrad, decoupled=True)
+        u, g = _decayed(u, g, lr, h["weight_decay"], True)
+        direction, new, bc1 = _adam_direction(k, bufs, g, h, self.amsgrad)
+        return u - (lr / bc1) * direction, new
 
     def update_vjp(self, k: int, x: Update, lam_u: Tensor, lam_bufs: list[Tensor],
                    need_lr: bool) -> UpdateVJP | None:

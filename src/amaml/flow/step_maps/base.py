@@ -67,6 +67,9 @@ class AbstractStepMap(abc.ABC):
     kind: ClassVar[str] = "step map"
     #: Points of one step where the gradient is read (a tableau's stages).
     stages: ClassVar[int] = 1
+    #: The step reads the gradient once, at the parameters (row 0), as an optimiser does:
+    #: the default :meth:`transpose` is then exact, and the fused kernel may use it.
+    gradient_at_u: ClassVar[bool] = False
 
     @property
     def rows(self) -> int:
@@ -197,6 +200,7 @@ class AbstractInnerOptimizer(AbstractStepMap):
     #: Names of the fields that are hyperparameters (floats or tensors).
     hyper_fields: ClassVar[tuple[str, ...]]
     kind: ClassVar[str] = "inner optimiser"
+    gradient_at_u: ClassVar[bool] = True
 
     @property
     @abc.abstractmethod
