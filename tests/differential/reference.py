@@ -14,7 +14,8 @@ Two conventions are amaml's documented ones, written here from their definitions
   then updates and which are thrown away.
 * The square root at zero (Adam, RMSprop): where ``v == 0`` (every gradient so far exactly
   0: the padding row of an embedding, an unused token's row) ``sqrt`` gets the derivative 0,
-  the limit amaml documents (``amaml.flow.step_maps.base.sqrt0``); plain ``torch.sqrt`` would give NaN.
+  the limit amaml documents (``amaml.flow.step_maps.base.sqrt0``); plain ``torch.sqrt``
+  would give NaN.
 
 Attention (``scaled_dot_product_attention``: nn.TransformerEncoder, BERT, GPT-2) runs on
 the math kernel: the same function to round-off, and twice differentiable, which the

@@ -33,7 +33,6 @@ most ``snapshots + 1`` states whatever ``N``, exact) or
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,7 +225,8 @@ def adjoint_sweep(adjoint: AbstractSweepAdjoint, flow: FlowContext, kept: Tensor
             with torch.enable_grad():
                 th = flow.reads.theta.detach().requires_grad_(True)
                 (g,) = torch.autograd.grad(step_map.init(th, flow.spec.n_tasks), th, lam0)
-        bars[THETA] = g if bars[THETA] is None else g + bars[THETA]
+        prev = bars[THETA]
+        bars[THETA] = g if prev is None else g + prev
     return [None if not n or t is None else (torch.zeros_like(t) if g is None else g)
             for t, n, g in zip(flow.reads.tensors(), flow.need, bars)]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .loop import AutogradTape, FlowContext
 from .errors import DivergenceError
+from .loop import AutogradTape, FlowContext
 from .memory import AbstractMemory, recomputed_segment, taped_segment
 
 __all__ = ["Budget", "budget_forward"]

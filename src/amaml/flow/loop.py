@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .errors import DivergenceError
-from .kernels import AutogradKernel, KernelChoice, select_kernel
+from .kernels import KernelChoice, select_kernel
 from .kernels.autograd import graph_step
 from .kernels.base import Cotangents, eager_step
 from .reads import FIRST_DATA, Reads, add_cotangents

@@ -448,7 +448,7 @@ class Backsolve(AbstractMemory):
             # Reverse time tau = N - s: du/dtau = -F(u), dlam/dtau = J_F(u)^T lam,
             # d(bar_p)/dtau = (dF/dp)^T lam.
             f, lam_u, bars = flow.field_vjp(z[0], z[1])
-            got = dict(bars)
+            got = {i: g for i, g in bars if g is not None}
             return [-f, lam_u, *(got.get(i, torch.zeros_like(b)) for i, b in zeros)]
 
         z: list[Tensor] = [flow.params(kept[0]).detach(), flow.params(lam),

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from ..reads import Hyper, StepReads
 
-__all__ = ["AbstractInnerOptimizer", "AbstractStepMap", "Gradient", "Oracle", "Transposed", "Update",
-           "UpdateVJP", "is_zero", "lr_cotangent", "rows_of", "sqrt0", "stacked"]
+__all__ = ["AbstractInnerOptimizer", "AbstractStepMap", "Gradient", "Oracle", "Transposed",
+           "Update", "UpdateVJP", "is_zero", "lr_cotangent", "rows_of", "sqrt0", "stacked"]
 
 #: ``v -> grad L(v) + mu (v - theta)`` at step ``k``'s data.
 Gradient = Callable[[Tensor], Tensor]
