@@ -104,8 +104,8 @@ def test_cpp_wrapper_failure_rebuilds_without_it(monkeypatch: pytest.MonkeyPatch
 def test_compiled_functions_are_shared_by_equal_fused_losses(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from amaml.flow import FlowSpec, Objective, Reads
-    from amaml.flow.fused import Layer, MLPLoss
     from amaml.flow.step_maps import RK4, Euler
+    from amaml.mlp import Layer, MLPLoss
 
     monkeypatch.setattr(compiled, "_COMPILED", {})
     layers = [Layer("linear", 2, 4), Layer("tanh"), Layer("linear", 4, 1)]

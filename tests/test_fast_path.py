@@ -1,4 +1,4 @@
-"""The fused MLP path (:mod:`amaml.flow.fused`): chosen only where exact, and exact.
+"""The fused MLP path (:mod:`amaml.mlp`): chosen only where exact, and exact.
 
 ``amaml.adapt`` computes a plain perceptron's gradient and Hessian-vector products with
 hand-written matrix products (no autograd graph), and transposes each solver step from them.
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import amaml
 from amaml.fastpath import fused_loss as _fused_loss
-from amaml.flow.fused import Layer, MLPLoss
+from amaml.mlp import Layer, MLPLoss
 from amaml.params import FlatModel as _FlatModel
 
 TOL = 1e-10  # round-off of a few hundred float64 steps is ~1e-14; 1e-10 leaves room
@@ -272,7 +272,7 @@ def test_layer_kind_is_checked() -> None:
 def test_loss_gradient_through_the_engine_equals_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused loss calls the autograd engine directly; the public ``torch.autograd.grad``
     (used for tensor subclasses and other torch versions) gives the same numbers."""
-    from amaml.flow import fused as fused_mod
+    from amaml import mlp as fused_mod
 
     p = torch.randn(7, 1, dtype=DT, requires_grad=True)
     y = torch.randn(7, 1, dtype=DT)

@@ -28,7 +28,9 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["tune_cpu_allocator", "tune_cpu_allocator_once"]
+import torch
+
+__all__ = ["free_bytes", "tune_cpu_allocator", "tune_cpu_allocator_once"]
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -67,3 +69,50 @@ def tune_cpu_allocator_once() -> str | None:
     if not _TUNED:
         _TUNED.append(tune_cpu_allocator())
     return _TUNED[0]
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free on ``device`` now: CUDA ``mem_get_info`` plus what torch's caching
+    allocator holds unused; CPU ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the
+    available physical pages, plus what glibc's heap holds free for this process (reused
+    by the next tensors; :func:`amaml.tune_cpu_allocator` keeps freed memory there);
+    ``None`` where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
+    if device.type != "cpu":
+        return None
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return available + _heap_free()
+
+
+def _heap_free() -> int:
+    """Bytes glibc's heap holds free for this process (``mallinfo2().fordblks``): memory
+    ``MemAvailable`` does not count but the next tensors reuse, which is most of it after
+    :func:`amaml.tune_cpu_allocator`; 0 where unknown (not glibc >= 2.33)."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    fn.restype = _Mallinfo2
+    return int(fn().fordblks)
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]

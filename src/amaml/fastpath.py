@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._types import LossFn
-from .flow.fused import Layer, MLPLoss
+from .mlp import Layer, MLPLoss
 from .params import FlatModel
 
 __all__ = ["FUNCTION_KINDS", "LAYER_KINDS", "fused_loss", "fused_plan", "hooked", "layer_chain"]

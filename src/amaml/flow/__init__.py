@@ -38,9 +38,10 @@ from .budget import Budget
 from .errors import BacksolveError, DivergenceError
 from .integrate import FlowOptions, flow_context, gradient_flow
 from .loop import FlowContext, SweepStats
-from .memory import AbstractMemory, Backsolve, Checkpoint, Revolve, Store
+from .memory import AbstractMemory, Backsolve, Checkpoint, Store
 from .objective import Objective, conjugate_gradient
 from .reads import Reads
+from .revolve import Revolve
 from .spec import FlowSpec
 from .step_maps import (
     RK4,

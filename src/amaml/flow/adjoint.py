@@ -21,13 +21,7 @@ Adjoints (what to compute), each implementing :meth:`AbstractAdjoint.solve`:
 
 The last two are :class:`AbstractSweepAdjoint`: a forward pass that keeps something and
 a backward sweep, joined by the package's one autograd Function. A
-:class:`DiscreteAdjoint` hands both to its memory strategy
-(:mod:`amaml.flow.memory`): :class:`~amaml.flow.memory.Store` (all N+1 states),
-:class:`~amaml.flow.memory.Checkpoint` (every k-th state, segments recomputed; about
-``2 sqrt(N)`` states), :class:`~amaml.flow.memory.Revolve` (binomial checkpointing: at
-most ``snapshots + 1`` states whatever ``N``, exact) or
-:class:`~amaml.flow.memory.Backsolve` (only ``u_N``; the state is integrated backward with
-``lam``; approximate).
+:class:`DiscreteAdjoint` hands both to its memory strategy (:mod:`amaml.flow.memory`).
 """
 
 from __future__ import annotations
@@ -122,7 +116,7 @@ class DiscreteAdjoint(AbstractSweepAdjoint):
     Args:
         memory: How the states are kept: :class:`~amaml.flow.memory.Store`,
             :class:`~amaml.flow.memory.Checkpoint` (default),
-            :class:`~amaml.flow.memory.Revolve`, :class:`~amaml.flow.memory.Backsolve`,
+            :class:`~amaml.flow.revolve.Revolve`, :class:`~amaml.flow.memory.Backsolve`,
             or any :class:`~amaml.flow.memory.AbstractMemory`.
         compile: Take each step and its vector-Jacobian product by the compiled kernel
             (:mod:`amaml.flow.kernels.compiled`): the same gradient, several times faster

@@ -1,58 +1,38 @@
 """What each memory strategy holds, predicted from one step; and :class:`Auto`, which picks.
 
-The memory model. Let ``s`` be the bytes of one kept state (parameters plus the inner
-optimiser's buffers, all tasks of a batch: ``z_0.nbytes``), ``g`` the bytes one step's
-autograd graph saves besides the state it starts from (measured on step 0 by
-:meth:`~amaml.flow.context.AutogradTape.nbytes`) and ``W = g + 4 s`` one step's working set
-(a step VJP: the step's graph, the state it starts from, the cotangent in and out, and the
-adapted parameters ``u_N`` the caller holds). The peak of one
-meta-gradient, beyond what the caller holds anyway (model, data), is predicted as
+The memory model (:func:`predict_peak`; ``docs/memory.md`` states it and compares it with
+measured peaks). Let ``s`` be the bytes of one kept state (parameters plus the optimiser's
+buffers, all tasks), ``g`` the bytes one step's autograd graph saves besides its starting
+state (measured on step 0) and ``W = g + 4 s`` one step's working set. The peak of one
+meta-gradient beyond what the caller holds anyway is ``N (g + s) + W`` unrolled, ``(N + 1)
+s + W`` for store, ``ceil(N / L) s + L (g + s) + W`` for checkpoint with graphs (``L =
+sqrt(N s / g)``; without graphs ``g = 0``, ``L = ceil(sqrt(N))``), ``R s + W`` for revolve
+(``R <= S + 2`` the states its schedule holds at once), ``T (g + s) + (ceil((N - T) / T) +
+1) s + W`` for a Budget keeping ``T`` graphs, ``s + W`` for backsolve.
 
-    unrolled                      N (g + s) + W
-    store                         (N + 1) s + W
-    checkpoint (graphs kept)      ceil(N / L) s + L (g + s) + W,  L = sqrt(N s / g)
-    checkpoint (no graphs)        (ceil(N / L) + L) s + W,        L = ceil(sqrt(N))
-    revolve (S snapshots)         R s + W,  R <= S + 2 the states its schedule holds at once
-                                  (:meth:`~amaml.flow.memory.Revolve.peak_states`)
-    Budget keeping T graphs       T (g + s) + (ceil((N - T) / T) + 1) s + W
-    backsolve                     s + W
-
-(``benchmarks/README.md`` and ``docs/memory.md`` state the same and compare it with measured
-peaks.) :class:`Auto` (``memory="auto"``, the default of :func:`amaml.adapt`) measures ``s``
-and ``g`` on step 0 and, with a budget of bytes (``megabytes=``, else the environment variable
-``AMAML_MEMORY_BUDGET_MB``, else ``share`` of the memory free on the device when the forward
-pass starts), takes the fastest exact strategy whose predicted peak fits:
-
-1. every step's graph kept (:class:`~amaml.flow.budget.Budget` with room for all ``N``): what
-   unrolling does, at its speed (no step is taken twice);
-2. the last ``T`` steps' graphs, checkpoints before (``Budget``), for the largest ``T`` that
-   fits, if it is at least checkpointing's segment length;
-3. checkpoint segments recomputed with their graphs (:class:`~amaml.flow.memory.Checkpoint`);
-4. checkpoint segments recomputed without graphs;
-5. :class:`~amaml.flow.memory.Revolve` with as many snapshots as fit (at least one).
-
-Where the step VJP has its own kernel (the fused MLP path, compiled steps) graphs are not
-used: :class:`~amaml.flow.memory.Store` if it fits (each VJP by the kernel, no step taken
-twice), else checkpoint, else revolve.
+:class:`Auto` (``memory="auto"``, the default of :func:`amaml.adapt`) takes, within a budget
+of bytes, the first that fits of: every step's graph kept (unrolling's speed); the last
+``T`` steps' graphs, checkpoints before; checkpoint segments with their graphs; without;
+revolve with as many snapshots as fit. Where the step VJP has its own kernel (fused,
+compiled), graphs are not used: store, checkpoint, revolve.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..allocator import free_bytes
 from .budget import Budget, budget_forward
 from .loop import AutogradTape, FlowContext
-from .memory import AbstractMemory, Backsolve, Checkpoint, Revolve, Store
+from .memory import AbstractMemory, Backsolve, Checkpoint, Store
+from .revolve import Revolve
 
-__all__ = ["BUDGET_ENV", "Auto", "StepCost", "free_bytes", "predict_peak"]
+__all__ = ["BUDGET_ENV", "Auto", "StepCost", "predict_peak"]
 
 #: The environment variable that sets :class:`Auto`'s budget in MiB (when ``megabytes`` is
 #: not given).
@@ -136,63 +116,6 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.3g} MiB"
 
 
-def free_bytes(device: torch.device) -> int | None:
-    """Memory free on ``device`` now: CUDA ``mem_get_info`` plus what torch's caching
-    allocator holds unused; CPU ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the
-    available physical pages, plus what glibc's heap holds free for this process (reused
-    by the next tensors; :func:`amaml.tune_cpu_allocator` keeps freed memory there);
-    ``None`` where unknown."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + max(cached, 0))
-    if device.type != "cpu":
-        return None
-    available = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return available + _heap_free()
-
-
-def _heap_free() -> int:
-    """Bytes glibc's heap holds free for this process (``mallinfo2().fordblks``): memory
-    ``MemAvailable`` does not count but the next tensors reuse, which is most of it after
-    :func:`amaml.tune_cpu_allocator`; 0 where unknown (not glibc >= 2.33)."""
-    global _MALLINFO2
-    if _MALLINFO2 is None:
-        _MALLINFO2 = False
-        try:
-            name = ctypes.util.find_library("c")
-            fn = ctypes.CDLL(name or "libc.so.6").mallinfo2
-            fn.restype = _Mallinfo2
-            _MALLINFO2 = fn
-        except (OSError, AttributeError):
-            pass
-    if _MALLINFO2 is False:
-        return 0
-    return int(_MALLINFO2().fordblks)
-
-
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                               "usmblks", "fsmblks", "uordblks", "fordblks",
-                                               "keepcost")]
-
-
-_MALLINFO2: Any = None
-
-
 def _env_megabytes() -> float | None:
     raw = os.environ.get(BUDGET_ENV)
     if raw is None or raw.strip() == "":
@@ -216,7 +139,7 @@ class Auto(AbstractMemory):
     predicts each strategy's peak (the formulas of :mod:`amaml.flow.auto`) and takes, in
     this order, the first that fits: every step's graph kept (unrolling's speed), the last
     steps' graphs (:class:`~amaml.flow.budget.Budget`), checkpoint segments with their
-    graphs, checkpoint without, :class:`~amaml.flow.memory.Revolve` with as many snapshots
+    graphs, checkpoint without, :class:`~amaml.flow.revolve.Revolve` with as many snapshots
     as fit. On the fused MLP path and with compiled steps, where the step VJP does not use
     a graph: store, checkpoint, revolve. :func:`amaml.explain` says which and why.
 

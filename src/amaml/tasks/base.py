@@ -20,16 +20,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .episodes import Batch, draw_episode
 from .episodic import EpisodeSet
-
-if TYPE_CHECKING:  # synthetic.py imports this module
-    from .synthetic import AbstractSyntheticFunction
+from .functions import AbstractSyntheticFunction
 
 __all__ = [
     "KINDS",

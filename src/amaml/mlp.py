@@ -1,0 +1,410 @@
+"""The fused MLP path: a multilayer perceptron's loss with its own derivatives.
+
+On the small models of meta-learning every autograd op is dispatch-bound: a Hessian-vector
+product by double backward through ``torch.func.functional_call`` costs about three
+gradients, mostly in graph construction, module traversal and tiny view ops (profiles in
+``benchmarks/README.md``). A loss that knows its own structure can do without: an
+:class:`AbstractFusedLoss` gives the gradient ``g(u)`` and the Hessian-vector product
+``H(u) v`` directly, and the fused kernel (:mod:`amaml.flow.kernels.fused`) then takes each
+step, and transposes it, without autograd.
+
+:class:`MLPLoss` is such a loss for a multilayer perceptron: ``Linear`` layers and
+elementwise activations (tanh, ReLU, sigmoid, identity) on a flat parameter vector. Its
+gradient is back-propagation written with matrix products; its Hessian-vector product is
+Pearlmutter's R-operator (forward-mode differentiation of the gradient pass), also written
+out, so that ``H v`` costs about two gradients. Only the user's loss on the network output,
+``loss_fn(prediction, target)``, is differentiated by autograd, on a graph of a few ops.
+Both are exact: the same derivatives as autograd to round-off (tested at 1e-10 in float64
+against unrolled autograd, ``tests/test_fast_path.py``).
+
+:func:`amaml.adapt` picks this path by itself for a plain ``nn.Sequential`` of such layers
+(no hooks, all parameters trainable); every other model keeps the generic path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._types import LossFn
+from .flow.fused import AbstractFusedLoss
+
+__all__ = ["ACTIVATIONS", "Layer", "MLPLoss"]
+
+#: Activations :class:`MLPLoss` differentiates by hand.
+ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of an :class:`MLPLoss`.
+
+    Args:
+        kind: ``"linear"`` or one of :data:`ACTIVATIONS`.
+        in_features, out_features: A linear layer's sizes (``x @ W.T + b``, ``W`` of shape
+            ``(out_features, in_features)``); 0 for an activation.
+        bias: Whether a linear layer has a bias (stored after its weight in ``u``).
+    """
+
+    kind: str
+    in_features: int = 0
+    out_features: int = 0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind != "linear" and self.kind not in ACTIVATIONS:
+            raise ValueError(f"Unknown layer kind {self.kind!r}; expected 'linear' or one of "
+                             f"{list(ACTIVATIONS)}.")
+
+
+_Act = Callable[[Tensor], Tensor]
+_FORWARD: dict[str, _Act] = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
+
+
+def _act_backward(kind: str, d: Tensor, y: Tensor) -> Tensor:
+    """``d * act'(z)`` from the output ``y = act(z)``, by the kernel autograd itself uses
+    (one op; ``d`` unchanged for the identity). ReLU: slope 0 at ``z = 0``, as autograd."""
+    if kind == "tanh":
+        return torch.ops.aten.tanh_backward(d, y)
+    if kind == "sigmoid":
+        return torch.ops.aten.sigmoid_backward(d, y)
+    if kind == "relu":
+        return torch.ops.aten.threshold_backward(d, y, 0)
+    return d
+
+
+def _r_slope(kind: str, y: Tensor, r_y: Tensor) -> tuple[Tensor, float] | None:
+    """The directional derivative of ``act'(z)`` given ``R y = act'(z) R z``, as
+    ``(t, c)`` meaning ``c * t``; ``None`` for 0.
+
+    tanh: ``d(1 - y^2) = -2 y R y``; sigmoid: ``d(y (1 - y)) = (1 - 2 y) R y``; ReLU and
+    identity have zero second derivative.
+    """
+    if kind == "tanh":
+        return torch.mul(y, r_y), -2.0
+    if kind == "sigmoid":
+        return torch.mul(y, -2).add_(1).mul_(r_y), 1.0
+    return None
+
+
+def _autograd_grad(output: Tensor, inp: Tensor, grad_output: Tensor | None = None,
+                   create_graph: bool = False) -> Tensor | None:
+    """``torch.autograd.grad(output, inp, grad_output, create_graph=...)[0]`` (``None`` if
+    ``output`` does not depend on ``inp``), calling the autograd engine directly where
+    torch allows it: the public wrapper's argument handling costs about 17 us a call, a
+    quarter of the loss's whole gradient on the paper's workload. Same engine, same result.
+    Tensor subclasses (``__torch_function__`` overrides) take the public path."""
+    if _ENGINE is not None and type(output) is Tensor and type(inp) is Tensor:
+        go = torch.ones_like(output) if grad_output is None else grad_output
+        try:
+            res = _ENGINE.run_backward((output,), (go,), create_graph, create_graph, (inp,),
+                                       True, False)
+            return res[0]  # type: ignore[no-any-return]
+        except TypeError:  # a torch whose engine takes other arguments: the public path
+            pass
+    (g,) = torch.autograd.grad(output, inp, grad_output, create_graph=create_graph,
+                               allow_unused=True)
+    return g
+
+
+try:
+    from torch.autograd.variable import Variable as _Variable
+
+    _ENGINE: Any = _Variable._execution_engine
+except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+    _ENGINE = None
+
+
+class MLPLoss(AbstractFusedLoss):
+    """``loss_fn(mlp_u(x), y)`` for a multilayer perceptron on a flat parameter vector.
+
+    ``u`` holds each linear layer's weight (row-major) then its bias, layer by layer, as
+    ``torch.cat([p.reshape(-1) for p in nn.Sequential(...).parameters()])``. Inputs ``x``
+    are ``(n, in_features)`` (``(B, n, in_features)`` batched).
+
+    Args:
+        layers: The layers in order.
+        loss_fn: ``loss_fn(prediction, target) -> scalar``; differentiated by autograd (its
+            gradient and Hessian-vector product in the prediction only).
+    """
+
+    input_grad = True
+
+    def __init__(self, layers: Sequence[Layer], loss_fn: LossFn) -> None:
+        self.layers = tuple(layers)
+        if not any(lay.kind == "linear" for lay in self.layers):
+            raise ValueError("An MLPLoss needs at least one linear layer.")
+        self.loss_fn = loss_fn
+        shapes: list[tuple[int, ...]] = []
+        for lay in self.layers:
+            if lay.kind == "linear":
+                shapes.append((lay.out_features, lay.in_features))
+                if lay.bias:
+                    shapes.append((lay.out_features,))
+        self.shapes = tuple(shapes)
+        self.sizes = tuple(int(torch.Size(s).numel()) for s in shapes)
+        self.n_params = sum(self.sizes)
+        self._batched_loss: Callable[..., Tensor] = torch.func.vmap(loss_fn,
+                                                                    randomness="different")
+
+    def cache_key(self) -> tuple[Any, ...]:
+        """What the computation depends on besides its tensors: the layers and the loss
+        function (compiled step functions are shared between losses with equal keys)."""
+        return (type(self), self.layers, self.loss_fn)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _params(self, u: Tensor) -> list[Tensor]:
+        lead = u.shape[:-1]
+        if not lead:
+            return [t if len(s) == 1 else t.view(s)
+                    for t, s in zip(u.split(self.sizes, -1), self.shapes)]
+        return [t.view(*lead, *s) for t, s in zip(u.split(self.sizes, -1), self.shapes)]
+
+    def _buffer(self, like: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """A flat buffer shaped like ``like`` and its per-parameter views, to be written with
+        ``out=`` (no reshape and concatenation afterwards)."""
+        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return buf, self._params(buf)
+
+    def _loss_total(self, pred: Tensor, y: Tensor, batched: bool) -> Tensor:
+        total = self._batched_loss(pred, y).sum() if batched else self.loss_fn(pred, y)
+        if not isinstance(total, Tensor) or total.ndim != 0:
+            raise ValueError(f"The loss must return a scalar tensor; got shape "
+                             f"{tuple(getattr(total, 'shape', ()))}.")
+        return total
+
+    @staticmethod
+    def _linear(h: Tensor, w: Tensor, b: Tensor | None, batched: bool) -> Tensor:
+        if not batched:
+            return F.linear(h, w, b)
+        if b is None:
+            return torch.bmm(h, w.transpose(1, 2))
+        return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+
+    def _forward(self, params: list[Tensor], x: Tensor,
+                 batched: bool) -> tuple[Tensor, list[Tensor]]:
+        """The output and, per layer, the tensor its backward needs (a linear layer's input,
+        an activation's output)."""
+        tape: list[Tensor] = []
+        h, i = x, 0
+        for lay in self.layers:
+            if lay.kind == "linear":
+                w = params[i]
+                b = params[i + 1] if lay.bias else None
+                i += 2 if lay.bias else 1
+                tape.append(h)
+                h = self._linear(h, w, b, batched)
+            else:
+                act = _FORWARD.get(lay.kind)
+                if act is not None:
+                    h = act(h)
+                tape.append(h)
+        return h, tape
+
+    # ------------------------------------------------------------------ the loss
+
+    def __call__(self, u: Tensor, *data: Tensor) -> Tensor:
+        x, y = data
+        pred, _ = self._forward(self._params(u), x, batched=False)
+        return self.loss_fn(pred, y)
+
+    def head(self, u: Tensor, data: Sequence[Tensor]
+             ) -> tuple[Tensor, Callable[[Tensor, Sequence[Tensor]], Tensor]]:
+        """The network's output at ``u`` (no graph) and the loss as a function of it:
+        ``(pred, f)`` with ``f(pred, (y,))`` the summed support loss. The network itself, a
+        chain of linear layers and activations on ``u``, reads no other tensor, so what the
+        loss reads besides ``u`` and the data is what ``f`` reads
+        (:func:`amaml.flow.capture.captured_leaves` walks ``f`` alone)."""
+        batched = u.ndim == 2
+        with torch.no_grad():
+            pred, _ = self._forward(self._params(u), data[0], batched)
+
+        def f(p: Tensor, rest: Sequence[Tensor]) -> Tensor:
+            return self._loss_total(p, rest[0], batched)
+
+        return pred, f
+
+    # ------------------------------------------------------------------ derivatives
+
+    def _loss_grad(self, pred: Tensor, y: Tensor, batched: bool) -> Tensor:
+        with torch.enable_grad():
+            p = pred.detach().requires_grad_(True)
+            total = self._loss_total(p, y, batched)
+            e = _autograd_grad(total, p) if total.requires_grad else None
+        if e is None:
+            raise ValueError("The loss does not depend on the prediction: it has no gradient.")
+        return e
+
+    def tape_numel(self, data: Sequence[Tensor]) -> int:
+        """Numbers a tape entry holds: each layer's cotangent, each activation's output and
+        the prediction (the input and the parameters are shared)."""
+        rows = int(data[0].shape[:-1].numel())  # points (times tasks when batched)
+        width, total = 0, 0
+        for lay in self.layers:
+            if lay.kind == "linear":
+                width = lay.out_features
+                total += width
+            else:
+                total += 2 * width
+        return rows * (total + width)
+
+    def grad(self, u: Tensor, data: Sequence[Tensor], tape: list[Any] | None = None) -> Tensor:
+        x, y = data
+        batched = u.ndim == 2
+        params = self._params(u)
+        pred, fwd = self._forward(params, x, batched)
+        e = self._loss_grad(pred, y, batched)
+        buf, out = self._buffer(u)
+        n_layers = len(self.layers)
+        deltas: list[Tensor] = [e] * n_layers
+        d = e
+        i = len(params)
+        rows = 1 if batched else 0
+        mm = torch.bmm if batched else torch.mm
+        for j in range(n_layers - 1, -1, -1):
+            lay = self.layers[j]
+            deltas[j] = d
+            if lay.kind == "linear":
+                if lay.bias:
+                    i -= 1
+                    torch.sum(d, rows, out=out[i])
+                i -= 1
+                mm(d.transpose(rows, rows + 1), fwd[j], out=out[i])
+                if j > 0:
+                    d = mm(d, params[i])
+            else:
+                d = _act_backward(lay.kind, d, fwd[j])
+        if tape is not None:
+            tape.append(_MLPTape(params, fwd, deltas, pred, buf))
+        return buf
+
+    def grad_hvp(self, u: Tensor, v: Tensor, data: Sequence[Tensor],
+                 with_grad: bool = True, tape: Any = None) -> tuple[Tensor | None, Tensor]:
+        g, hv, _ = self._grad_hvp(u, v, data, with_grad, tape, False)
+        return g, hv
+
+    def hvp_input(self, u: Tensor, v: Tensor, data: Sequence[Tensor],
+                  tape: Any = None) -> tuple[Tensor, Tensor]:
+        """``(H(u) v, d/dx (g(u; x) . v))``: the Hessian-vector product and the mixed
+        derivative with respect to the inputs ``x`` (dataset distillation), from one
+        R-pass: the input's cotangent ``d W_1`` differentiated along ``v`` is
+        ``R(d) W_1 + d V_1`` (first layer's weight ``W_1``, its direction ``V_1``)."""
+        _, hv, x_bar = self._grad_hvp(u, v, data, False, tape, True)
+        assert x_bar is not None
+        return hv, x_bar
+
+    def _grad_hvp(self, u: Tensor, v: Tensor, data: Sequence[Tensor], with_grad: bool,
+                  tape: Any, want_x: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        x, y = data
+        batched = u.ndim == 2
+        mm = torch.bmm if batched else torch.mm
+        addmm = torch.baddbmm if batched else torch.addmm
+        rows = 1 if batched else 0
+        dirs = self._params(v)
+
+        def tr(t: Tensor) -> Tensor:
+            return t.transpose(1, 2) if batched else t.t()
+
+        # The forward pass (from the tape of grad(u) when given) and its directional
+        # derivative R(.) along v (Pearlmutter's R-operator).
+        taped = tape if isinstance(tape, _MLPTape) else None
+        if taped is not None:
+            params, fwd, pred = taped.params, taped.fwd, taped.pred
+        else:
+            params = self._params(u)
+            pred, fwd = self._forward(params, x, batched)
+        r_tape: list[Tensor | None] = []
+        r_h: Tensor | None = None
+        i = 0
+        for j, lay in enumerate(self.layers):
+            if lay.kind == "linear":
+                vw = dirs[i]
+                vb = dirs[i + 1] if lay.bias else None
+                w = params[i]
+                i += 2 if lay.bias else 1
+                r_tape.append(r_h)
+                r_new = self._linear(fwd[j], vw, vb, batched)
+                if r_h is not None:
+                    r_new = addmm(r_new, r_h, tr(w))
+                r_h = r_new
+            else:
+                if r_h is not None:
+                    r_h = _act_backward(lay.kind, r_h, fwd[j])
+                r_tape.append(r_h)
+        # The loss on the output: its gradient e and e's derivative along R(output).
+        with torch.enable_grad():
+            p = pred.detach().requires_grad_(True)
+            total = self._loss_total(p, y, batched)
+            e = _autograd_grad(total, p, create_graph=True) if total.requires_grad else None
+            if e is None:
+                raise ValueError("The loss does not depend on the prediction: it has no "
+                                 "gradient.")
+            r_e = None
+            if e.requires_grad and r_h is not None:
+                r_e = _autograd_grad(e, p, r_h)
+        e = e.detach()
+        r_d = torch.zeros_like(e) if r_e is None else r_e
+        # Backward pass (its cotangents from the tape when given) and its R-derivative,
+        # written into flat buffers.
+        g_buf, g_out = (None, None)
+        if with_grad:
+            g_buf, g_out = (taped.g, None) if taped is not None else self._buffer(u)
+        h_buf, h_out = self._buffer(u)
+        x_bar: Tensor | None = None
+        d = e
+        i = len(params)
+        for j in range(len(self.layers) - 1, -1, -1):
+            lay = self.layers[j]
+            if taped is not None:
+                d = taped.deltas[j]
+            if lay.kind == "linear":
+                h_in, r_in = fwd[j], r_tape[j]
+                if lay.bias:
+                    i -= 1
+                    if g_out is not None:
+                        torch.sum(d, rows, out=g_out[i])
+                    torch.sum(r_d, rows, out=h_out[i])
+                i -= 1
+                if g_out is not None:
+                    mm(tr(d), h_in, out=g_out[i])
+                if r_in is None:
+                    mm(tr(r_d), h_in, out=h_out[i])
+                else:
+                    addmm(mm(tr(d), r_in), tr(r_d), h_in, out=h_out[i])
+                if j > 0:
+                    w, vw = params[i], dirs[i]
+                    r_d = addmm(mm(d, vw), r_d, w)
+                    if taped is None:
+                        d = mm(d, w)
+                elif want_x:
+                    x_bar = addmm(mm(d, dirs[i]), r_d, params[i])
+            elif lay.kind != "identity":
+                y_out, r_y = fwd[j], r_tape[j]
+                r_s = None if r_y is None else _r_slope(lay.kind, y_out, r_y)
+                r_d = _act_backward(lay.kind, r_d, y_out)
+                if r_s is not None:
+                    r_d = torch.addcmul(r_d, d, r_s[0], value=r_s[1])
+                if taped is None:
+                    d = _act_backward(lay.kind, d, y_out)
+        if want_x and x_bar is None:  # the first layer is an activation: not a chain we fuse
+            raise ValueError("hvp_input needs an MLP whose first layer is linear.")
+        return g_buf, h_buf, x_bar
+
+
+@dataclass
+class _MLPTape:
+    """What :meth:`MLPLoss.grad` computed at ``u`` that its ``grad_hvp`` reuses: the
+    parameter views, each layer's forward value, each layer's output cotangent, the
+    prediction and the gradient."""
+
+    params: list[Tensor]
+    fwd: list[Tensor]
+    deltas: list[Tensor]
+    pred: Tensor
+    g: Tensor
