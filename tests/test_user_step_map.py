@@ -123,3 +123,17 @@ def test_kernels_say_how_each_map_is_transposed() -> None:
     polyak = amaml.explain(model, F.mse_loss, (x, y), steps=3, lr=0.1, optimizer=PolyakSGD())
     assert "step VJP kernel: autograd" in polyak
     assert "PolyakSGD reads the gradient elsewhere than at row 0" in polyak
+
+
+def test_the_documented_step_map_runs() -> None:
+    """The example of docs/inner-optimizers.md ("Your own inner step") as written."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "inner-optimizers.md"
+    (block,) = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    ns: dict[str, object] = {}
+    exec(compile(block, "inner-optimizers.md", "exec"), ns)
+    grads = [p.grad for p in ns["net"].parameters()]  # type: ignore[attr-defined]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)

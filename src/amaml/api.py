@@ -484,7 +484,7 @@ def explain(
     found += [f"optimizer {n}" for n, t in zip(reads.hyper_names, reads.hyper)
               if t.requires_grad]
     found += [f"a tensor the loss reads {tuple(t.shape)}" for t in reads.captured]
-    kernel = flow.kernel().describe()
+    kernel = flow.choice.describe()
     with plan.scope():  # the first step measured as the loop will take it
         memory_line = (memory_lines(flow, plan.adjoint.memory)
                        if isinstance(plan.adjoint, DiscreteAdjoint) else [])

@@ -248,7 +248,7 @@ class Auto(AbstractMemory):
         taken with its graph only where the VJPs use graphs (the autograd kernel)."""
         z0 = flow.initial_state()
         state = z0.numel() * z0.element_size()
-        kernel = flow.kernel().name
+        kernel = flow.choice.name
         if kernel != "autograd" or flow.n_steps < 1:
             return StepCost(state, 0, kernel), z0, z0, None
         z1, tape = flow.tape_step(z0, 0)
@@ -285,7 +285,7 @@ def memory_lines(flow: FlowContext, memory: AbstractMemory) -> list[str]:
     peak of each strategy and of unrolling."""
     z0 = flow.initial_state()
     state = z0.numel() * z0.element_size()
-    kernel = flow.kernel().name
+    kernel = flow.choice.name
     _, tape = flow.tape_step(z0, 0)
     cost = StepCost(state, tape.nbytes(), kernel)
     del tape

@@ -62,7 +62,7 @@ class Budget(AbstractMemory):
 
     def describe(self, flow: FlowContext) -> str:
         rest = ("recomputed in segments with their graphs kept"
-                if flow.kernel().name == "autograd" else "checkpointed")
+                if flow.choice.name == "autograd" else "checkpointed")
         return (f"the autograd graphs of the last steps kept while they fit in "
                 f"{self.megabytes:g} MiB (measured on step 0), the steps before {rest}")
 
@@ -113,7 +113,7 @@ def budget_forward(flow: FlowContext, z0: Tensor, z1: Tensor, tape0: AutogradTap
         z, first, every = z1, 1, 0
     else:
         del tape0
-        graphs = taped > 0 and flow.kernel().name == "autograd"
+        graphs = taped > 0 and flow.choice.name == "autograd"
         every = taped if graphs else max(1, math.isqrt(start - 1) + 1)
         n_ckpt = -(-start // every)
         kept = z0.new_empty((n_ckpt + 1, *z0.shape))

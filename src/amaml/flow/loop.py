@@ -23,9 +23,9 @@ from torch import Tensor
 
 from .errors import DivergenceError
 from .kernels import KernelChoice, select_kernel
-from .kernels.autograd import graph_step
-from .kernels.base import Cotangents, eager_step
-from .reads import FIRST_DATA, Reads, add_cotangents
+from .kernels.autograd import eager_step, graph_step
+from .kernels.base import Cotangents
+from .reads import FIRST_DATA, LR, Reads
 from .spec import FlowSpec
 from .step_maps.runge_kutta import AbstractSolver
 
@@ -108,6 +108,8 @@ class FlowContext:
         choice: The kernel, when chosen already (a backward pass's flow keeps the forward's).
 
     Attributes:
+        n_steps: ``N``, the number of steps.
+        choice: The kernel of this flow's steps and why not the faster ones.
         bars: The reads' cotangents summed so far, aligned with ``reads.tensors()``
             (``None`` where none); :meth:`vjp` adds to it.
         stats: Peak states held and steps recomputed, for tests and benchmarks.
@@ -116,7 +118,7 @@ class FlowContext:
     def __init__(self, spec: FlowSpec, reads: Reads, need: Sequence[bool] | None = None,
                  carry: dict[str, Any] | None = None, choice: KernelChoice | None = None
                  ) -> None:
-        self.spec, self.reads = spec, reads
+        self.spec, self.reads, self.n_steps = spec, reads, spec.n_steps
         tensors = reads.tensors()
         self.need = tuple(need) if need is not None else tuple(
             t is not None and t.requires_grad for t in tensors)
@@ -134,15 +136,6 @@ class FlowContext:
         this flow's kernel and carry; fresh cotangents."""
         return FlowContext(self.spec, self.reads.with_tensors(tensors), need, self.carry,
                            self.choice)
-
-    def kernel(self) -> KernelChoice:
-        """The kernel of this flow's steps and why not the faster ones."""
-        return self.choice
-
-    @property
-    def n_steps(self) -> int:
-        """``N``, the number of steps."""
-        return self.spec.n_steps
 
     @property
     def theta(self) -> Tensor:
@@ -238,7 +231,7 @@ class FlowContext:
             lam_z, cots = self._tape_vjp(tape, lam)
         else:
             lam_z, cots = self.choice.kernel.vjp(k, u, lam, self.reads, self.need, tape)
-        add_cotangents(self.bars, self.reads, k, cots)
+        self.add_bars(cots, k)
         return lam_z
 
     def _tape_vjp(self, tape: AutogradTape, lam: Tensor) -> tuple[Tensor, Cotangents]:
@@ -280,6 +273,19 @@ class FlowContext:
             res = torch.autograd.grad(f, [ul, *(t for _, t in wanted)], lam, allow_unused=True)
         return f.detach(), res[0], [(i, g) for (i, _), g in zip(wanted, res[1:])]
 
-    def add_bars(self, grads: Cotangents) -> None:
-        """Add cotangents ``(index, g)`` to :attr:`bars`."""
-        add_cotangents(self.bars, self.reads, 0, grads)
+    def add_bars(self, grads: Cotangents, k: int = 0) -> None:
+        """Add step ``k``'s cotangents ``(index in reads.tensors(), g)`` to :attr:`bars`; a
+        per-step rate's go into its row ``k``."""
+        bars = self.bars
+        for i, g in grads:
+            if g is None:
+                continue
+            if i == LR and self.reads.per_step:
+                if bars[LR] is None:
+                    bars[LR] = torch.zeros_like(self.reads.lr)
+                row = bars[LR]
+                assert row is not None
+                row[k] += g
+            else:
+                prev = bars[i]
+                bars[i] = g if prev is None else prev + g

@@ -163,7 +163,7 @@ class Checkpoint(AbstractMemory):
 
     def graphs(self, flow: FlowContext) -> bool:
         """Whether the segments are recomputed with their autograd graphs kept."""
-        return self.tapes is not False and flow.kernel().name == "autograd"
+        return self.tapes is not False and flow.choice.name == "autograd"
 
     def forward(self, flow: FlowContext) -> tuple[Tensor, Tensor]:
         u0, n = flow.initial_state(), flow.n_steps

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .capture import replay_rng, rng_states
 
-__all__ = ["Batches", "Hyper", "Reads", "RngLog", "StepReads", "add_cotangents"]
+__all__ = ["Batches", "Hyper", "Reads", "RngLog", "StepReads"]
 
 Hyper = float | Tensor
 #: Mini-batch schedule: ``k -> data tensors of step k`` (deterministic).
@@ -150,21 +150,3 @@ class Reads:
             return replay_rng(device, self.rng[k])
         self.rng[k] = rng_states(device)
         return nullcontext()
-
-
-def add_cotangents(bars: list[Tensor | None], reads: Reads, k: int,
-                   grads: Sequence[tuple[int, Tensor | None]]) -> None:
-    """Add step ``k``'s cotangents ``(index, g)`` into ``bars`` (aligned with
-    :meth:`Reads.tensors`); a per-step rate's go into its row ``k``."""
-    for i, g in grads:
-        if g is None:
-            continue
-        if i == LR and reads.per_step:
-            if bars[LR] is None:
-                bars[LR] = torch.zeros_like(reads.lr)
-            bar = bars[LR]
-            assert bar is not None
-            bar[k] += g
-        else:
-            prev = bars[i]
-            bars[i] = g if prev is None else prev + g

@@ -11,9 +11,23 @@ from torch import Tensor
 
 from ..reads import Reads
 from ..spec import FlowSpec
-from .base import AbstractKernel, Cotangents, eager_step
+from .base import AbstractKernel, Cotangents
 
-__all__ = ["AutogradKernel", "graph_step"]
+__all__ = ["AutogradKernel", "eager_step", "graph_step"]
+
+
+def eager_step(spec: FlowSpec, k: int, z: Tensor, reads: Reads, graph: bool = False) -> Tensor:
+    """Step ``k`` from ``z`` by the step map, the gradient by the objective (its own when
+    it has one and no graph is wanted; autograd otherwise); with ``graph``, the step's
+    autograd graph is built (``z`` and ``reads`` must be part of it)."""
+    r = reads.at(k)
+    objective, data, mu, theta = spec.objective, r.data, r.mu, r.theta
+
+    def grad(v: Tensor) -> Tensor:
+        g = objective.grad(v, data, create_graph=graph)
+        return g if mu is None else g + mu * (v - theta)
+
+    return spec.step_map.step(k, z, grad, r)
 
 
 def graph_step(spec: FlowSpec, k: int, z: Tensor, reads: Reads, need: Sequence[bool]

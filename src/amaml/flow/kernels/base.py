@@ -30,24 +30,10 @@ from torch import Tensor
 from ..reads import Reads
 from ..spec import FlowSpec
 
-__all__ = ["AbstractKernel", "Cotangents", "KernelChoice", "eager_step"]
+__all__ = ["AbstractKernel", "Cotangents", "KernelChoice"]
 
 #: A step VJP's cotangents of the reads: ``(index in Reads.tensors(), cotangent)``.
 Cotangents = list[tuple[int, Tensor | None]]
-
-
-def eager_step(spec: FlowSpec, k: int, z: Tensor, reads: Reads, graph: bool = False) -> Tensor:
-    """Step ``k`` from ``z`` by the step map, the gradient by the objective (its own when
-    it has one and no graph is wanted; autograd otherwise); with ``graph``, the step's
-    autograd graph is built (``z`` and ``reads`` must be part of it)."""
-    r = reads.at(k)
-    objective, data, mu, theta = spec.objective, r.data, r.mu, r.theta
-
-    def grad(v: Tensor) -> Tensor:
-        g = objective.grad(v, data, create_graph=graph)
-        return g if mu is None else g + mu * (v - theta)
-
-    return spec.step_map.step(k, z, grad, r)
 
 
 class AbstractKernel(abc.ABC):
@@ -64,10 +50,10 @@ class AbstractKernel(abc.ABC):
         """``None`` if this kernel transposes the flow's steps with these needs, else why
         not, in words."""
 
+    @abc.abstractmethod
     def step(self, k: int, z: Tensor, reads: Reads, record: list[Any] | None = None) -> Tensor:
         """``z_{k+1}`` without a graph. ``record``: a list to which the kernel appends what
         it computed that its :meth:`vjp` of this step can reuse (``[]`` if nothing)."""
-        return eager_step(self.spec, k, z, reads)
 
     @abc.abstractmethod
     def vjp(self, k: int, z: Tensor, lam: Tensor, reads: Reads, need: Sequence[bool],

@@ -98,16 +98,17 @@ class FusedKernel(AbstractKernel):
         return None
 
     def step(self, k: int, z: Tensor, reads: Reads, record: list[Any] | None = None) -> Tensor:
-        if record is None:
-            return super().step(k, z, reads)
         r = reads.at(k)
         fused, data, mu, theta = self.spec.objective.fused, r.data, r.mu, r.theta
         assert fused is not None
 
         def grad(v: Tensor) -> Tensor:
-            tape: list[Any] = []
-            g = fused.grad(v, data, tape=tape)
-            record.append((g, tape[0] if tape else None))
+            if record is None:
+                g = fused.grad(v, data)
+            else:
+                tape: list[Any] = []
+                g = fused.grad(v, data, tape=tape)
+                record.append((g, tape[0] if tape else None))
             return g if mu is None else g + mu * (v - theta)
 
         return self.spec.step_map.step(k, z, grad, r)
