@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def step_vjp() -> Tensor:
         # Euler with eta = 1: (dPhi/du)^T v = v - H v.
-        return v - flow.vjp(u0.unsqueeze(0), v.unsqueeze(0), k=0)[0]
+        return v - flow.vjp(u0, v, k=0)
 
     fns: dict[str, Callable[[], Tensor]] = {
         "double-backward": double_backward,

@@ -54,7 +54,7 @@ def _sweep(memory, steps: int, net=None):
     u = flow.params(u_end).detach().requires_grad_()
     lam = torch.autograd.grad(loss(u, xq, yq), u)[0]
     back = flow.backward_flow(flow.reads.tensors(), (True, False, False, False, False))
-    lam0 = back.params(memory.sweep(back, kept, lam.unsqueeze(0)))
+    lam0 = back.params(memory.sweep(back, kept, lam))
     ref = unrolled_meta_grad_apply(conv_bn_apply, dict(net.named_parameters()), F.cross_entropy,
                                    x, y, xq, yq, steps=steps, lr=0.3)
     return back.stats, lam0, ref, kept

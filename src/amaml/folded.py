@@ -22,7 +22,7 @@ of the layer kinds in :data:`FOLD_KINDS`, every parameter trainable, no hooks, i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,59 @@ _FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
 
 _Step = tuple[str, Any, str]  # (kind, module or function, parameter prefix)
+
+
+class _Fold(NamedTuple):
+    """What every folded layer reads: the parameters by name (each ``(B, *shape)``), the
+    tasks ``B``, the points ``n``, and whether BatchNorm uses its running statistics."""
+
+    params: dict[str, Tensor]
+    b: int
+    n: int
+    running: bool
+
+
+def _conv(h: Tensor, m: Any, prefix: str, f: _Fold) -> Tensor:
+    w, bias = f.params[prefix + "weight"], f.params.get(prefix + "bias")
+    return F.conv2d(h, w.reshape(-1, *w.shape[2:]), None if bias is None else bias.reshape(-1),
+                    m.stride, m.padding, m.dilation, m.groups * f.b)
+
+
+def _batchnorm(h: Tensor, m: Any, prefix: str, f: _Fold) -> Tensor:
+    gamma, beta = f.params.get(prefix + "weight"), f.params.get(prefix + "bias")
+    mean = var = None
+    if f.running:
+        mean, var = m.running_mean.repeat(f.b), m.running_var.repeat(f.b)
+    return F.batch_norm(h, mean, var, None if gamma is None else gamma.reshape(-1),
+                        None if beta is None else beta.reshape(-1), training=not f.running,
+                        eps=m.eps)
+
+
+def _maxpool(h: Tensor, m: Any, prefix: str, f: _Fold) -> Tensor:
+    return F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation,
+                        ceil_mode=m.ceil_mode)
+
+
+def _apply(h: Tensor, m: Any, prefix: str, f: _Fold) -> Tensor:
+    return m(h)  # type: ignore[no-any-return]
+
+
+def _flatten(h: Tensor, m: Any, prefix: str, f: _Fold) -> Tensor:
+    return h.reshape(f.n, f.b, -1).transpose(0, 1)  # [B, n, C * H * W], C-major per task
+
+
+def _linear(h: Tensor, m: Any, prefix: str, f: _Fold) -> Tensor:  # on [B, n, features]
+    w, bias = f.params[prefix + "weight"], f.params.get(prefix + "bias")
+    return (torch.bmm(h, w.transpose(1, 2)) if bias is None
+            else torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2)))
+
+
+#: How each layer kind of :data:`FOLD_KINDS` (and a function between layers) computes a
+#: folded meta-batch.
+_APPLY: dict[str, Callable[[Tensor, Any, str, _Fold], Tensor]] = {
+    "conv": _conv, "batchnorm": _batchnorm, "maxpool": _maxpool, "avgpool": _apply,
+    "adaptiveavgpool": _apply, "elementwise": _apply, "function": _apply,
+    "flatten": _flatten, "linear": _linear}
 
 
 class FoldedLoss(BatchedLoss):
@@ -89,38 +142,11 @@ class FoldedLoss(BatchedLoss):
         """:meth:`forward` with the parameters by name, each ``(B, *shape)``."""
         b, n = x.shape[:2]
         h = x.transpose(0, 1).reshape(n, b * x.shape[2], *x.shape[3:])
-        folded = True
+        fold = _Fold(params, b, n, self.running)
         for kind, m, prefix in self.steps:
-            if kind == "conv":
-                w = params[prefix + "weight"]
-                bias = params.get(prefix + "bias")
-                h = F.conv2d(h, w.reshape(-1, *w.shape[2:]),
-                             None if bias is None else bias.reshape(-1), m.stride, m.padding,
-                             m.dilation, m.groups * b)
-            elif kind == "batchnorm":
-                gamma, beta = params.get(prefix + "weight"), params.get(prefix + "bias")
-                mean = var = None
-                if self.running:
-                    mean, var = m.running_mean.repeat(b), m.running_var.repeat(b)
-                h = F.batch_norm(h, mean, var, None if gamma is None else gamma.reshape(-1),
-                                 None if beta is None else beta.reshape(-1),
-                                 training=not self.running, eps=m.eps)
-            elif kind == "maxpool":
-                h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation,
-                                 ceil_mode=m.ceil_mode)
-            elif kind in ("avgpool", "adaptiveavgpool", "elementwise"):
-                h = m(h)
-            elif kind == "function":
-                h = m(h)
-            elif kind == "flatten":
-                h = h.reshape(n, b, -1).transpose(0, 1)  # [B, n, C * H * W], C-major per task
-                folded = False
-            else:  # linear, on [B, n, features]
-                w, bias = params[prefix + "weight"], params.get(prefix + "bias")
-                h = (torch.bmm(h, w.transpose(1, 2)) if bias is None
-                     else torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2)))
-        if folded:  # the chain ends before a Flatten: unfold [n, B * C, ...]
-            h = h.reshape(n, b, -1, *h.shape[2:]).transpose(0, 1)
+            h = _APPLY[kind](h, m, prefix, fold)
+        if not any(kind == "flatten" for kind, _, _ in self.steps):
+            h = h.reshape(n, b, -1, *h.shape[2:]).transpose(0, 1)  # unfold [n, B * C, ...]
         return h
 
     def per_task_batched(self, u: Tensor, *data: Tensor) -> Tensor:
@@ -190,6 +216,7 @@ def folded_plan(flat: FlatModel, loss_fn: LossFn, x: Tensor, single: Callable[..
 
 
 assert set(FUNCTION_KINDS.values()) <= set(_FUNCTIONS)
+assert set(FOLD_KINDS.values()) | {"function"} <= set(_APPLY)
 
 #: Accepted values of ``adapt_batch(tasks=...)``.
 TASK_MODES = ("auto", "batched", "loop")

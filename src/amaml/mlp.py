@@ -24,7 +24,7 @@ against unrolled autograd, ``tests/test_fast_path.py``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,34 @@ __all__ = ["ACTIVATIONS", "Layer", "MLPLoss"]
 
 #: Activations :class:`MLPLoss` differentiates by hand.
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity")
+
+
+@dataclass(frozen=True)
+class _Activation:
+    """One activation's forward, backward and second-derivative terms.
+
+    ``backward(d, y)`` is ``d * act'(z)`` from the output ``y = act(z)``, by the kernel
+    autograd itself uses (one op; ReLU's slope is 0 at ``z = 0``, as autograd's).
+    ``r_slope(y, r_y)`` is the directional derivative of ``act'(z)`` given ``R y = act'(z)
+    R z``, as ``(t, c)`` meaning ``c * t``; ``None`` where the second derivative is 0.
+    """
+
+    forward: Callable[[Tensor], Tensor] | None
+    backward: Callable[[Tensor, Tensor], Tensor] | None
+    r_slope: Callable[[Tensor, Tensor], tuple[Tensor, float]] | None = None
+
+
+#: The activations :class:`MLPLoss` differentiates by hand. tanh: ``d(1 - y^2) = -2 y R y``;
+#: sigmoid: ``d(y (1 - y)) = (1 - 2 y) R y``; ReLU and identity have zero second derivative.
+_ACTIVATIONS: dict[str, _Activation] = {
+    "tanh": _Activation(torch.tanh, torch.ops.aten.tanh_backward,
+                        lambda y, r: (torch.mul(y, r), -2.0)),
+    "relu": _Activation(torch.relu, lambda d, y: torch.ops.aten.threshold_backward(d, y, 0)),
+    "sigmoid": _Activation(torch.sigmoid, torch.ops.aten.sigmoid_backward,
+                           lambda y, r: (torch.mul(y, -2).add_(1).mul_(r), 1.0)),
+    "identity": _Activation(None, None),
+}
+assert tuple(_ACTIVATIONS) == ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -56,40 +84,18 @@ class Layer:
     out_features: int = 0
     bias: bool = True
 
+    #: The activation's table entry; ``None`` for a linear layer.
+    act: _Activation | None = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         if self.kind != "linear" and self.kind not in ACTIVATIONS:
             raise ValueError(f"Unknown layer kind {self.kind!r}; expected 'linear' or one of "
                              f"{list(ACTIVATIONS)}.")
+        object.__setattr__(self, "act", _ACTIVATIONS.get(self.kind))
 
 
-_Act = Callable[[Tensor], Tensor]
-_FORWARD: dict[str, _Act] = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
-
-
-def _act_backward(kind: str, d: Tensor, y: Tensor) -> Tensor:
-    """``d * act'(z)`` from the output ``y = act(z)``, by the kernel autograd itself uses
-    (one op; ``d`` unchanged for the identity). ReLU: slope 0 at ``z = 0``, as autograd."""
-    if kind == "tanh":
-        return torch.ops.aten.tanh_backward(d, y)
-    if kind == "sigmoid":
-        return torch.ops.aten.sigmoid_backward(d, y)
-    if kind == "relu":
-        return torch.ops.aten.threshold_backward(d, y, 0)
-    return d
-
-
-def _r_slope(kind: str, y: Tensor, r_y: Tensor) -> tuple[Tensor, float] | None:
-    """The directional derivative of ``act'(z)`` given ``R y = act'(z) R z``, as
-    ``(t, c)`` meaning ``c * t``; ``None`` for 0.
-
-    tanh: ``d(1 - y^2) = -2 y R y``; sigmoid: ``d(y (1 - y)) = (1 - 2 y) R y``; ReLU and
-    identity have zero second derivative.
-    """
-    if kind == "tanh":
-        return torch.mul(y, r_y), -2.0
-    if kind == "sigmoid":
-        return torch.mul(y, -2).add_(1).mul_(r_y), 1.0
-    return None
+def _act_backward(act: _Activation, d: Tensor, y: Tensor) -> Tensor:
+    return d if act.backward is None else act.backward(d, y)
 
 
 def _autograd_grad(output: Tensor, inp: Tensor, grad_output: Tensor | None = None,
@@ -137,12 +143,12 @@ class MLPLoss(AbstractFusedLoss):
 
     def __init__(self, layers: Sequence[Layer], loss_fn: LossFn) -> None:
         self.layers = tuple(layers)
-        if not any(lay.kind == "linear" for lay in self.layers):
+        if not any(lay.act is None for lay in self.layers):
             raise ValueError("An MLPLoss needs at least one linear layer.")
         self.loss_fn = loss_fn
         shapes: list[tuple[int, ...]] = []
         for lay in self.layers:
-            if lay.kind == "linear":
+            if lay.act is None:
                 shapes.append((lay.out_features, lay.in_features))
                 if lay.bias:
                     shapes.append((lay.out_features,))
@@ -194,16 +200,16 @@ class MLPLoss(AbstractFusedLoss):
         tape: list[Tensor] = []
         h, i = x, 0
         for lay in self.layers:
-            if lay.kind == "linear":
+            if lay.act is None:
                 w = params[i]
                 b = params[i + 1] if lay.bias else None
                 i += 2 if lay.bias else 1
                 tape.append(h)
                 h = self._linear(h, w, b, batched)
             else:
-                act = _FORWARD.get(lay.kind)
-                if act is not None:
-                    h = act(h)
+                fwd_fn = lay.act.forward if lay.act is not None else None
+                if fwd_fn is not None:
+                    h = fwd_fn(h)
                 tape.append(h)
         return h, tape
 
@@ -247,7 +253,7 @@ class MLPLoss(AbstractFusedLoss):
         rows = int(data[0].shape[:-1].numel())  # points (times tasks when batched)
         width, total = 0, 0
         for lay in self.layers:
-            if lay.kind == "linear":
+            if lay.act is None:
                 width = lay.out_features
                 total += width
             else:
@@ -270,7 +276,7 @@ class MLPLoss(AbstractFusedLoss):
         for j in range(n_layers - 1, -1, -1):
             lay = self.layers[j]
             deltas[j] = d
-            if lay.kind == "linear":
+            if lay.act is None:
                 if lay.bias:
                     i -= 1
                     torch.sum(d, rows, out=out[i])
@@ -279,7 +285,7 @@ class MLPLoss(AbstractFusedLoss):
                 if j > 0:
                     d = mm(d, params[i])
             else:
-                d = _act_backward(lay.kind, d, fwd[j])
+                d = _act_backward(lay.act, d, fwd[j])
         if tape is not None:
             tape.append(_MLPTape(params, fwd, deltas, pred, buf))
         return buf
@@ -323,7 +329,7 @@ class MLPLoss(AbstractFusedLoss):
         r_h: Tensor | None = None
         i = 0
         for j, lay in enumerate(self.layers):
-            if lay.kind == "linear":
+            if lay.act is None:
                 vw = dirs[i]
                 vb = dirs[i + 1] if lay.bias else None
                 w = params[i]
@@ -335,7 +341,7 @@ class MLPLoss(AbstractFusedLoss):
                 r_h = r_new
             else:
                 if r_h is not None:
-                    r_h = _act_backward(lay.kind, r_h, fwd[j])
+                    r_h = _act_backward(lay.act, r_h, fwd[j])
                 r_tape.append(r_h)
         # The loss on the output: its gradient e and e's derivative along R(output).
         with torch.enable_grad():
@@ -363,7 +369,7 @@ class MLPLoss(AbstractFusedLoss):
             lay = self.layers[j]
             if taped is not None:
                 d = taped.deltas[j]
-            if lay.kind == "linear":
+            if lay.act is None:
                 h_in, r_in = fwd[j], r_tape[j]
                 if lay.bias:
                     i -= 1
@@ -384,14 +390,15 @@ class MLPLoss(AbstractFusedLoss):
                         d = mm(d, w)
                 elif want_x:
                     x_bar = addmm(mm(d, dirs[i]), r_d, params[i])
-            elif lay.kind != "identity":
+            elif lay.act.backward is not None:
                 y_out, r_y = fwd[j], r_tape[j]
-                r_s = None if r_y is None else _r_slope(lay.kind, y_out, r_y)
-                r_d = _act_backward(lay.kind, r_d, y_out)
+                slope = lay.act.r_slope
+                r_s = None if r_y is None or slope is None else slope(y_out, r_y)
+                r_d = _act_backward(lay.act, r_d, y_out)
                 if r_s is not None:
                     r_d = torch.addcmul(r_d, d, r_s[0], value=r_s[1])
                 if taped is None:
-                    d = _act_backward(lay.kind, d, y_out)
+                    d = _act_backward(lay.act, d, y_out)
         if want_x and x_bar is None:  # the first layer is an activation: not a chain we fuse
             raise ValueError("hvp_input needs an MLP whose first layer is linear.")
         return g_buf, h_buf, x_bar

@@ -39,6 +39,7 @@ from .memory import AbstractMemory, Checkpoint
 from .objective import conjugate_gradient
 from .reads import THETA
 from .step_maps.base import AbstractStepMap
+from .step_maps.runge_kutta import AbstractSolver
 
 __all__ = [
     "AbstractAdjoint",
@@ -184,10 +185,15 @@ class Implicit(AbstractSweepAdjoint):
         lam_u = conjugate_gradient(lambda v: v + hessian(v) / mu_d, flow.params(lam),
                                    max_iter=self.cg_steps, tol=self.cg_tol,
                                    batched=flow.spec.n_tasks is not None)
-        return lam_u.unsqueeze(-2)
+        return lam_u  # a solver's state is u
 
 
 # ----------------------------------------------------------------------------- pure passes
+
+#: Initial states that hold theta at the parameters and zeros elsewhere: theta's cotangent
+#: is then the parameters' cotangent, summed over tasks.
+_THETA_FIRST = (AbstractStepMap.init, AbstractSolver.init)
+
 
 
 def forward_kept(adjoint: AbstractSweepAdjoint, flow: FlowContext) -> tuple[Tensor, Tensor]:
@@ -212,7 +218,7 @@ def adjoint_sweep(adjoint: AbstractSweepAdjoint, flow: FlowContext, kept: Tensor
         lam0 = adjoint.sweep(flow, kept, lam)
     bars, step_map = flow.bars, flow.spec.step_map
     if flow.need[THETA]:
-        if type(step_map).init is AbstractStepMap.init:  # z_0 = (theta, 0, ...)
+        if type(step_map).init in _THETA_FIRST:  # z_0 = (theta, 0, ...) or theta
             g = flow.params(lam0)
             g = g.sum(0) if flow.spec.n_tasks is not None else g
         else:  # a step map's own initial state: its transpose, by autograd

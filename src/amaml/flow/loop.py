@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .errors import DivergenceError
 from .kernels import KernelChoice, select_kernel
-from .kernels.autograd import eager_step, graph_step
+from .kernels.autograd import AutogradKernel, eager_step
 from .kernels.base import Cotangents
 from .reads import FIRST_DATA, LR, Reads
 from .spec import FlowSpec
@@ -129,6 +129,7 @@ class FlowContext:
         self.bars: list[Tensor | None] = [None] * len(tensors)
         self.stats = SweepStats()
         self._next_k = spec.n_steps - 1
+        self._graphs: AutogradKernel | None = None  # takes steps with graphs (tape_step)
 
     def backward_flow(self, tensors: Sequence[Tensor | None], need: Sequence[bool]
                       ) -> FlowContext:
@@ -148,13 +149,13 @@ class FlowContext:
         return check_every(self.spec.n_steps)
 
     def initial_state(self) -> Tensor:
-        """``z_0 = (theta, 0, ...)``: ``(rows, P)``, or ``(B, rows, P)`` for a batch."""
+        """``z_0``: ``(theta, 0, ...)`` as ``(rows, P)`` (``(B, rows, P)`` for a batch), or
+        ``theta`` itself for a solver (:meth:`~amaml.flow.step_maps.base.AbstractStepMap.init`)."""
         return self.spec.step_map.init(self.reads.theta.detach(), self.spec.n_tasks)
 
-    @staticmethod
-    def params(z: Tensor) -> Tensor:
-        """The parameters ``u``: row 0 of a state ``(..., rows, P)``."""
-        return z[..., 0, :]
+    def params(self, z: Tensor) -> Tensor:
+        """The parameters ``u`` of a state (the step map's row 0; a solver's state itself)."""
+        return self.spec.step_map.params(z)
 
     def integrate(self, u0: Tensor | None = None, start: int = 0, stop: int | None = None, *,
                   keep_every: int | None = None, out: Tensor | None = None,
@@ -245,8 +246,10 @@ class FlowContext:
         """Step ``k`` from ``u`` with its autograd graph kept: ``(u_{k+1}, tape)``; pass the
         tape to :meth:`vjp` for that step (a backward pass through the graph, no
         recomputation: what unrolling does)."""
-        with torch.enable_grad(), self.reads.random_step(k, u.device):
-            out, start, leaves = graph_step(self.spec, k, u, self.reads, self.need)
+        kernel = self.choice.kernel
+        if not isinstance(kernel, AutogradKernel):
+            kernel = self._graphs = self._graphs or AutogradKernel(self.spec)
+        out, start, leaves = kernel.tape(k, u, self.reads, self.need)
         return out.detach(), AutogradTape(out, start, leaves, k)
 
     def tape_numel(self) -> int:

@@ -307,4 +307,4 @@ class Backsolve(AbstractMemory):
                 f"instead."
             )
         flow.add_bars([(i, b) for (i, _), b in zip(zeros, z[2:])])
-        return z[1].unsqueeze(-2)
+        return z[1]  # a solver's state is u

@@ -76,6 +76,9 @@ class Reads:
     per_step: bool = False
     batches: Batches | None = None
     rng: RngLog | None = field(default=None, compare=False)
+    #: Leaves by need, made once where nothing varies by step (:meth:`leaves`).
+    _leaves: dict[tuple[bool, ...], Reads] = field(default_factory=dict, init=False,
+                                                   compare=False, repr=False)
 
     def tensors(self) -> list[Tensor | None]:
         """``[theta, lr, mu, *data, *hyper, *captured]``: the autograd Function's inputs."""
@@ -95,7 +98,12 @@ class Reads:
         """Step ``k``'s reads as leaves: detached copies requiring grad where ``need`` says
         (``theta`` only with a proximal term, through which alone it enters a step; a
         per-step rate's row ``k``, so that its cotangent is that row's); captured tensors
-        as they are (the loss reads them itself). Call with grad enabled."""
+        as they are (the loss reads them itself). Made once for all steps where nothing
+        varies by step (each step's VJP builds its own graph from the same leaves)."""
+        fixed = not self.per_step and self.batches is None
+        key = tuple(need)
+        if fixed and key in self._leaves:
+            return self._leaves[key]
         out: list[Tensor | None] = []
         n_own = FIRST_DATA + len(self.data) + len(self.hyper)
         for i, (t, n) in enumerate(zip(self.tensors(), need)):
@@ -105,7 +113,10 @@ class Reads:
             if i == LR and self.per_step:
                 t = t[k]
             out.append(t.detach().requires_grad_(n and (i != THETA or self.mu is not None)))
-        return replace(self.with_tensors(out), per_step=False)
+        leaves = replace(self.with_tensors(out), per_step=False)
+        if fixed:
+            self._leaves[key] = leaves
+        return leaves
 
     def detached(self) -> Reads:
         """Detached copies (captured tensors as they are): the reads of a step taken without

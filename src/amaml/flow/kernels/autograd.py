@@ -13,7 +13,7 @@ from ..reads import Reads
 from ..spec import FlowSpec
 from .base import AbstractKernel, Cotangents
 
-__all__ = ["AutogradKernel", "eager_step", "graph_step"]
+__all__ = ["AutogradKernel", "eager_step"]
 
 
 def eager_step(spec: FlowSpec, k: int, z: Tensor, reads: Reads, graph: bool = False) -> Tensor:
@@ -30,17 +30,6 @@ def eager_step(spec: FlowSpec, k: int, z: Tensor, reads: Reads, graph: bool = Fa
     return spec.step_map.step(k, z, grad, r)
 
 
-def graph_step(spec: FlowSpec, k: int, z: Tensor, reads: Reads, need: Sequence[bool]
-               ) -> tuple[Tensor, Tensor, list[tuple[int, Tensor]]]:
-    """Step ``k`` from ``z`` with its autograd graph: ``(z_{k+1}, z leaf, [(index, leaf)])``
-    for the reads that ``need`` and that the step differentiates (call with grad enabled,
-    inside the step's random state)."""
-    leaves = reads.leaves(need, k)
-    zl = z.detach().requires_grad_(True)
-    out = eager_step(spec, k, zl, leaves, graph=True)
-    return out, zl, list(leaves.wanted(need))
-
-
 class AutogradKernel(AbstractKernel):
     """Double backward through one step (see the module)."""
 
@@ -54,10 +43,20 @@ class AutogradKernel(AbstractKernel):
         with reads.random_step(k, z.device):
             return eager_step(self.spec, k, z, reads)
 
+    def tape(self, k: int, z: Tensor, reads: Reads, need: Sequence[bool]
+             ) -> tuple[Tensor, Tensor, list[tuple[int, Tensor]]]:
+        """Step ``k`` from ``z`` with its autograd graph: ``(z_{k+1}, z leaf, [(index,
+        leaf)])`` for the reads that ``need`` and that the step differentiates."""
+        with torch.enable_grad(), reads.random_step(k, z.device):
+            leaves = reads.leaves(need, k)
+            zl = z.detach().requires_grad_(True)
+            out = eager_step(self.spec, k, zl, leaves, graph=True)
+        return out, zl, list(leaves.wanted(need))
+
     def vjp(self, k: int, z: Tensor, lam: Tensor, reads: Reads, need: Sequence[bool],
             tape: Any = None) -> tuple[Tensor, Cotangents]:
-        with torch.enable_grad(), reads.random_step(k, z.device):
-            out, zl, wanted = graph_step(self.spec, k, z, reads, need)
+        out, zl, wanted = self.tape(k, z, reads, need)
+        with torch.enable_grad():
             res = torch.autograd.grad(out, [zl, *(t for _, t in wanted)], lam,
                                       allow_unused=True)
         lam_z = res[0] if res[0] is not None else torch.zeros_like(z)

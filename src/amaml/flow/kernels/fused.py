@@ -27,8 +27,10 @@ class _Oracle:
 
     def __init__(self, fused: AbstractFusedLoss, r: StepReads, need: Sequence[bool],
                  recorded: list[Any] | None, own_data: bool) -> None:
-        self.fused, self.data = fused, [d.detach() for d in r.data]
-        self.theta, self.mu = r.theta.detach(), None if r.mu is None else r.mu.detach()
+        # r holds detached leaves (FusedKernel.leaves), a schedule's batch as it comes
+        self.fused = fused
+        self.data = r.data if own_data else [d.detach() for d in r.data]
+        self.theta, self.mu = r.theta, r.mu
         self.need_theta = need[THETA] and self.mu is not None
         self.need_mu = need[MU] and self.mu is not None
         self.need_x = own_data and len(need) > FIRST_DATA and need[FIRST_DATA]
@@ -117,8 +119,9 @@ class FusedKernel(AbstractKernel):
             tape: Any = None) -> tuple[Tensor, Cotangents]:
         fused = self.spec.objective.fused
         assert fused is not None
-        leaves = reads.leaves([n if i == LR or i >= FIRST_DATA + len(reads.data) else False
-                               for i, n in enumerate(need)], k)
+        own = FIRST_DATA + len(reads.data)  # the oracle differentiates theta, mu, the inputs
+        leaves = reads.leaves([n if i == LR or i >= own else False for i, n in enumerate(need)],
+                              k)
         r = leaves.at(k)
         oracle = _Oracle(fused, r, need, tape, reads.batches is None)
         lam_z, leaf_bars = self.spec.step_map.transpose(k, z.detach(), lam, oracle, r)

@@ -80,8 +80,14 @@ class AbstractStepMap(abc.ABC):
         """Hyperparameters by name; those given as tensors may need a gradient."""
         return {}
 
+    def params(self, z: Tensor) -> Tensor:
+        """The parameters ``u`` of a state: row 0."""
+        return z[..., 0, :]
+
     def init(self, theta: Tensor, n_tasks: int | None) -> Tensor:
-        """``z_0 = (theta, 0, ..., 0)``: ``(rows, P)``, or ``(B, rows, P)`` for ``B`` tasks."""
+        """``z_0 = (theta, 0, ..., 0)``: ``(rows, P)``, or ``(B, rows, P)`` for ``B`` tasks. A
+        map that overrides it gets the meta-gradient of ``theta`` through ``z_0`` by
+        autograd."""
         z = theta.new_zeros((self.rows, theta.shape[-1]))
         z[0] = theta
         if n_tasks is not None:

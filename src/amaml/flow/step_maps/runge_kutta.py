@@ -4,7 +4,7 @@ Every solver integrates ``du/dt = -grad L(u) - mu (u - theta)`` with steps of si
 one step is the tableau applied to the unit-step field ``F(v) = -lr grad(v)``, so one step of
 :class:`Euler` is exactly one step of gradient descent with learning rate ``lr``, and
 ``Heun``/``RK4`` are the classical second- and fourth-order methods. A per-parameter ``lr``
-(Meta-SGD) is a diagonally preconditioned flow. The state is ``u`` alone (one row).
+(Meta-SGD) is a diagonally preconditioned flow. The state is ``u`` itself.
 
 A user's solver is a subclass with its tableau (``a``, ``b``, ``order``, ``name``); its steps
 and their transposes are then derived from the tableau, as for the built-in ones. A solver
@@ -73,9 +73,31 @@ class AbstractSolver(AbstractStepMap):
             out = [oo + bi * kk for oo, kk in zip(out, ki)]
         return out
 
+    def params(self, z: Tensor) -> Tensor:
+        """The state is ``u`` itself: ``(P,)``, or ``(B, P)`` for a batch."""
+        return z
+
+    def init(self, theta: Tensor, n_tasks: int | None) -> Tensor:
+        """``u_0 = theta`` (one row per task if batched)."""
+        return theta if n_tasks is None else theta.expand(n_tasks, *theta.shape).contiguous()
+
     def step(self, k: int | Tensor, z: Tensor, grad: Gradient, r: StepReads) -> Tensor:
-        lr = r.lr
-        return self.advance(lambda v: -lr * grad(v), z[..., 0, :]).unsqueeze(-2)
+        lr, u = r.lr, z
+        if not is_tableau(self):
+            return self.advance(lambda v: -lr * grad(v), u)
+        # The tableau on descents d_i = lr G(U_i) = -k_i: the same numbers as advance() on
+        # k_i (IEEE negation is exact), one tensor op fewer a stage.
+        ds: list[Tensor] = []
+        for i in range(self.stages):
+            ui = u
+            for aij, dj in zip(self.a[i], ds):
+                if aij != 0.0:
+                    ui = ui - (dj if aij == 1.0 else aij * dj)
+            ds.append(lr * grad(ui))
+        out = u
+        for bi, di in zip(self.b, ds):
+            out = out - (di if bi == 1.0 else bi * di)
+        return out
 
     def transpose(self, k: int, z: Tensor, lam: Tensor, oracle: Oracle,
                   r: StepReads) -> Transposed:
@@ -87,7 +109,7 @@ class AbstractSolver(AbstractStepMap):
         a, b, stages = self.a, self.b, self.stages
         lr = r.lr.detach()
         need_lr = r.lr.requires_grad
-        u, lam_u = z[..., 0, :], lam[..., 0, :]
+        u, lam_u = z, lam
         states, ks = [u], []
         for i in range(1, stages):  # the stage states (Euler: U_0 = u, nothing to do)
             ks.append(-lr * oracle.grad(states[i - 1], i - 1))
@@ -111,7 +133,7 @@ class AbstractSolver(AbstractStepMap):
             if g_i is not None:
                 term = lr_cotangent(lr, -(g_i * w))
                 lr_bar = term if lr_bar is None else lr_bar + term
-        return out.unsqueeze(-2), ([(r.lr, lr_bar)] if need_lr else [])
+        return out, ([(r.lr, lr_bar)] if need_lr else [])
 
 
 def is_tableau(solver: AbstractStepMap) -> bool:
