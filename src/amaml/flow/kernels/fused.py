@@ -35,12 +35,12 @@ class _Oracle:
         self.need_mu = need[MU] and self.mu is not None
         self.need_x = own_data and len(need) > FIRST_DATA and need[FIRST_DATA]
         # what the step's forward evaluation recorded, by stage: (gradient, tape)
-        self.recorded: dict[int, tuple[Tensor, Any]] = dict(enumerate(recorded or ()))
-        self.tapes: dict[int, Any] = {i: t for i, (_, t) in self.recorded.items()}
+        self.recorded: list[tuple[Tensor, Any]] = recorded or []
+        self.tapes: dict[int, Any] = {}
         self.bars: dict[int, Tensor] = {}
 
     def grad(self, u: Tensor, stage: int) -> Tensor:
-        if stage in self.recorded:
+        if stage < len(self.recorded):
             g = self.recorded[stage][0]
         else:
             tape: list[Any] = []
@@ -50,7 +50,8 @@ class _Oracle:
 
     def pull(self, u: Tensor, w: Tensor, stage: int, with_grad: bool
              ) -> tuple[Tensor | None, Tensor]:
-        tape = self.tapes.get(stage)
+        tape = (self.recorded[stage][1] if stage < len(self.recorded)
+                else self.tapes.get(stage))
         if self.need_x:
             hw, x_bar = self.fused.hvp_input(u, w, self.data, tape=tape)
             self._add(FIRST_DATA, x_bar)
@@ -125,8 +126,11 @@ class FusedKernel(AbstractKernel):
         r = leaves.at(k)
         oracle = _Oracle(fused, r, need, tape, reads.batches is None)
         lam_z, leaf_bars = self.spec.step_map.transpose(k, z.detach(), lam, oracle, r)
-        index = {id(t): i for i, t in leaves.wanted(need)}
-        return lam_z, [*oracle.bars.items(), *((index[id(t)], g) for t, g in leaf_bars)]
+        cots: Cotangents = list(oracle.bars.items())
+        if leaf_bars:
+            index = {id(t): i for i, t in leaves.wanted(need)}
+            cots += [(index[id(t)], g) for t, g in leaf_bars]
+        return lam_z, cots
 
     def tape_numel(self, reads: Reads) -> int:
         fused = self.spec.objective.fused
