@@ -89,6 +89,10 @@ def test_auto_choice_follows_the_budget() -> None:
     fused = StepCost(state=1 * MIB, graph=0, kernel="fused")
     assert isinstance(Auto.choose(n, fused, (10**12, "test"))[0], Store)
     assert isinstance(Auto.choose(n, fused, (30 * MIB, "test"))[0], Checkpoint)
+    # with the fused tapes: store them too while they fit, then store alone
+    taped = StepCost(state=1 * MIB, graph=0, kernel="fused", tape=2 * MIB)
+    assert Auto.choose(n, taped, (10**12, "test"))[0] == Store(tapes=True)
+    assert Auto.choose(n, taped, (200 * MIB, "test"))[0] == Store()
 
 
 def test_auto_choice_on_a_model() -> None:
@@ -188,3 +192,29 @@ def test_auto_at_ten_thousand_steps_stays_within_its_budget() -> None:
     assert "memory: auto: revolve with" in out["explain"]
     assert out["finite"]
     assert out["growth"] < 1 + 3, out
+
+
+@pytest.mark.parametrize("optimizer", [None, "adam", "sgd"])
+def test_store_with_tapes_reuses_every_step_and_is_exact(optimizer: str | None) -> None:
+    """The fused path's tapes kept from the forward pass: the meta-gradient (theta, lr) is
+    store's without them, and auto takes them where they fit."""
+    from amaml.flow import DiscreteAdjoint
+
+    model = mlp(hidden=16)
+    x, y, xq, yq = regression_data()
+    grads = []
+    for memory in (Store(), Store(tapes=True)):
+        lr = torch.tensor(0.03, dtype=torch.float64, requires_grad=True)
+        for t in model.parameters():
+            t.grad = None
+        adjoint = DiscreteAdjoint(memory)
+        p = amaml.adapt(model, F.mse_loss, (x, y), steps=17, lr=lr, optimizer=optimizer,
+                        adjoint=adjoint)
+        F.mse_loss(amaml.functional_call(model, p, xq), yq).backward()
+        grads.append(torch.cat([*(t.grad.reshape(-1) for t in model.parameters()),
+                                lr.grad.reshape(1)]))
+    assert rel_err(grads[1], grads[0]) < 1e-13
+    assert "every state and every step's fused tapes stored" in amaml.explain(
+        model, F.mse_loss, (x, y), steps=17, lr=0.03, optimizer=optimizer)
+    with pytest.raises(TypeError, match="tapes"):
+        Store(tapes=1)  # type: ignore[arg-type]

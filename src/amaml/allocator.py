@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
+from typing import Any
 
 import torch
 
@@ -104,12 +106,19 @@ def _heap_free() -> int:
     """Bytes glibc's heap holds free for this process (``mallinfo2().fordblks``): memory
     ``MemAvailable`` does not count but the next tensors reuse, which is most of it after
     :func:`amaml.tune_cpu_allocator`; 0 where unknown (not glibc >= 2.33)."""
+    fn = _mallinfo2()
+    return 0 if fn is None else int(fn().fordblks)
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    """glibc's ``mallinfo2``, looked up once (``find_library`` runs a subprocess)."""
     try:
         fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
     except (OSError, AttributeError):
-        return 0
+        return None
     fn.restype = _Mallinfo2
-    return int(fn().fordblks)
+    return fn
 
 
 class _Mallinfo2(ctypes.Structure):

@@ -48,11 +48,13 @@ class StepCost:
         graph: Bytes one step's autograd graph saves besides its starting state (0 where
             not measured).
         kernel: The step VJP's kernel (``"autograd"``, ``"fused"``, ``"compiled"``).
+        tape: Bytes one step's kernel record holds (the fused path's tapes; 0 elsewhere).
     """
 
     state: int
     graph: int
     kernel: str
+    tape: int = 0
 
     @property
     def working_set(self) -> int:
@@ -85,7 +87,7 @@ def predict_peak(memory: AbstractMemory | None, n: int, cost: StepCost,
     if memory is None:
         return n * (g + s) + w
     if isinstance(memory, Store):
-        return (n + 1) * s + w
+        return (n + 1) * s + (n * cost.tape if memory.tapes else 0) + w
     if isinstance(memory, Checkpoint):
         seg, graphs = _checkpoint_segment(memory, n, cost)
         return -(-n // seg) * s + seg * (s + (g if graphs else 0)) + w
@@ -224,6 +226,9 @@ class Auto(AbstractMemory):
         else:
             candidates = [(Store(), f"every state stored (the {cost.kernel} kernel's VJPs)"),
                           (Checkpoint(), "checkpoint segments recomputed")]
+            if cost.tape > 0:
+                candidates.insert(0, (Store(tapes=True), "every state and every step's fused "
+                                      "tapes stored (no gradient evaluated twice)"))
         for memory, what in candidates:
             ok, peak = fits(memory)
             if ok:
@@ -250,7 +255,8 @@ class Auto(AbstractMemory):
         state = z0.numel() * z0.element_size()
         kernel = flow.choice.name
         if kernel != "autograd" or flow.n_steps < 1:
-            return StepCost(state, 0, kernel), z0, z0, None
+            record = flow.tape_numel() * z0.element_size()
+            return StepCost(state, 0, kernel, record), z0, z0, None
         z1, tape = flow.tape_step(z0, 0)
         return StepCost(state, tape.nbytes(), kernel), z0, z1, tape
 
@@ -290,7 +296,8 @@ def memory_lines(flow: FlowContext, memory: AbstractMemory) -> list[str]:
     cost = StepCost(state, tape.nbytes(), kernel)
     del tape
     # Auto weighs graphs only where the VJPs use them (what its forward pass measures).
-    seen = cost if kernel == "autograd" else StepCost(state, 0, kernel)
+    seen = cost if kernel == "autograd" else StepCost(
+        state, 0, kernel, flow.tape_numel() * z0.element_size())
     n, mib = flow.n_steps, 2**20
     if isinstance(memory, Auto):
         chosen, taped, reason = Auto.choose(n, seen, memory.budget_bytes(flow.theta.device))
