@@ -189,9 +189,6 @@ def _captured(objective: Objective, theta: Tensor, first: Sequence[Tensor], o: F
     adjoint, scope = o.adjoint, o.scope or StepScope()
     if not isinstance(adjoint, AbstractSweepAdjoint):
         return [], False, Watched()  # autograd's own adjoints see everything themselves
-    one = [d[0] for d in first] if n_tasks is not None else list(first)
-    with scope():
-        watched = Watched.of(read_tensors(objective.loss, theta, one))
     u_at = theta if n_tasks is None else theta.expand(n_tasks, *theta.shape)
     # A random loss (dropout) is replayed step by step under the discrete adjoint's exact
     # strategies; elsewhere (implicit, backsolve) it is refused.
@@ -200,10 +197,15 @@ def _captured(objective: Objective, theta: Tensor, first: Sequence[Tensor], o: F
     out_flag = random_flag if replay else None
     fused = objective.fused
     head = None if fused is None or o.batches is not None else fused.head(u_at.detach(), first)
-    if head is not None:  # the fused MLP: only its loss on the prediction can capture
+    if head is not None:  # the fused MLP: only its loss on the prediction reads or captures
         pred, loss_of_pred = head
+        watched = Watched.of(read_tensors(lambda p, *rest: loss_of_pred(p, rest), pred,
+                                          first[1:]))
         captured = captured_leaves(loss_of_pred, pred, first[1:], random_out=out_flag)
     else:
+        one = [d[0] for d in first] if n_tasks is not None else list(first)
+        with scope():
+            watched = Watched.of(read_tensors(objective.loss, theta, one))
         with scope():  # the loss as the steps evaluate it
             captured = captured_leaves(objective.total, u_at, first if o.batches is None
                                        else lambda: o.batches(0),  # type: ignore[misc]
