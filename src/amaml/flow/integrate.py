@@ -197,13 +197,15 @@ def _captured(objective: Objective, theta: Tensor, first: Sequence[Tensor], o: F
     out_flag = random_flag if replay else None
     fused = objective.fused
     head = None if fused is None or o.batches is not None else fused.head(u_at.detach(), first)
+    one = [d[0] for d in first] if n_tasks is not None else list(first)
     if head is not None:  # the fused MLP: only its loss on the prediction reads or captures
         pred, loss_of_pred = head
-        watched = Watched.of(read_tensors(lambda p, *rest: loss_of_pred(p, rest), pred,
-                                          first[1:]))
+        single = head if n_tasks is None else fused.head(theta.detach(), one)  # type: ignore[union-attr]
+        assert single is not None
+        watched = Watched.of(read_tensors(lambda p, *rest: single[1](p, rest), single[0],
+                                          one[1:]))
         captured = captured_leaves(loss_of_pred, pred, first[1:], random_out=out_flag)
     else:
-        one = [d[0] for d in first] if n_tasks is not None else list(first)
         with scope():
             watched = Watched.of(read_tensors(objective.loss, theta, one))
         with scope():  # the loss as the steps evaluate it

@@ -179,6 +179,7 @@ class CompiledKernel(AbstractKernel):
         super().__init__(spec)
         self.fns = _functions(spec, reads)
         self.fallback = fallback
+        self._memo: tuple[Reads, tuple[Any, ...]] | None = None
 
     @classmethod
     def supports(cls, spec: FlowSpec, need: Sequence[bool]) -> str | None:
@@ -196,12 +197,19 @@ class CompiledKernel(AbstractKernel):
         return self, None
 
     def _args(self, k: int, z: Tensor, reads: Reads) -> tuple[Tensor, tuple[Any, ...]]:
-        r = reads.at(k)
+        """Step ``k`` as a 0-d tensor and ``(theta, lr, mu, *hyper, *data)`` detached (made
+        once for all steps where nothing varies by step)."""
         kt = torch.tensor(float(k), dtype=z.dtype, device=z.device)
+        memo = self._memo
+        if memo is not None and memo[0] is reads:
+            return kt, memo[1]
+        r = reads.at(k)
         hyper = tuple(t.detach() for t in reads.hyper)
         mu = None if r.mu is None else r.mu.detach()
-        return kt, (r.theta.detach(), r.lr.detach(), mu, *hyper,
-                    *(d.detach() for d in r.data))
+        args = (r.theta.detach(), r.lr.detach(), mu, *hyper, *(d.detach() for d in r.data))
+        if not reads.per_step and reads.batches is None:
+            self._memo = (reads, args)
+        return kt, args
 
     def step(self, k: int, z: Tensor, reads: Reads, record: list[Any] | None = None) -> Tensor:
         if not self.fns.failed:
