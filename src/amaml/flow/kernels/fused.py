@@ -27,7 +27,7 @@ class _Oracle:
 
     def __init__(self, fused: AbstractFusedLoss, r: StepReads, need: Sequence[bool],
                  recorded: list[Any] | None, own_data: bool) -> None:
-        # r holds detached leaves (FusedKernel.leaves), a schedule's batch as it comes
+        # r: detached leaves (FusedKernel.vjp), or a schedule's batch as it comes
         self.fused = fused
         self.data = r.data if own_data else [d.detach() for d in r.data]
         self.theta, self.mu = r.theta, r.mu
