@@ -1,12 +1,6 @@
-"""The fused MLP path: a multilayer perceptron's loss with its own derivatives.
-
-On the small models of meta-learning every autograd op is dispatch-bound: a Hessian-vector
-product by double backward through ``torch.func.functional_call`` costs about three
-gradients, mostly in graph construction, module traversal and tiny view ops (profiles in
-``benchmarks/README.md``). A loss that knows its own structure can do without: an
-:class:`AbstractFusedLoss` gives the gradient ``g(u)`` and the Hessian-vector product
-``H(u) v`` directly, and the fused kernel (:mod:`amaml.flow.kernels.fused`) then takes each
-step, and transposes it, without autograd.
+"""The fused MLP path: a multilayer perceptron's loss with its own derivatives
+(an :class:`~amaml.flow.fused.AbstractFusedLoss`, which the fused kernel steps and transposes
+without autograd graphs through the model).
 
 :class:`MLPLoss` is such a loss for a multilayer perceptron: ``Linear`` layers and
 elementwise activations (tanh, ReLU, sigmoid, identity) on a flat parameter vector. Its

@@ -115,21 +115,16 @@ def _adam_update_vjp(k: int, x: Update, lam_u: Tensor, lam_bufs: list[Tensor], n
 
 
 @dataclass(frozen=True)
-class Adam(AbstractInnerOptimizer):
-    """``torch.optim.Adam`` with bias correction; ``weight_decay`` is L2 (added to ``g``).
-
-    ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2`` (``t = k + 1``),
-    ``u' = u - lr / (1 - b1^t) * m' / (sqrt(v') / sqrt(1 - b2^t) + eps)``; ``amsgrad``
-    uses ``max(v_max, v')`` in place of ``v'``. Finite and exact where ``v' = 0`` (see the
-    module's note on :func:`sqrt0`).
-    """
+class _AdamRule(AbstractInnerOptimizer):
+    """Adam's fields, checks, update and transpose; :class:`Adam` and :class:`AdamW` differ
+    in the weight decay (``decoupled``) and its default."""
 
     betas: tuple[Hyper, Hyper] = (0.9, 0.999)
     eps: Hyper = 1e-8
     weight_decay: Hyper = 0.0
     amsgrad: bool = False
-    name: ClassVar[str] = "adam"
     hyper_fields: ClassVar[tuple[str, ...]] = ("betas", "eps", "weight_decay")
+    decoupled: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_betas(self, self.betas)
@@ -145,7 +140,7 @@ class Adam(AbstractInnerOptimizer):
 
     def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                h: Mapping[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
-        u, g = _decayed(u, g, lr, h["weight_decay"], False)
+        u, g = _decayed(u, g, lr, h["weight_decay"], self.decoupled)
         direction, new, bc1 = _adam_direction(k, bufs, g, h, self.amsgrad)
         return u - (lr / bc1) * direction, new
 
@@ -153,38 +148,29 @@ class Adam(AbstractInnerOptimizer):
                    need_lr: bool) -> UpdateVJP | None:
         if self.amsgrad:
             return None
-        return _adam_update_vjp(k, x, lam_u, lam_bufs, need_lr, False)
+        return _adam_update_vjp(k, x, lam_u, lam_bufs, need_lr, self.decoupled)
 
 
 @dataclass(frozen=True)
-class AdamW(AbstractInnerOptimizer):
+class Adam(_AdamRule):
+    """``torch.optim.Adam`` with bias correction; ``weight_decay`` is L2 (added to ``g``).
+
+    ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2`` (``t = k + 1``),
+    ``u' = u - lr / (1 - b1^t) * m' / (sqrt(v') / sqrt(1 - b2^t) + eps)``; ``amsgrad``
+    uses ``max(v_max, v')`` in place of ``v'``. Finite and exact where ``v' = 0`` (see the
+    module's note on :func:`sqrt0`).
+    """
+
+    name: ClassVar[str] = "adam"
+
+
+@dataclass(frozen=True)
+class AdamW(_AdamRule):
     """``torch.optim.AdamW``: Adam with decoupled weight decay (default 0.01).
 
     ``u <- u (1 - lr wd)``, then Adam's step without L2 term.
     """
 
-    betas: tuple[Hyper, Hyper] = (0.9, 0.999)
-    eps: Hyper = 1e-8
     weight_decay: Hyper = 0.01
-    amsgrad: bool = False
     name: ClassVar[str] = "adamw"
-    hyper_fields: ClassVar[tuple[str, ...]] = ("betas", "eps", "weight_decay")
-
-    def __post_init__(self) -> None:
-        Adam.__post_init__(self)  # type: ignore[arg-type]  # same fields, same checks
-
-    @property
-    def n_buffers(self) -> int:
-        return 3 if self.amsgrad else 2
-
-    def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
-               h: Mapping[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
-        u, g = _decayed(u, g, lr, h["weight_decay"], True)
-        direction, new, bc1 = _adam_direction(k, bufs, g, h, self.amsgrad)
-        return u - (lr / bc1) * direction, new
-
-    def update_vjp(self, k: int, x: Update, lam_u: Tensor, lam_bufs: list[Tensor],
-                   need_lr: bool) -> UpdateVJP | None:
-        if self.amsgrad:
-            return None
-        return _adam_update_vjp(k, x, lam_u, lam_bufs, need_lr, True)
+    decoupled: ClassVar[bool] = True
