@@ -40,6 +40,7 @@ from .modelscope import (
 )
 from .params import FlatModel
 from .support import check_support, schedule
+from .taskrace import race, race_key
 
 _LOG = logging.getLogger("amaml")
 
@@ -132,6 +133,10 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, o: _Options) -> _Plan:
     adjoint, batched, compile, batch_norm = o.adjoint, o.batched, o.compile, o.batch_norm
     optimizer, tasks = o.optimizer, o.tasks
     flat = FlatModel(model)
+    if flat.params and flat.params[0].device.type == "cpu":
+        # Keep freed memory for reuse (AMAML_MALLOC=system: no), before anything is
+        # measured here (the memory model's step 0, adapt_batch's race).
+        tune_cpu_allocator_once()
     forward = model_forward(model, batch_norm)  # ValueError naming batch_norm
     opt = resolve_optimizer(optimizer)  # ValueError naming the registered names
     batches = None
@@ -213,6 +218,19 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, o: _Options) -> _Plan:
                                      f"exactly: {why}. Use tasks='auto' (a loop of tasks "
                                      "where batching is not exact) or tasks='loop'.")
                 loop, how = True, f"tasks one after another ({why})"
+        compiled = isinstance(adj, DiscreteAdjoint) and compile_mode(adj.compile) is not None
+        if tasks == "auto" and not loop and fused is None and not compiled:
+            # Batched or a loop of tasks: whichever one step measures faster here, measured
+            # once per model shape (amaml.taskrace; compiled steps keep the batched form).
+            form = "folded into channels" if folded is not None else "batched by vmap"
+            with scope():
+                won = race(race_key(model, theta, first, form), loss,
+                           folded if folded is not None else loss, theta, first)
+            if won.loop:
+                folded, loop = None, True
+                how = f"tasks one after another (faster than {form}: {won.describe(form)})"
+            else:
+                how = f"{how}; {won.describe(form)}"
         chosen = fused if fused is not None else (None if loop else folded)
         path += f"; {how}"
     dt, per_step = flat.flat_lr(lr, theta, steps)
@@ -224,8 +242,6 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, o: _Options) -> _Plan:
 def _adapt(model: nn.Module, loss_fn: LossFn, data: Any, o: _Options) -> Params:
     plan = _plan(model, loss_fn, data, o)
     batched = o.batched
-    if plan.theta.device.type == "cpu":  # keep freed memory for reuse (AMAML_MALLOC=system: no)
-        tune_cpu_allocator_once()
 
     def flow(first: Sequence[Tensor], batches: Any, batched: bool) -> Tensor:
         return plan.adjoint.solve(flow_context(plan.loss, plan.theta,
@@ -402,14 +418,17 @@ def adapt_batch(
     leading task dimension ``B``. Evaluate query losses with :func:`functional_call_batch`.
     Gradients with respect to the model's parameters sum over tasks.
 
-    ``tasks`` says how the ``B`` tasks are computed, the same numbers either way:
-    ``"auto"`` (default) or ``"batched"``: one batched computation, the fused MLP's own, a
-    chain of Conv2d / BatchNorm2d / pooling / activations / Flatten / Linear with the
-    tasks folded into channels (one grouped convolution per layer, no copies of the
-    activations between layers, :mod:`amaml.folded`), any other model under
-    ``torch.func.vmap``; ``"loop"``: one task after another, as :func:`adapt` on each
-    (a smaller working set, which can pay on a CPU shared with other processes).
-    :func:`explain` (``batched=True``) says which.
+    ``tasks`` says how the ``B`` tasks are computed, the same numbers either way (to
+    round-off): ``"batched"``: one batched computation, the fused MLP's own, a chain of
+    Conv2d / BatchNorm2d / pooling / activations / Flatten / Linear with the tasks folded
+    into channels (one grouped convolution per layer, no copies of the activations
+    between layers, :mod:`amaml.folded`), any other model under ``torch.func.vmap``;
+    ``"loop"``: one task after another, as :func:`adapt` on each (a smaller working set);
+    ``"auto"`` (default): the fused MLP batched; otherwise whichever of the two one step
+    measures faster for this model, shapes and device (measured at the first call and
+    cached, :mod:`amaml.taskrace`; on a CPU a vmapped ResNet-18 step takes longer than a
+    loop of its tasks, a folded Conv-4 less), and the loop wherever batching would not be
+    exact. :func:`explain` (``batched=True``) says which and gives the figures.
 
     ``batch_norm`` is as in :func:`adapt`: with ``"batch"`` (default) each task's
     BatchNorm statistics are those of its own support batch, exactly as :func:`adapt` on

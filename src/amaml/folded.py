@@ -230,8 +230,9 @@ def batch_plan(flat: FlatModel, loss_fn: LossFn, x: Any, single: Callable[..., T
 
     ``tasks="auto"`` or ``"batched"``: the fused MLP batches its tasks itself, a
     convolutional chain folds them into channels (:class:`FoldedLoss`), any other model
-    batches them with :func:`torch.func.vmap`. ``"loop"``: one task after another, as
-    :func:`amaml.adapt` on each (on Conv-4 with BatchNorm, 4 tasks, checkpoint, N = 10,
+    batches them with :func:`torch.func.vmap` (under ``"auto"``, :func:`amaml.adapt_batch`
+    then races that against a loop, :mod:`amaml.taskrace`). ``"loop"``: one task after
+    another, as :func:`amaml.adapt` on each (on Conv-4 with BatchNorm, 4 tasks, checkpoint, N = 10,
     paired whole-process runs on an idle CPU: folded 0.96x the loop's time, vmap 1.01x;
     under load from other processes the loop was faster, its working set being one
     task's; ``benchmarks/README.md``).
