@@ -233,6 +233,9 @@ class MLPLoss(AbstractFusedLoss):
     # ------------------------------------------------------------------ derivatives
 
     def _loss_grad(self, pred: Tensor, y: Tensor, batched: bool) -> Tensor:
+        own = _closed_form(self.loss_fn, pred, y, batched, None)
+        if own is not None:
+            return own[0]
         with torch.enable_grad():
             p = pred.detach().requires_grad_(True)
             total = self._loss_total(p, y, batched)
@@ -338,17 +341,22 @@ class MLPLoss(AbstractFusedLoss):
                     r_h = _act_backward(lay.act, r_h, fwd[j])
                 r_tape.append(r_h)
         # The loss on the output: its gradient e and e's derivative along R(output).
-        with torch.enable_grad():
-            p = pred.detach().requires_grad_(True)
-            total = self._loss_total(p, y, batched)
-            e = _autograd_grad(total, p, create_graph=True) if total.requires_grad else None
-            if e is None:
-                raise ValueError("The loss does not depend on the prediction: it has no "
-                                 "gradient.")
-            r_e = None
-            if e.requires_grad and r_h is not None:
-                r_e = _autograd_grad(e, p, r_h)
-        e = e.detach()
+        own = _closed_form(self.loss_fn, pred, y, batched, r_h)
+        if own is not None:
+            e, r_e = own
+        else:
+            with torch.enable_grad():
+                p = pred.detach().requires_grad_(True)
+                total = self._loss_total(p, y, batched)
+                e = (_autograd_grad(total, p, create_graph=True) if total.requires_grad
+                     else None)
+                if e is None:
+                    raise ValueError("The loss does not depend on the prediction: it has no "
+                                     "gradient.")
+                r_e = None
+                if e.requires_grad and r_h is not None:
+                    r_e = _autograd_grad(e, p, r_h)
+            e = e.detach()
         r_d = torch.zeros_like(e) if r_e is None else r_e
         # Backward pass (its cotangents from the tape when given) and its R-derivative,
         # written into flat buffers.
@@ -396,6 +404,35 @@ class MLPLoss(AbstractFusedLoss):
         if want_x and x_bar is None:  # the first layer is an activation: not a chain we fuse
             raise ValueError("hvp_input needs an MLP whose first layer is linear.")
         return g_buf, h_buf, x_bar
+
+
+def _closed_form(loss_fn: LossFn, pred: Tensor, y: Tensor, batched: bool, r: Tensor | None
+                 ) -> tuple[Tensor, Tensor | None] | None:
+    """``(e, R(e))``: the gradient of the summed task losses in the prediction and its
+    derivative along ``r``, written out for ``F.cross_entropy`` (class indices, mean) and
+    ``F.mse_loss`` (mean) called with their defaults; ``None`` for any other loss (autograd
+    then). Three autograd calls a step fewer on the fused path: on the distillation
+    example's MLP (N = 10) about a tenth of a meta-gradient's time."""
+    if pred.requires_grad or y.requires_grad or not pred.is_floating_point():
+        return None
+    points = pred.shape[-2] if pred.ndim >= 2 else 1
+    if loss_fn is F.cross_entropy:
+        if (pred.ndim != 2 + batched or y.shape != pred.shape[:-1]
+                or y.dtype != torch.int64 or bool((y < 0).any())):
+            return None  # probabilities, extra dimensions, ignore_index: autograd's
+        s = torch.softmax(pred, -1)
+        e = s.scatter_add(-1, y.unsqueeze(-1).long(),
+                          torch.full_like(s[..., :1], -1.0)).div_(points)
+        if r is None:
+            return e, None
+        sr = s * r
+        return e, sr.sub_(s * sr.sum(-1, keepdim=True)).div_(points)
+    if loss_fn is F.mse_loss:
+        if y.shape != pred.shape or y.dtype != pred.dtype:
+            return None  # broadcasting: autograd's
+        n = pred[0].numel() if batched else pred.numel()
+        return (pred - y).mul_(2.0 / n), None if r is None else r * (2.0 / n)
+    return None
 
 
 @dataclass
