@@ -140,6 +140,8 @@ class MLPLoss(AbstractFusedLoss):
         if not any(lay.act is None for lay in self.layers):
             raise ValueError("An MLPLoss needs at least one linear layer.")
         self.loss_fn = loss_fn
+        # torch's own cross-entropy and MSE with their defaults read nothing else
+        self.reads_only_data = loss_fn is F.cross_entropy or loss_fn is F.mse_loss
         shapes: list[tuple[int, ...]] = []
         for lay in self.layers:
             if lay.act is None:

@@ -64,6 +64,10 @@ class AbstractFusedLoss(abc.ABC):
     #: Whether :meth:`hvp_input` is implemented.
     input_grad: bool = False
 
+    #: Whether the loss reads no tensor besides ``u`` and the data and draws no random
+    #: numbers (then nothing is searched for captured meta-parameters or watched).
+    reads_only_data: bool = False
+
     def cache_key(self) -> Any:
         """A hashable key of everything the loss computes besides its tensors (compiled
         kernels are shared between losses with equal keys), or ``None``."""

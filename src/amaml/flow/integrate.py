@@ -196,6 +196,8 @@ def _captured(objective: Objective, theta: Tensor, first: Sequence[Tensor], o: F
     random_flag: list[bool] = []
     out_flag = random_flag if replay else None
     fused = objective.fused
+    if fused is not None and fused.reads_only_data and o.batches is None:
+        return list(o.meta_parameters), False, Watched()
     head = None if fused is None or o.batches is not None else fused.head(u_at.detach(), first)
     one = [d[0] for d in first] if n_tasks is not None else list(first)
     if head is not None:  # the fused MLP: only its loss on the prediction reads or captures
