@@ -117,35 +117,38 @@ class Revolve(AbstractMemory):
         u0 = flow.initial_state()
         kept = u0.new_empty((1, *u0.shape))
         kept[0].copy_(u0)
-        # The snapshots are separate tensors, held in the flow's carry until the sweep
-        # takes them: each dies when the recursion level that uses it returns. Rows of the
-        # one kept tensor would stay alive (saved for backward) through the whole sweep while
-        # the recursion allocates new states beside them: up to twice ``snapshots + 1``
-        # states (issue 25).
-        ready: dict[int, Tensor] = {}
+        # The snapshots live in fixed slots, allocated once: each state the schedule holds
+        # is copied into a free slot, and its slot is freed when the recursion level that
+        # uses it returns. States allocated one by one as the schedule goes would leave
+        # holes of a state's size in the heap that the next, differently sized
+        # allocations only partly refill: the process grew to 1.5x the states the
+        # schedule holds (the million-parameter MLP, N = 1000; issue 25).
+        slots = _Slots(u0, min(self.snapshots, max(flow.n_steps - 1, 1)))
+        ready: dict[int, int] = {}
         u, k = kept[0], 0
         for m in where:
             u, _ = flow.integrate(u, k, m)
-            ready[m], k = u, m
+            ready[m] = slots.take(u)
+            u, k = slots.rows[ready[m]], m
         u_end, _ = flow.integrate(u, k, flow.n_steps)
-        flow.carry["revolve_ready"] = ready
+        flow.carry["revolve_ready"] = (slots, ready)
         return u_end, kept
 
     def sweep(self, flow: FlowContext, kept: Tensor, lam: Tensor) -> Tensor:
         stats = flow.stats
         # The snapshots the forward pass placed, by step: used (once) by the first descent.
         # A second backward pass through the same result finds none and recomputes them.
-        ready = flow.carry.pop("revolve_ready", {})
+        slots, ready = flow.carry.pop("revolve_ready", (None, {}))
+        if slots is None:
+            slots = _Slots(kept[0], min(self.snapshots, max(flow.n_steps - 1, 1)))
         held = [1]  # states alive now: u0 (the caller's), then one per open recursion level
         # The cotangent lives in one box, not in the recursion's frames: a frame that passed
         # ``lam`` down would otherwise keep that stale vector alive until it returns.
         box = [lam]
 
-        def advance(u: Tensor, start: int, stop: int) -> Tensor:
+        def recompute(u: Tensor, start: int, stop: int) -> Tensor:
             if stop == start:
                 return u
-            if stop in ready:
-                return ready.pop(stop)
             stats.recomputed_steps += stop - start
             u_stop, _ = flow.integrate(u, start, stop)
             return u_stop
@@ -158,7 +161,7 @@ class Revolve(AbstractMemory):
             while b - a > 1 and free == 0:  # no room: recompute each state from u_a
                 held[0] += 1
                 stats.peak_states = max(stats.peak_states, held[0])
-                vjp(advance(u_a, a, b - 1), b - 1)
+                vjp(recompute(u_a, a, b - 1), b - 1)
                 held[0] -= 1
                 b -= 1
             if b - a == 1:
@@ -167,7 +170,9 @@ class Revolve(AbstractMemory):
             m = self._split(a, b, free)
             held[0] += 1
             stats.peak_states = max(stats.peak_states, held[0])
-            reverse(m, advance(u_a, a, m), b, free - 1)  # u_m dies when this returns
+            slot = ready.pop(m) if m in ready else slots.take(recompute(u_a, a, m))
+            reverse(m, slots.rows[slot], b, free - 1)
+            slots.release(slot)  # u_m's slot is free again
             held[0] -= 1
             reverse(a, u_a, m, free)
 
@@ -175,3 +180,20 @@ class Revolve(AbstractMemory):
         del lam
         reverse(0, kept[0], flow.n_steps, self.snapshots)
         return box[0]
+
+
+class _Slots:
+    """``n`` states' room, allocated at once; :meth:`take` copies a state into a free slot
+    and returns its index, :meth:`release` frees it."""
+
+    def __init__(self, like: Tensor, n: int) -> None:
+        self.rows = like.new_empty((n, *like.shape))
+        self.free = list(range(n - 1, -1, -1))
+
+    def take(self, u: Tensor) -> int:
+        i = self.free.pop()
+        self.rows[i].copy_(u)
+        return i
+
+    def release(self, i: int) -> None:
+        self.free.append(i)
