@@ -36,3 +36,44 @@ def test_adapt_tunes_the_allocator_once(monkeypatch: pytest.MonkeyPatch) -> None
     for _ in range(2):
         amaml.adapt(net, torch.nn.functional.mse_loss, (x, y), steps=2, lr=0.1)
     assert calls == [1]
+
+
+def _thp_flag(addr: int) -> bool | None:
+    """Whether the mapping holding ``addr`` is advised for huge pages (``hg`` in its
+    VmFlags), from /proc/self/smaps; ``None`` if not found."""
+    current = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                current = lo <= addr < hi
+            elif current and line.startswith("VmFlags:"):
+                return "hg" in line.split()
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux madvise")
+def test_huge_pages_advises_large_buffers_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from amaml import allocator
+
+    monkeypatch.delenv("AMAML_MALLOC", raising=False)
+    allocator._madvise.cache_clear()
+    big = torch.empty(80 << 20, dtype=torch.uint8)  # 80 MiB
+    assert allocator.huge_pages(big) is big
+    inside = -(-big.data_ptr() // (2 << 20)) * (2 << 20) + (4 << 20)
+    if _thp_flag(inside) is None:
+        pytest.skip("no smaps entry")
+    assert _thp_flag(inside) is True
+    big.fill_(7)  # the memory is usable as before
+    assert int(big[::1 << 20].sum()) == 7 * 80
+    small = torch.ones(1000)
+    assert allocator.huge_pages(small) is small
+    monkeypatch.setenv("AMAML_MALLOC", "system")
+    allocator._madvise.cache_clear()
+    other = torch.empty(80 << 20, dtype=torch.uint8)
+    allocator.huge_pages(other)
+    assert not _thp_flag(-(-other.data_ptr() // (2 << 20)) * (2 << 20) + (4 << 20))
+    allocator._madvise.cache_clear()

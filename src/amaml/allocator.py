@@ -31,8 +31,9 @@ import sys
 from typing import Any
 
 import torch
+from torch import Tensor
 
-__all__ = ["free_bytes", "tune_cpu_allocator", "tune_cpu_allocator_once"]
+__all__ = ["free_bytes", "huge_pages", "tune_cpu_allocator", "tune_cpu_allocator_once"]
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -63,6 +64,41 @@ def tune_cpu_allocator() -> str | None:
 
 
 _TUNED: list[str | None] = []
+
+_MADV_HUGEPAGE = 14  # Linux madvise advice
+_HUGE = 2 << 20  # a transparent huge page on x86-64 and arm64
+_HUGE_MIN_BYTES = 64 << 20
+
+
+def huge_pages(t: Tensor) -> Tensor:
+    """Ask Linux to back the fresh CPU tensor ``t`` (at least 64 MiB) with transparent huge
+    pages where the kernel allows it (``madvise``): its first writes then fault one 2 MiB
+    page at a time instead of 512 small ones. The memory strategies call it on the buffers
+    that hold many kept states: a store meta-gradient on ResNet-18 at N = 100 writes 13 GB
+    of fresh states, and faulting them was a fifth of its wall time. Returns ``t``; does
+    nothing elsewhere (CUDA, not Linux, ``AMAML_MALLOC=system``, a kernel without THP)."""
+    if t.device.type != "cpu" or t.numel() * t.element_size() < _HUGE_MIN_BYTES:
+        return t
+    madvise = _madvise()
+    if madvise is not None:
+        start = -(-t.data_ptr() // _HUGE) * _HUGE
+        end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE * _HUGE
+        if end > start:
+            madvise(start, end - start, _MADV_HUGEPAGE)  # advice: a failure changes nothing
+    return t
+
+
+@functools.cache
+def _madvise() -> Any:
+    if os.environ.get("AMAML_MALLOC", "").lower() == "system" or not sys.platform.startswith(
+            "linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
 
 
 def tune_cpu_allocator_once() -> str | None:

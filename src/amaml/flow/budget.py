@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..allocator import huge_pages
 from .errors import DivergenceError
 from .loop import AutogradTape, FlowContext
 from .memory import AbstractMemory, recomputed_segment, taped_segment
@@ -116,7 +117,7 @@ def budget_forward(flow: FlowContext, z0: Tensor, z1: Tensor, tape0: AutogradTap
         graphs = taped > 0 and flow.choice.name == "autograd"
         every = taped if graphs else max(1, math.isqrt(start - 1) + 1)
         n_ckpt = -(-start // every)
-        kept = z0.new_empty((n_ckpt + 1, *z0.shape))
+        kept = huge_pages(z0.new_empty((n_ckpt + 1, *z0.shape)))
         kept[0].copy_(z0)
         z, _ = flow.integrate(z1, 1, min(every, start))
         if every < start:

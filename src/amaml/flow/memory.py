@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..allocator import huge_pages
 from .errors import BacksolveError
 from .loop import AutogradTape, FlowContext
 from .reads import THETA
@@ -103,7 +104,7 @@ class Store(AbstractMemory):
         u0 = flow.initial_state()
         # Written in place into one buffer: the peak is N + 1 states, not twice that
         # (a list of states then ``torch.stack``).
-        states = u0.new_empty((flow.n_steps + 1, *u0.shape))
+        states = huge_pages(u0.new_empty((flow.n_steps + 1, *u0.shape)))
         tapes: list[Any] | None = [] if self.tapes and flow.tape_numel() > 0 else None
         u_end, _ = flow.integrate(u0, keep_every=1, out=states, tapes=tapes)
         states[-1].copy_(u_end)
@@ -193,7 +194,7 @@ class Checkpoint(AbstractMemory):
         u0, n = flow.initial_state(), flow.n_steps
         if self.every is not None or n < 2 or not self.graphs(flow):
             every = self.segment(n)
-            ckpts = u0.new_empty((-(-n // every), *u0.shape))
+            ckpts = huge_pages(u0.new_empty((-(-n // every), *u0.shape)))
             u_end, _ = flow.integrate(u0, keep_every=every, out=ckpts)
             flow.carry["checkpoint_every"] = every
             return u_end, ckpts
@@ -209,7 +210,7 @@ class Checkpoint(AbstractMemory):
         every = (self.every if self.every is not None else
                  self.taped_segment(n, u0.numel() * u0.element_size(), tape.nbytes()))
         del tape
-        ckpts = u0.new_empty((-(-n // every), *u0.shape))
+        ckpts = huge_pages(u0.new_empty((-(-n // every), *u0.shape)))
         ckpts[0].copy_(u0)
         u, _ = flow.integrate(u1, 1, min(every, n))  # checks its last state (n >= 2)
         if every < n:

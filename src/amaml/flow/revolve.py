@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from ..allocator import huge_pages
 from .loop import FlowContext
 from .memory import AbstractMemory
 
@@ -187,7 +188,7 @@ class _Slots:
     and returns its index, :meth:`release` frees it."""
 
     def __init__(self, like: Tensor, n: int) -> None:
-        self.rows = like.new_empty((n, *like.shape))
+        self.rows = huge_pages(like.new_empty((n, *like.shape)))
         self.free = list(range(n - 1, -1, -1))
 
     def take(self, u: Tensor) -> int:
