@@ -350,12 +350,12 @@ class MLPLoss(AbstractFusedLoss):
             with torch.enable_grad():
                 p = pred.detach().requires_grad_(True)
                 total = self._loss_total(p, y, batched)
-                e = (_autograd_grad(total, p, create_graph=True) if total.requires_grad
-                     else None)
-                if e is None:
+                e_or = (_autograd_grad(total, p, create_graph=True) if total.requires_grad
+                        else None)
+                if e_or is None:
                     raise ValueError("The loss does not depend on the prediction: it has no "
                                      "gradient.")
-                r_e = None
+                e, r_e = e_or, None
                 if e.requires_grad and r_h is not None:
                     r_e = _autograd_grad(e, p, r_h)
             e = e.detach()
