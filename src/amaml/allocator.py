@@ -11,7 +11,8 @@ system time, and 19.0 s (1.1 s system, 0.66x) with freed memory kept for reuse, 
 resident memory 1.03 -> 1.50 GB.
 :func:`tune_cpu_allocator` sets that (``mallopt``: allocations up to 1 GiB from the heap,
 freed memory given back only above 1 GiB); the ``amaml`` command calls it at start, and
-:func:`amaml.adapt` / :func:`amaml.adapt_batch` at their first call on a CPU model (a
+:func:`amaml.adapt` / :func:`amaml.adapt_batch` / :func:`amaml.explain` at their first call
+on a CPU model, before they measure anything (a
 ResNet-18 meta-gradient with Adam, N = 10, one thread: 29.6 s with 61% system time, 14.3 s
 with 40%); ``AMAML_MALLOC=system`` leaves the allocator as it is. A program can call it
 itself before it allocates, or export ``MALLOC_MMAP_THRESHOLD_=1073741824
