@@ -61,9 +61,10 @@ class Race(NamedTuple):
 
 def race_key(model: nn.Module, theta: Tensor, data: Sequence[Tensor], form: str
              ) -> Hashable:
-    """What a race's result depends on: the model's module types in order, the flat
-    parameters' and the data's shapes, dtypes and device, and the batched form."""
-    modules = tuple(type(m).__qualname__ for m in model.modules())
+    """What a race's result depends on: the model's modules in order (type and settings:
+    a convolution's stride is in its ``extra_repr``), the flat parameters' and the data's
+    shapes, dtypes and device, and the batched form."""
+    modules = tuple((type(m).__qualname__, m.extra_repr()) for m in model.modules())
     tensors = tuple((tuple(t.shape), t.dtype, t.device) for t in (theta, *data))
     return modules, tensors, form
 
