@@ -7,8 +7,8 @@ Prints the amaml source files entered (1) from the memory strategy's forward pas
 first Adam update runs and (2) during one step's VJP, from ``FlowContext.vjp`` until it
 returns; consecutive frames of one file are collapsed; ``returns`` counts re-entries of a file
 already left. The "seam" lines leave out the step's own arithmetic (the step map, the loss
-and the model, the Reads bundle's accessors): what remains is the plumbing between the
-memory strategy and the kernel.
+and the model, the Reads bundle's accessors) and the memory advice on a strategy's buffer:
+what remains is the plumbing between the memory strategy and the kernel.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def trace(start_names, stop):
 
 MATH = ("flow/step_maps/", "flow/reads.py", "flow/objective.py", "mlp.py", "api.py",
         "support.py", "params.py", "batchnorm.py",
+        # the memory advice on a strategy's buffer of kept states (amaml.allocator.huge_pages):
+        # a call into the operating system before the first step, not a step's route
+        "allocator.py",
         # the same roles before the change: the step maps, the loss and its derivatives
         "flow/optimizers.py", "flow/solvers.py", "flow/hvp.py", "flow/fused.py")
 
