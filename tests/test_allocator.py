@@ -54,26 +54,29 @@ def _thp_flag(addr: int) -> bool | None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux madvise")
-def test_huge_pages_advises_large_buffers_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_huge_pages_advises_mapped_buffers_only(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from amaml import allocator
 
     monkeypatch.delenv("AMAML_MALLOC", raising=False)
     allocator._madvise.cache_clear()
-    big = torch.empty(80 << 20, dtype=torch.uint8)  # 80 MiB
+    big = torch.empty((1 << 30) + (8 << 20), dtype=torch.uint8)  # 1 GiB and 8 MiB
     assert allocator.huge_pages(big) is big
     inside = -(-big.data_ptr() // (2 << 20)) * (2 << 20) + (4 << 20)
     if _thp_flag(inside) is None:
         pytest.skip("no smaps entry")
     assert _thp_flag(inside) is True
-    big.fill_(7)  # the memory is usable as before
-    assert int(big[::1 << 20].sum()) == 7 * 80
+    big[::1 << 20].fill_(7)  # the memory is usable as before (a byte a MiB touched)
+    assert int(big[::1 << 20].sum()) == 7 * 1032
     small = torch.ones(1000)
     assert allocator.huge_pages(small) is small
+    heap = torch.empty(80 << 20, dtype=torch.uint8)  # below glibc's mmap threshold: no advice
+    allocator.huge_pages(heap)
+    assert not _thp_flag(-(-heap.data_ptr() // (2 << 20)) * (2 << 20) + (4 << 20))
     monkeypatch.setenv("AMAML_MALLOC", "system")
     allocator._madvise.cache_clear()
-    other = torch.empty(80 << 20, dtype=torch.uint8)
+    other = torch.empty((1 << 30) + (8 << 20), dtype=torch.uint8)
     allocator.huge_pages(other)
     assert not _thp_flag(-(-other.data_ptr() // (2 << 20)) * (2 << 20) + (4 << 20))
     allocator._madvise.cache_clear()

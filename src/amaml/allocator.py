@@ -68,13 +68,18 @@ _TUNED: list[str | None] = []
 
 _MADV_HUGEPAGE = 14  # Linux madvise advice
 _HUGE = 2 << 20  # a transparent huge page on x86-64 and arm64
-_HUGE_MIN_BYTES = 64 << 20
+# Buffers glibc maps afresh (the mmap threshold tune_cpu_allocator sets): smaller ones come
+# from the heap, whose pages a process that tuned the allocator reuses without a fault,
+# and there the advice cost more than it saved (the kernel compacting memory to find huge
+# pages: store at N = 10,000 on the distillation example's MLP, a 740 MB buffer, took 4.5 s
+# advised and 3.1 s not, two pairs of runs).
+_HUGE_MIN_BYTES = _MMAP_THRESHOLD
 
 
 def huge_pages(t: Tensor) -> Tensor:
-    """Ask Linux to back the fresh CPU tensor ``t`` (at least 64 MiB) with transparent huge
-    pages where the kernel allows it (``madvise``): its first writes then fault one 2 MiB
-    page at a time instead of 512 small ones. The memory strategies call it on the buffers
+    """Ask Linux to back the fresh CPU tensor ``t`` (at least 1 GiB: memory glibc maps anew
+    for it) with transparent huge pages where the kernel allows it (``madvise``): its first
+    writes then fault one 2 MiB page at a time instead of 512 small ones. The memory strategies call it on the buffers
     that hold many kept states: a store meta-gradient on ResNet-18 at N = 100 writes 13 GB
     of fresh states, and faulting them was a fifth of its wall time. Returns ``t``; does
     nothing elsewhere (CUDA, not Linux, ``AMAML_MALLOC=system``, a kernel without THP)."""
