@@ -30,7 +30,7 @@ from helpers import (
 
 import amaml
 from amaml.flow import Budget, Checkpoint, Revolve, Store
-from amaml.flow.auto import BUDGET_ENV, Auto, StepCost, predict_peak
+from amaml.flow.auto import BUDGET_ENV, TAPES_MAX_BYTES, Auto, StepCost, predict_peak
 
 TOL = 1e-10
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,10 +89,15 @@ def test_auto_choice_follows_the_budget() -> None:
     fused = StepCost(state=1 * MIB, graph=0, kernel="fused")
     assert isinstance(Auto.choose(n, fused, (10**12, "test"))[0], Store)
     assert isinstance(Auto.choose(n, fused, (30 * MIB, "test"))[0], Checkpoint)
-    # with the fused tapes: store them too while they fit, then store alone
-    taped = StepCost(state=1 * MIB, graph=0, kernel="fused", tape=2 * MIB)
+    # with the fused tapes: store them too while they fit (and total at most
+    # TAPES_MAX_BYTES), then store alone
+    taped = StepCost(state=1 * MIB, graph=0, kernel="fused", tape=MIB // 2)
+    assert n * taped.tape <= TAPES_MAX_BYTES
     assert Auto.choose(n, taped, (10**12, "test"))[0] == Store(tapes=True)
-    assert Auto.choose(n, taped, (200 * MIB, "test"))[0] == Store()
+    assert Auto.choose(n, taped, (130 * MIB, "test"))[0] == Store()
+    many = StepCost(state=1 * MIB, graph=0, kernel="fused", tape=2 * MIB)
+    assert n * many.tape > TAPES_MAX_BYTES
+    assert Auto.choose(n, many, (10**12, "test"))[0] == Store()
 
 
 def test_auto_choice_on_a_model() -> None:
