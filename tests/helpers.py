@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 DT = torch.float64
@@ -124,3 +125,21 @@ def unrolled_meta_grad_apply(apply, theta: dict[str, Tensor], loss_fn, x: Tensor
         u = [ui - lr * gi for ui, gi in zip(u, g)]
     grads = torch.autograd.grad(loss_fn(apply(dict(zip(names, u)), xq), yq), start)
     return torch.cat([g.reshape(-1) for g in grads])
+
+
+def unrolled_tasks_meta_grad(net: nn.Module, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor,
+                             wrt, steps: int, lr: float) -> Tensor:
+    """The flat gradient of the summed query cross-entropy of ``B`` tasks (``xs[b]``, ...),
+    each adapted from ``net``'s parameters by ``steps`` steps of gradient descent, by plain
+    autograd through the unrolled loops, with respect to ``wrt``."""
+    names = [n for n, _ in net.named_parameters()]
+    total = 0
+    for b in range(xs.shape[0]):
+        u = list(net.parameters())
+        for _ in range(steps):
+            out = torch.func.functional_call(net, dict(zip(names, u)), (xs[b],))
+            g = torch.autograd.grad(F.cross_entropy(out, ys[b]), u, create_graph=True)
+            u = [a - lr * d for a, d in zip(u, g)]
+        out = torch.func.functional_call(net, dict(zip(names, u)), (xq[b],))
+        total = total + F.cross_entropy(out, yq[b])
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, wrt)])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DT, rel_err
+from helpers import DT, rel_err, unrolled_tasks_meta_grad
 from torch import nn
 
 import amaml
@@ -67,17 +67,7 @@ def _meta_grad(net, xs, ys, xq, yq, wrt, **kw):
 
 
 def _unrolled(net, xs, ys, xq, yq, wrt, steps=5, lr=0.2):
-    names = [n for n, _ in net.named_parameters()]
-    total = 0
-    for b in range(xs.shape[0]):
-        u = list(net.parameters())
-        for _ in range(steps):
-            out = torch.func.functional_call(net, dict(zip(names, u)), (xs[b],))
-            g = torch.autograd.grad(F.cross_entropy(out, ys[b]), u, create_graph=True)
-            u = [a - lr * d for a, d in zip(u, g)]
-        out = torch.func.functional_call(net, dict(zip(names, u)), (xq[b],))
-        total = total + F.cross_entropy(out, yq[b])
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, wrt)])
+    return unrolled_tasks_meta_grad(net, xs, ys, xq, yq, wrt, steps, lr)
 
 
 @pytest.mark.parametrize("kind", ["conv4", "variety", "custom"])

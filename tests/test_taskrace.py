@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DT, rel_err
+from helpers import DT, rel_err, unrolled_tasks_meta_grad
 from torch import nn
 
 import amaml
@@ -45,18 +45,7 @@ def _data(tasks: int = 3, n: int = 4):
 
 
 def _unrolled(net, xs, ys, xq, yq, steps, lr):
-    names = [n for n, _ in net.named_parameters()]
-    total = 0
-    for b in range(xs.shape[0]):
-        u = list(net.parameters())
-        for _ in range(steps):
-            out = torch.func.functional_call(net, dict(zip(names, u)), (xs[b],))
-            g = torch.autograd.grad(F.cross_entropy(out, ys[b]), u, create_graph=True)
-            u = [a - lr * d for a, d in zip(u, g)]
-        out = torch.func.functional_call(net, dict(zip(names, u)), (xq[b],))
-        total = total + F.cross_entropy(out, yq[b])
-    grads = torch.autograd.grad(total, list(net.parameters()))
-    return torch.cat([g.reshape(-1) for g in grads])
+    return unrolled_tasks_meta_grad(net, xs, ys, xq, yq, list(net.parameters()), steps, lr)
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +39,8 @@ from .modelscope import (
     vmap_trial,
 )
 from .params import FlatModel
-from .support import check_support, schedule
-from .taskrace import race, race_key
+from .support import check_steps_lr, check_support, schedule
+from .taskrace import race_tasks
 
 _LOG = logging.getLogger("amaml")
 
@@ -68,19 +68,6 @@ def resolve_memory(memory: str | AbstractMemory) -> AbstractMemory:
         return MEMORIES[memory.lower()]()
     raise ValueError(f"Unknown memory strategy {memory!r}; expected one of {sorted(MEMORIES)} "
                      "or an AbstractMemory instance.")
-
-
-def _check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
-    values = lr.values() if isinstance(lr, Mapping) else [lr]
-    for v in values:
-        ok = bool((v > 0).all()) if isinstance(v, Tensor) else float(v) > 0
-        if not ok:
-            raise ValueError(f"lr must be > 0; got {v!r}.")
-    p = float(proximal.detach()) if isinstance(proximal, Tensor) else float(proximal)
-    if not p >= 0:
-        raise ValueError(f"proximal must be >= 0; got {proximal!r}.")
 
 
 @dataclass(frozen=True)
@@ -144,7 +131,7 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, o: _Options) -> _Plan:
         packed, first, batches = schedule(data, batched)
     else:
         packed, first = check_support(data, batched)
-    _check_steps_lr(steps, lr, proximal)
+    check_steps_lr(steps, lr, proximal)
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable: loss_fn(prediction, target) -> scalar "
                         "(or loss_fn(output) with a dict support that holds the targets).")
@@ -220,17 +207,10 @@ def _plan(model: nn.Module, loss_fn: LossFn, data: Any, o: _Options) -> _Plan:
                 loop, how = True, f"tasks one after another ({why})"
         compiled = isinstance(adj, DiscreteAdjoint) and compile_mode(adj.compile) is not None
         if tasks == "auto" and not loop and fused is None and not compiled:
-            # Batched or a loop of tasks: whichever one step measures faster here, measured
-            # once per model shape (amaml.taskrace; compiled steps keep the batched form).
-            form = "folded into channels" if folded is not None else "batched by vmap"
+            # batched or a loop of tasks: whichever one step measures faster (compiled steps
+            # keep the batched form)
             with scope():
-                won = race(race_key(model, theta, first, form), loss,
-                           folded if folded is not None else loss, theta, first)
-            if won.loop:
-                folded, loop = None, True
-                how = f"tasks one after another (faster than {form}: {won.describe(form)})"
-            else:
-                how = f"{how}; {won.describe(form)}"
+                folded, loop, how = race_tasks(model, loss, folded, theta, first, how)
         chosen = fused if fused is not None else (None if loop else folded)
         path += f"; {how}"
     dt, per_step = flat.flat_lr(lr, theta, steps)

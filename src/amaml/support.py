@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Inputs", "MiniBatches", "Packed", "call_args", "check_support", "schedule"]
+from ._types import LearningRate, Scalar
+
+__all__ = ["Inputs", "MiniBatches", "Packed", "call_args", "check_steps_lr", "check_support",
+           "schedule"]
 
 #: A model's inputs: a tensor, a tuple of tensors or a dict of tensors.
 Inputs = Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
@@ -270,3 +273,18 @@ def schedule(support: Callable[[int], Any], batched: bool
         return (*flat, data[1])
 
     return packed, first, batches
+
+
+def check_steps_lr(steps: Any, lr: LearningRate, proximal: Scalar) -> None:
+    """The inner loop's length, rates and proximal weight, checked: ``ValueError`` naming
+    the argument."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
+    values = lr.values() if isinstance(lr, Mapping) else [lr]
+    for v in values:
+        ok = bool((v > 0).all()) if isinstance(v, Tensor) else float(v) > 0
+        if not ok:
+            raise ValueError(f"lr must be > 0; got {v!r}.")
+    p = float(proximal.detach()) if isinstance(proximal, Tensor) else float(proximal)
+    if not p >= 0:
+        raise ValueError(f"proximal must be >= 0; got {proximal!r}.")

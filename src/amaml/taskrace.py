@@ -19,15 +19,15 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ._types import FlatLoss
-from .flow.objective import Objective
+from .flow.objective import BatchedLoss, Objective
 
-__all__ = ["Race", "race", "race_key"]
+__all__ = ["Race", "race", "race_key", "race_tasks"]
 
 #: Rounds of the race after a warm-up of each side (the fastest round counts): at least
 #: ``MIN_ROUNDS``, more while the race has taken less than ``ENOUGH_S`` seconds.
@@ -36,6 +36,8 @@ MIN_ROUNDS, MAX_ROUNDS, ENOUGH_S = 1, 8, 0.25
 #: cost of a call of ``adapt`` (the plan, the memory model's measured step 0, the checks;
 #: on Conv-4 at 5 images about one step's time a task), which the race does not time.
 MARGIN = 0.95
+
+_Folded = TypeVar("_Folded", bound=BatchedLoss)
 
 _CACHE: OrderedDict[Hashable, Race] = OrderedDict()
 _CACHE_SIZE = 64
@@ -109,6 +111,19 @@ def race(key: Hashable, single: FlatLoss, batched: FlatLoss, theta: Tensor,
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return out
+
+
+def race_tasks(model: nn.Module, single: FlatLoss, folded: _Folded | None, theta: Tensor,
+               data: Sequence[Tensor], how: str) -> tuple[_Folded | None, bool, str]:
+    """:func:`amaml.adapt_batch`'s choice under ``tasks="auto"`` where batching is exact:
+    ``(folded loss or None, one task after another?, why)``, ``how`` saying what the
+    batched form is (tasks folded into channels when ``folded`` is given, else vmap)."""
+    form = "folded into channels" if folded is not None else "batched by vmap"
+    won = race(race_key(model, theta, data, form), single,
+               folded if folded is not None else single, theta, data)
+    if won.loop:
+        return None, True, f"tasks one after another (faster than {form}: {won.describe(form)})"
+    return folded, False, f"{how}; {won.describe(form)}"
 
 
 def _step(objective: Objective, u: Tensor, data: Sequence[Tensor]) -> None:
