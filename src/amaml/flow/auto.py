@@ -311,12 +311,12 @@ def memory_lines(flow: FlowContext, memory: AbstractMemory) -> list[str]:
     if isinstance(memory, Auto):
         chosen, taped, reason = Auto.choose(n, seen, memory.budget_bytes(flow.theta.device))
         head = f"memory: auto: {reason}"
-        auto_peak = predict_peak(chosen, n, cost, taped)
+        auto_peak = predict_peak(chosen, n, seen, taped)  # the figure its reason gives
     else:
         head = f"memory: {memory.describe(flow)}"
         auto_memory = Auto()
         chosen, taped, _ = Auto.choose(n, seen, auto_memory.budget_bytes(flow.theta.device))
-        auto_peak = predict_peak(chosen, n, cost, taped)
+        auto_peak = predict_peak(chosen, n, seen, taped)
     peaks = {"unrolled": predict_peak(None, n, cost), "store": predict_peak(Store(), n, cost),
              "checkpoint": predict_peak(Checkpoint(), n, cost),
              "revolve": predict_peak(Revolve(), n, cost), "auto": auto_peak}
