@@ -30,7 +30,14 @@ from helpers import (
 
 import amaml
 from amaml.flow import Budget, Checkpoint, Revolve, Store
-from amaml.flow.auto import BUDGET_ENV, TAPES_MAX_BYTES, Auto, StepCost, predict_peak
+from amaml.flow.auto import (
+    BUDGET_ENV,
+    REBUILT_GRAPHS_SLACK,
+    TAPES_MAX_BYTES,
+    Auto,
+    StepCost,
+    predict_peak,
+)
 
 TOL = 1e-10
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,3 +230,25 @@ def test_store_with_tapes_reuses_every_step_and_is_exact(optimizer: str | None) 
         model, F.mse_loss, (x, y), steps=17, lr=0.03, optimizer=optimizer)
     with pytest.raises(TypeError, match="tapes"):
         Store(tapes=1)  # type: ignore[arg-type]
+
+
+def test_auto_leaves_the_heap_room_where_graphs_are_rebuilt() -> None:
+    """Budget with some graphs and checkpoint segments with graphs free graphs and build
+    others in the sweep: auto takes them only where REBUILT_GRAPHS_SLACK x their predicted
+    peak fits; every graph kept (nothing rebuilt) fits at its predicted peak."""
+    cost = StepCost(state=1 * MIB, graph=10 * MIB, kernel="autograd")
+    n = 100
+    fifty = predict_peak(Budget(megabytes=50 * 10.0), n, cost, 50)
+    assert fifty is not None
+    memory, taped, why = Auto.choose(n, cost, (fifty, "test"))
+    assert isinstance(memory, Budget) and taped is not None and taped < 50
+    assert (predict_peak(memory, n, cost, taped) or 0) * REBUILT_GRAPHS_SLACK <= fifty
+    assert "heap's slack" in why
+    whole = predict_peak(Budget(megabytes=n * 10.0), n, cost, n)
+    assert whole is not None
+    memory, taped, why = Auto.choose(n, cost, (whole, "test"))
+    assert taped == n and "slack" not in why
+    ckpt = predict_peak(Checkpoint(), n, cost)
+    assert ckpt is not None
+    memory, _, _ = Auto.choose(n, cost, (ckpt, "test"))  # graphs: no room for the slack
+    assert memory == Checkpoint(tapes=False)

@@ -48,6 +48,15 @@ BUDGET_ENV = "AMAML_MEMORY_BUDGET_MB"
 TAPES_MAX_BYTES = 64 << 20
 
 
+#: What ``memory="auto"`` multiplies the predicted peak by for the strategies that free
+#: autograd graphs and build others in the backward pass (Budget keeping some steps'
+#: graphs, checkpoint segments with their graphs): the new graphs do not fill all the holes
+#: the old ones left in glibc's heap. Measured over predicted on ResNet-18 (Adam): 1.32
+#: (Budget, N = 100), 1.19 (checkpoint, N = 100), 1.11 to 1.24 (Budget, width 32, N =
+#: 30); 1.00 there with every large block mapped on its own.
+REBUILT_GRAPHS_SLACK = 1.35
+
+
 @dataclass(frozen=True)
 class StepCost:
     """What one step holds, measured on step 0.
@@ -203,13 +212,15 @@ class Auto(AbstractMemory):
         limit, source = budget
         mib = 2**20
 
-        def fits(memory: AbstractMemory, taped: int | None = None) -> tuple[bool, int]:
+        def fits(memory: AbstractMemory, taped: int | None = None, slack: float = 1.0
+                 ) -> tuple[bool, int]:
             peak = predict_peak(memory, n, cost, taped) or 0
-            return peak <= limit, peak
+            return peak * slack <= limit, peak
 
-        def why(what: str, peak: int) -> str:
-            return (f"{what}: predicted peak {_mib(peak)} within the budget {_mib(limit)} "
-                    f"({source})")
+        def why(what: str, peak: int, slack: float = 1.0) -> str:
+            room = "" if slack == 1.0 else f", x{slack:g} for the heap's slack,"
+            return (f"{what}: predicted peak {_mib(peak)}{room} within the budget "
+                    f"{_mib(limit)} ({source})")
 
         if cost.kernel == "autograd":
             whole = Budget(megabytes=n * cost.graph / mib)
@@ -219,18 +230,22 @@ class Auto(AbstractMemory):
             seg = Checkpoint.taped_segment(n, cost.state, cost.graph)
             lo, hi = seg, n - 1  # the largest T >= seg that fits (the peak grows with T)
             best = None
+            slack = REBUILT_GRAPHS_SLACK
             while lo <= hi:
                 mid = (lo + hi) // 2
-                if fits(whole, mid)[0]:
+                if fits(whole, mid, slack)[0]:
                     best, lo = mid, mid + 1
                 else:
                     hi = mid - 1
             if best is not None:
                 part = Budget(megabytes=best * cost.graph / mib)
                 return part, best, why(f"the last {best} steps' graphs kept, checkpoints "
-                                       "before", fits(part, best)[1])
+                                       "before", fits(part, best)[1], slack)
+            ok, peak = fits(Checkpoint(), None, slack)
+            if ok:
+                return Checkpoint(), None, why("checkpoint segments recomputed with their "
+                                               "graphs", peak, slack)
             candidates: list[tuple[AbstractMemory, str]] = [
-                (Checkpoint(), "checkpoint segments recomputed with their graphs"),
                 (Checkpoint(tapes=False), "checkpoint segments recomputed without graphs")]
         else:
             candidates = [(Store(), f"every state stored (the {cost.kernel} kernel's VJPs)"),
