@@ -73,7 +73,11 @@ def test_captured_loss_weight_and_data(memory, optimizer, kind, h) -> None:
     assert x.grad is not None and w.grad is not None
     assert rel_err(got, ref) < TOL
     assert rel_err(x.grad.reshape(-1), ref[-25:-1]) < TOL
-    assert abs(float(w.grad - ref[-1])) <= TOL * abs(float(ref[-1]))
+    # Adam's step is invariant to the loss's scale but for eps, so under Adam dJ/dw (1.5e-7
+    # here) is what is left of terms the size of the other gradients: its round-off is
+    # relative to those (the whole gradient's norm), not to itself.
+    scale = abs(float(ref[-1])) if kind != "adam" else float(ref.norm())
+    assert abs(float(w.grad - ref[-1])) <= TOL * scale
 
 
 class _WeightedLoss(nn.Module):

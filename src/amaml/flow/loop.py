@@ -63,7 +63,8 @@ class AutogradTape:
 
     def nbytes(self) -> int:
         """Bytes of the tensors the graph saved (each storage once; the leaves, which
-        exist anyway, not counted), read from the nodes' ``_saved_*`` attributes."""
+        exist anyway, not counted), read from the nodes' ``_saved_*`` attributes (a custom
+        Function's node: its ``saved_tensors``)."""
         skip = {self.start.untyped_storage().data_ptr()}
         skip |= {t.untyped_storage().data_ptr() for _, t in self.leaves}
         seen: set[int] = set()
@@ -74,9 +75,10 @@ class AutogradTape:
             if node is None or id(node) in visited:
                 continue
             visited.add(id(node))
-            for name in dir(node):
-                if not name.startswith("_saved_"):
-                    continue
+            names = [n for n in dir(node) if n.startswith("_saved_")]
+            if hasattr(node, "save_for_backward"):  # a custom autograd.Function's node
+                names.append("saved_tensors")
+            for name in names:
                 try:
                     value = getattr(node, name)
                 except RuntimeError:  # already freed

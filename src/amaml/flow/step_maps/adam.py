@@ -144,6 +144,9 @@ class _AdamRule(AbstractInnerOptimizer):
         direction, new, bc1 = _adam_direction(k, bufs, g, h, self.amsgrad)
         return u - (lr / bc1) * direction, new
 
+    def records_update(self) -> bool:
+        return not self.amsgrad
+
     def update_vjp(self, k: int, x: Update, lam_u: Tensor, lam_bufs: list[Tensor],
                    need_lr: bool) -> UpdateVJP | None:
         if self.amsgrad:

@@ -243,9 +243,21 @@ class AbstractInnerOptimizer(AbstractStepMap):
         Hyperparameters are not differentiated here."""
         return None
 
+    def records_update(self) -> bool:
+        """Whether a step taken with its autograd graph records the update as one node,
+        transposed by :meth:`update_vjp`, rather than autograd's record of each elementwise
+        operation: the node saves only the state it starts from and the gradient, where
+        autograd saves the update's own intermediates (Adam: the new first moment, the
+        square root and the denominator, three parameter vectors a step). ``False`` by
+        default (SGD's update saves nothing of that size)."""
+        return False
+
     def step(self, k: int | Tensor, z: Tensor, grad: Gradient, r: StepReads) -> Tensor:
         u, bufs = rows_of(z, self.rows)
-        u_next, new = self.update(k, u, bufs, grad(u), r.lr, r.hyper)
+        g = grad(u)
+        if _record_by_hand(self, k, z, g, r):
+            return _RecordedUpdate.apply(self, k, r.hyper, z, g, r.lr)
+        u_next, new = self.update(k, u, bufs, g, r.lr, r.hyper)
         return stacked(u_next, new)
 
     def transpose(self, k: int, z: Tensor, lam: Tensor, oracle: Oracle,
@@ -307,3 +319,58 @@ class AbstractInnerOptimizer(AbstractStepMap):
                 v = float(v.detach())
             parts.append(f"{f.name}={v}")
         return f"{self.name}({', '.join(parts)})"
+
+
+def _transformed(t: Tensor) -> bool:
+    """Inside a ``torch.func`` transform (vmap, grad) or a compiled graph, where a custom
+    autograd node is not used."""
+    if torch.compiler.is_compiling():
+        return True
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    return peek is None or peek() is not None
+
+
+def _record_by_hand(opt: AbstractInnerOptimizer, k: int | Tensor, z: Tensor, g: Tensor,
+                    r: StepReads) -> bool:
+    return (isinstance(k, int) and torch.is_grad_enabled() and opt.records_update()
+            and (z.requires_grad or g.requires_grad or r.lr.requires_grad)
+            and not any(isinstance(v, Tensor) and v.requires_grad for v in r.hyper.values())
+            and not _transformed(z))
+
+
+class _RecordedUpdate(torch.autograd.Function):
+    """An optimiser's update as one autograd node (:meth:`AbstractInnerOptimizer.
+    records_update`): the forward pass runs :meth:`~AbstractInnerOptimizer.update` without a
+    graph and saves ``z`` and ``g``; the backward pass is
+    :meth:`~AbstractInnerOptimizer.update_vjp`, in differentiable operations (a backward
+    pass with ``create_graph`` differentiates it again)."""
+
+    @staticmethod
+    def forward(ctx: Any, opt: AbstractInnerOptimizer, k: int, h: Mapping[str, Hyper],
+                z: Tensor, g: Tensor, lr: Tensor) -> Tensor:
+        # The output is allocated before the update's temporaries, so that these, freed
+        # together, leave one hole that the next step's fills (glibc's heap; stacked
+        # after them, the kept states and the holes alternate and the heap grows).
+        out = torch.empty_like(z)
+        u, bufs = rows_of(z, opt.rows)
+        u_next, new = opt.update(k, u, bufs, g, lr, h)
+        for i, row in enumerate((u_next, *new)):
+            out[..., i, :].copy_(row)
+        ctx.save_for_backward(z, g, lr)
+        ctx.opt, ctx.k, ctx.h = opt, k, h
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, lam: Tensor) -> tuple[Tensor | None, ...]:
+        z, g, lr = ctx.saved_tensors
+        opt: AbstractInnerOptimizer = ctx.opt
+        u, bufs = rows_of(z, opt.rows)
+        hand = opt.update_vjp(ctx.k, Update(u, bufs, g, lr, ctx.h), lam[..., 0, :],
+                              [lam[..., i, :] for i in range(1, opt.rows)],
+                              ctx.needs_input_grad[5])
+        if hand is None:  # records_update promised a written transpose
+            raise RuntimeError(f"{type(opt).__name__}.records_update() is True but "
+                               "update_vjp returned None for this step.")
+        bar_u, bar_bufs, bar_g, lr_bar = hand
+        return None, None, None, stacked(bar_u, bar_bufs), bar_g, lr_bar
