@@ -48,6 +48,10 @@ OPTIMIZERS = [
     ("adam-l2", amaml.optim.Adam(betas=(0.8, 0.95), weight_decay=0.05), "adam",
      {"betas": (0.8, 0.95), "weight_decay": 0.05}),
     ("adamw", amaml.optim.AdamW(weight_decay=0.1), "adamw", {"weight_decay": 0.1}),
+    # No written transpose: autograd through the update taken again in the backward pass.
+    ("adam-amsgrad", amaml.optim.Adam(amsgrad=True), "adam", {"amsgrad": True}),
+    ("rmsprop-centred", amaml.optim.RMSprop(centered=True, momentum=0.5, weight_decay=0.02),
+     "rmsprop", {"centered": True, "momentum": 0.5, "weight_decay": 0.02}),
 ]
 PATHS = [
     ("unrolled", {"adjoint": amaml.Unrolled()}),
@@ -74,9 +78,15 @@ def test_meta_gradient_with_learnable_lr(name, opt, kind, h, path, kw) -> None:
     assert abs(float(got[-1] - ref[-1])) <= TOL * abs(float(ref[-1]))
 
 
-def test_second_order_through_unrolled() -> None:
+SECOND_ORDER = [("adam", amaml.optim.Adam(weight_decay=0.02), {"weight_decay": 0.02}),
+                ("rmsprop", amaml.optim.RMSprop(centered=True, momentum=0.5),
+                 {"centered": True, "momentum": 0.5})]
+
+
+@pytest.mark.parametrize("kind,opt,h", SECOND_ORDER, ids=[c[0] for c in SECOND_ORDER])
+def test_second_order_through_unrolled(kind, opt, h) -> None:
     """A Hessian-vector product of the meta-loss (``create_graph`` through the meta-gradient):
-    the node's backward pass is differentiable."""
+    the node's backward pass is differentiable, written (Adam) or taken again (RMSprop)."""
     model, (x, y), (xq, yq) = _setup(1)
     wrt = list(model.parameters())
     v = [torch.randn_like(t) for t in wrt]
@@ -85,14 +95,13 @@ def test_second_order_through_unrolled() -> None:
         dot = sum((g * w).sum() for g, w in zip(meta_grad, v))
         return torch.cat([t.reshape(-1) for t in torch.autograd.grad(dot, wrt)])
 
-    h = {"weight_decay": 0.02}
-    u = unrolled_optimizer(model, F.mse_loss, lambda k: (x, y), steps=6, lr=0.05, kind="adam",
+    u = unrolled_optimizer(model, F.mse_loss, lambda k: (x, y), steps=6, lr=0.05, kind=kind,
                            h=h)
     out = F.mse_loss(torch.func.functional_call(model, dict(zip(
         [n for n, _ in model.named_parameters()], u)), (xq,)), yq)
     ref = hvp(torch.autograd.grad(out, wrt, create_graph=True))
-    p = amaml.adapt(model, F.mse_loss, (x, y), steps=6, lr=0.05,
-                    optimizer=amaml.optim.Adam(weight_decay=0.02), adjoint=amaml.Unrolled())
+    p = amaml.adapt(model, F.mse_loss, (x, y), steps=6, lr=0.05, optimizer=opt,
+                    adjoint=amaml.Unrolled())
     q = F.mse_loss(amaml.functional_call(model, p, xq), yq)
     got = hvp(torch.autograd.grad(q, wrt, create_graph=True))
     assert rel_err(got, ref) < 1e-9
@@ -171,18 +180,52 @@ def test_what_one_step_saves(recorded: bool, monkeypatch) -> None:
 
 
 def test_not_used_where_autograd_must_record() -> None:
-    """AMSGrad (no written transpose), a hyperparameter that needs a gradient, and steps
-    taken without a graph keep autograd's record or none."""
+    """A hyperparameter that needs a gradient, SGD, and steps taken without a graph keep
+    autograd's record or none."""
     P = 50
     z = torch.rand(4, P, dtype=DT).requires_grad_(True)
     hyper = {"betas0": 0.9, "betas1": 0.999, "eps": 1e-8, "weight_decay": 0.0}
     r = StepReads(theta=z.detach()[0], lr=torch.tensor(0.1, dtype=DT), mu=None, data=(),
                   hyper=hyper)
-    ams = amaml.optim.Adam(amsgrad=True).step(1, z, lambda v: v * v, r)
-    assert type(ams.grad_fn).__name__ != "_RecordedUpdateBackward"
+    sgd = amaml.optim.SGD(momentum=0.9)
+    r_sgd = r._replace(hyper=sgd.hyperparameters())
+    assert type(sgd.step(1, z[:2], lambda v: v * v, r_sgd).grad_fn).__name__ \
+        != "_RecordedUpdateBackward"
     b1 = torch.tensor(0.9, dtype=DT, requires_grad=True)
     r2 = r._replace(hyper={**hyper, "betas0": b1})
     out = amaml.optim.Adam().step(1, z[:3], lambda v: v * v, r2)
     assert type(out.grad_fn).__name__ != "_RecordedUpdateBackward"
     with torch.no_grad():
         assert amaml.optim.Adam().step(1, z[:3], lambda v: v * v, r).grad_fn is None
+
+
+STEP_CASES = [amaml.optim.Adam(), amaml.optim.Adam(amsgrad=True, weight_decay=0.1),
+              amaml.optim.AdamW(), amaml.optim.RMSprop(),
+              amaml.optim.RMSprop(centered=True, momentum=0.5, weight_decay=0.1)]
+
+
+@pytest.mark.parametrize("opt", STEP_CASES, ids=lambda o: o.describe())
+def test_one_step_first_and_second_order(opt, monkeypatch) -> None:
+    """One step whose gradient depends on the state (``g = sin(u) u``): the node's
+    ``(dz'/dz)^T lam`` and its derivative again equal those of autograd's own record of the
+    update (the node must not count the path through ``g`` twice)."""
+    torch.manual_seed(0)
+    P = 6
+    z = (torch.rand(opt.rows, P, dtype=DT) + 0.5).requires_grad_(True)
+    lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
+    lam, vec = torch.randn(opt.rows, P, dtype=DT), torch.randn(opt.rows, P, dtype=DT)
+
+    def derivatives():
+        r = StepReads(theta=z.detach()[0], lr=lr, mu=None, data=(),
+                      hyper=opt.hyperparameters())
+        out = opt.step(2, z, lambda v: torch.sin(v) * v, r)
+        first = torch.autograd.grad(out, (z, lr), lam, create_graph=True)
+        second = torch.autograd.grad((first[0] * vec).sum() + first[1], (z, lr))
+        return type(out.grad_fn).__name__, [t.detach() for t in (*first, *second)]
+
+    node, got = derivatives()
+    monkeypatch.setattr(type(opt), "records_update", lambda self: False)
+    plain, ref = derivatives()
+    assert node == "_RecordedUpdateBackward" and plain != node
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

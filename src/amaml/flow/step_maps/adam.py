@@ -145,7 +145,7 @@ class _AdamRule(AbstractInnerOptimizer):
         return u - (lr / bc1) * direction, new
 
     def records_update(self) -> bool:
-        return not self.amsgrad
+        return True
 
     def update_vjp(self, k: int, x: Update, lam_u: Tensor, lam_bufs: list[Tensor],
                    need_lr: bool) -> UpdateVJP | None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Protocol
 
@@ -124,7 +126,7 @@ def transpose_at_u(step_map: AbstractStepMap, k: int, z: Tensor, lam: Tensor,
     u = z[..., 0, :]
     g = oracle.grad(u, 0)
     leaves = [t for t in (r.lr, *r.hyper.values()) if isinstance(t, Tensor) and t.requires_grad]
-    with torch.enable_grad():
+    with torch.enable_grad(), _autograd_records():
         zl = z.detach().requires_grad_(True)
         gl = g.detach().requires_grad_(True)
         out = step_map.step(k, zl, lambda v: gl, r)
@@ -244,12 +246,14 @@ class AbstractInnerOptimizer(AbstractStepMap):
         return None
 
     def records_update(self) -> bool:
-        """Whether a step taken with its autograd graph records the update as one node,
-        transposed by :meth:`update_vjp`, rather than autograd's record of each elementwise
-        operation: the node saves only the state it starts from and the gradient, where
-        autograd saves the update's own intermediates (Adam: the new first moment, the
-        square root and the denominator, three parameter vectors a step). ``False`` by
-        default (SGD's update saves nothing of that size)."""
+        """Whether a step taken with its autograd graph records the update as one node
+        rather than autograd's record of each elementwise operation. The node saves only
+        the state it starts from and the gradient, where autograd saves the update's own
+        intermediates (Adam: the new first moment, the square root, its mask and the
+        denominator, four parameter vectors a step); its backward pass is
+        :meth:`update_vjp` where written, else autograd through the update taken again
+        from what it saved (elementwise, cheap). ``False`` by default (SGD's update saves
+        nothing of that size)."""
         return False
 
     def step(self, k: int | Tensor, z: Tensor, grad: Gradient, r: StepReads) -> Tensor:
@@ -321,6 +325,22 @@ class AbstractInnerOptimizer(AbstractStepMap):
         return f"{self.name}({', '.join(parts)})"
 
 
+_RECORDS = threading.local()
+
+
+@contextmanager
+def _autograd_records() -> Iterator[None]:
+    """Steps taken inside have autograd record their update (a step differentiated at once,
+    where the node of :meth:`AbstractInnerOptimizer.records_update` would only take the
+    update a second time)."""
+    before = getattr(_RECORDS, "autograd", False)
+    _RECORDS.autograd = True
+    try:
+        yield
+    finally:
+        _RECORDS.autograd = before
+
+
 def _transformed(t: Tensor) -> bool:
     """Inside a ``torch.func`` transform (vmap, grad) or a compiled graph, where a custom
     autograd node is not used."""
@@ -333,7 +353,8 @@ def _transformed(t: Tensor) -> bool:
 
 def _record_by_hand(opt: AbstractInnerOptimizer, k: int | Tensor, z: Tensor, g: Tensor,
                     r: StepReads) -> bool:
-    return (isinstance(k, int) and torch.is_grad_enabled() and opt.records_update()
+    return (isinstance(k, int) and torch.is_grad_enabled()
+            and not getattr(_RECORDS, "autograd", False) and opt.records_update()
             and (z.requires_grad or g.requires_grad or r.lr.requires_grad)
             and not any(isinstance(v, Tensor) and v.requires_grad for v in r.hyper.values())
             and not _transformed(z))
@@ -343,8 +364,9 @@ class _RecordedUpdate(torch.autograd.Function):
     """An optimiser's update as one autograd node (:meth:`AbstractInnerOptimizer.
     records_update`): the forward pass runs :meth:`~AbstractInnerOptimizer.update` without a
     graph and saves ``z`` and ``g``; the backward pass is
-    :meth:`~AbstractInnerOptimizer.update_vjp`, in differentiable operations (a backward
-    pass with ``create_graph`` differentiates it again)."""
+    :meth:`~AbstractInnerOptimizer.update_vjp` where written, else autograd through the
+    update taken again; both in differentiable operations (a backward pass with
+    ``create_graph`` differentiates it again)."""
 
     @staticmethod
     def forward(ctx: Any, opt: AbstractInnerOptimizer, k: int, h: Mapping[str, Hyper],
@@ -369,8 +391,29 @@ class _RecordedUpdate(torch.autograd.Function):
         hand = opt.update_vjp(ctx.k, Update(u, bufs, g, lr, ctx.h), lam[..., 0, :],
                               [lam[..., i, :] for i in range(1, opt.rows)],
                               ctx.needs_input_grad[5])
-        if hand is None:  # records_update promised a written transpose
-            raise RuntimeError(f"{type(opt).__name__}.records_update() is True but "
-                               "update_vjp returned None for this step.")
-        bar_u, bar_bufs, bar_g, lr_bar = hand
-        return None, None, None, stacked(bar_u, bar_bufs), bar_g, lr_bar
+        if hand is not None:
+            bar_u, bar_bufs, bar_g, lr_bar = hand
+            return None, None, None, stacked(bar_u, bar_bufs), bar_g, lr_bar
+        return (None, None, None, *_retaken_vjp(ctx, opt, z, g, lr, lam))
+
+
+def _retaken_vjp(ctx: Any, opt: AbstractInnerOptimizer, z: Tensor, g: Tensor, lr: Tensor,
+                 lam: Tensor) -> list[Tensor | None]:
+    """``lam``'s cotangents of ``(z, g, lr)`` by autograd through the update taken again.
+    With ``create_graph`` (grad mode on in a backward pass) through views of the saved
+    tensors, so that the result is differentiable again (a view, not the tensor: ``g``
+    depends on ``z``, and only the update's own partial derivatives are wanted here); else
+    through detached leaves."""
+    create = torch.is_grad_enabled()
+    need = ctx.needs_input_grad[3:6]
+    with torch.enable_grad():
+        ins = [t.view_as(t) if create else t.detach().requires_grad_(n)
+               for t, n in zip((z, g, lr), need)]
+        u, bufs = rows_of(ins[0], opt.rows)
+        u_next, new = opt.update(ctx.k, u, bufs, ins[1], ins[2], ctx.h)
+        wanted = [t for t, n in zip(ins, need) if n]
+        res = iter(torch.autograd.grad(stacked(u_next, new), wanted, lam, create_graph=create,
+                                       allow_unused=True))
+    out = [next(res) if n else None for n in need]
+    return [torch.zeros_like(t) if n and o is None else o
+            for t, n, o in zip((z, g, lr), need, out)]

@@ -43,6 +43,9 @@ class RMSprop(AbstractInnerOptimizer):
     def n_buffers(self) -> int:
         return 1 + int(self.centered) + int(not is_zero(self.momentum))
 
+    def records_update(self) -> bool:
+        return True
+
     def update(self, k: int | Tensor, u: Tensor, bufs: list[Tensor], g: Tensor, lr: Tensor,
                h: Mapping[str, Hyper]) -> tuple[Tensor, list[Tensor]]:
         if not is_zero(h["weight_decay"]):
