@@ -52,3 +52,16 @@ def test_other_calls_fall_back_to_autograd() -> None:
                         False, None) is None
     assert _closed_form(F.cross_entropy, pred.requires_grad_(), torch.tensor([0, 1, 2, 0]),
                         False, None) is None
+
+
+def test_negative_targets_checked_once_per_version() -> None:
+    """The ignore_index check is cached per target tensor and redone after an in-place
+    change (the tensor's version moves)."""
+    pred = torch.randn(4, 3, dtype=DT)
+    y = torch.tensor([0, 1, 2, 1])
+    assert _closed_form(F.cross_entropy, pred, y, False, None) is not None
+    assert _closed_form(F.cross_entropy, pred, y, False, None) is not None
+    y[1] = -100  # now an ignored row: the cached answer must not be reused
+    assert _closed_form(F.cross_entropy, pred, y, False, None) is None
+    y[1] = 2
+    assert _closed_form(F.cross_entropy, pred, y, False, None) is not None

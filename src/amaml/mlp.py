@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._types import LossFn
 from .flow.fused import AbstractFusedLoss
@@ -408,6 +409,20 @@ class MLPLoss(AbstractFusedLoss):
         return g_buf, h_buf, x_bar
 
 
+#: Per target tensor (while it lives): its version and whether it holds a negative class
+#: index, so that the check reads the tensor once, not at every step (on a GPU, a sync).
+_NEGATIVE_TARGETS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _any_negative(y: Tensor) -> bool:
+    seen = _NEGATIVE_TARGETS.get(y)
+    if seen is not None and seen[0] == y._version:
+        return bool(seen[1])
+    out = bool((y < 0).any())
+    _NEGATIVE_TARGETS[y] = (y._version, out)
+    return out
+
+
 def _closed_form(loss_fn: LossFn, pred: Tensor, y: Tensor, batched: bool, r: Tensor | None
                  ) -> tuple[Tensor, Tensor | None] | None:
     """``(e, R(e))``: the gradient of the summed task losses in the prediction and its
@@ -420,7 +435,7 @@ def _closed_form(loss_fn: LossFn, pred: Tensor, y: Tensor, batched: bool, r: Ten
     points = pred.shape[-2] if pred.ndim >= 2 else 1
     if loss_fn is F.cross_entropy:
         if (pred.ndim != 2 + batched or y.shape != pred.shape[:-1]
-                or y.dtype != torch.int64 or bool((y < 0).any())):
+                or y.dtype != torch.int64 or _any_negative(y)):
             return None  # probabilities, extra dimensions, ignore_index: autograd's
         s = torch.softmax(pred, -1)
         e = s.scatter_add(-1, y.unsqueeze(-1).long(),
