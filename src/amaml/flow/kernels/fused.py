@@ -133,6 +133,15 @@ class FusedKernel(AbstractKernel):
         return lam_z, cots
 
     def tape_numel(self, reads: Reads) -> int:
+        """The loss's record of one gradient evaluation and the gradient itself (which the
+        record keeps), times the gradients a step evaluates, and the point of each stage
+        after the first (a Runge-Kutta stage's record views it); 0 where the loss records
+        nothing."""
         fused = self.spec.objective.fused
         assert fused is not None
-        return fused.tape_numel(reads.at(0).data) * self.spec.step_map.stages
+        record = fused.tape_numel(reads.at(0).data)
+        if record == 0:
+            return 0
+        vector = reads.theta.numel() * (self.spec.n_tasks or 1)
+        stages = self.spec.step_map.stages
+        return (record + vector) * stages + vector * (stages - 1)
