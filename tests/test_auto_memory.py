@@ -34,6 +34,7 @@ from amaml.flow.auto import (
     BUDGET_ENV,
     REBUILT_GRAPHS_SLACK,
     TAPES_MAX_BYTES,
+    TAPES_MIN_FLOPS_PER_BYTE,
     Auto,
     StepCost,
     predict_peak,
@@ -105,6 +106,15 @@ def test_auto_choice_follows_the_budget() -> None:
     many = StepCost(state=1 * MIB, graph=0, kernel="fused", tape=2 * MIB)
     assert n * many.tape > TAPES_MAX_BYTES
     assert Auto.choose(n, many, (10**12, "test"))[0] == Store()
+    # beyond the cap, tapes that save enough arithmetic a byte (large layers) are kept
+    # while they fit; just below that intensity they are not
+    dense = StepCost(state=1 * MIB, graph=0, kernel="fused", tape=2 * MIB,
+                     tape_flops=TAPES_MIN_FLOPS_PER_BYTE * 2 * MIB)
+    assert Auto.choose(n, dense, (10**12, "test"))[0] == Store(tapes=True)
+    assert Auto.choose(n, dense, (200 * MIB, "test"))[0] == Store()
+    thin = StepCost(state=1 * MIB, graph=0, kernel="fused", tape=2 * MIB,
+                    tape_flops=TAPES_MIN_FLOPS_PER_BYTE * 2 * MIB - 1)
+    assert Auto.choose(n, thin, (10**12, "test"))[0] == Store()
 
 
 def test_auto_choice_on_a_model() -> None:

@@ -338,3 +338,17 @@ def test_tape_numel_is_what_a_step_records(batched: bool, solver: str) -> None:
     skip = {t.untyped_storage().data_ptr() for t in (z0, x, y)}
     held = _tape_bytes(tapes[0], skip)
     assert held == flow.tape_numel() * z0.element_size()
+
+
+def test_grad_flops_counts_the_layers_products() -> None:
+    """The fused MLP's count of one gradient's arithmetic (what ``memory="auto"`` weighs a
+    tape's bytes against): 6 n w for n points and w weights, per task."""
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
+    x = torch.randn(7, 3, dtype=DT)
+    fused = _fused_loss(_FlatModel(model), F.mse_loss, x, False)
+    assert fused is not None
+    assert fused.grad_flops((x, torch.randn(7, 2, dtype=DT))) == 6 * 7 * (3 * 5 + 5 * 2)
+    xb = torch.randn(4, 7, 3, dtype=DT)
+    fused_b = _fused_loss(_FlatModel(model), F.mse_loss, xb, True)
+    assert fused_b is not None
+    assert fused_b.grad_flops((xb, torch.randn(4, 7, 2, dtype=DT))) == 6 * 7 * (3 * 5 + 5 * 2)

@@ -260,6 +260,15 @@ class MLPLoss(AbstractFusedLoss):
                 total += 2 * width
         return rows * (total + width)
 
+    def grad_flops(self, data: Sequence[Tensor]) -> int:
+        """The linear layers' products: ``2 n w`` forward and ``4 n w`` backward (weights and
+        inputs) for ``n`` points and ``w`` weights a layer."""
+        x = data[0]
+        points = int(x.shape[-2]) if x.ndim >= 2 else 1
+        weights = sum(lay.in_features * lay.out_features for lay in self.layers
+                      if lay.act is None)
+        return 6 * points * weights
+
     def grad(self, u: Tensor, data: Sequence[Tensor], tape: list[Any] | None = None) -> Tensor:
         x, y = data
         batched = u.ndim == 2

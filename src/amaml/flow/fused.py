@@ -54,6 +54,13 @@ class AbstractFusedLoss(abc.ABC):
         """Numbers one tape entry of :meth:`grad` holds besides ``g`` (0: tapes unused)."""
         return 0
 
+    def grad_flops(self, data: Sequence[Tensor]) -> int:
+        """Floating-point operations of one :meth:`grad`, per task (``data`` as :meth:`grad`
+        gets it, with a leading task dimension when batched): what a tape saves a step VJP
+        from doing again. 0: not known (``memory="auto"`` then keeps tapes only while they
+        are few)."""
+        return 0
+
     def hvp_input(self, u: Tensor, v: Tensor, data: Sequence[Tensor],
                   tape: Any = None) -> tuple[Tensor, Tensor]:
         """``(H(u) v, d/dx (g(u; x) . v))`` for the first data tensor ``x``; losses that

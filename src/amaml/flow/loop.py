@@ -259,6 +259,10 @@ class FlowContext:
         strategy weighs them against the states it keeps."""
         return self.choice.kernel.active()[0].tape_numel(self.reads)
 
+    def tape_flops(self) -> int:
+        """Floating-point operations one step's record saves its VJP (0: not known)."""
+        return self.choice.kernel.active()[0].tape_flops(self.reads)
+
     def field_vjp(self, u: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, Cotangents]:
         """Gradient flow's unit-step field ``F(u) = -lr (grad L(u) + mu (u - theta))``,
         ``J_F(u)^T lam`` and ``(dF/dreads)^T lam`` for the needed reads (what a continuous

@@ -70,6 +70,10 @@ class AbstractKernel(abc.ABC):
         """Numbers one step's record holds (0: this kernel records nothing)."""
         return 0
 
+    def tape_flops(self, reads: Reads) -> int:
+        """Floating-point operations one step's record saves its VJP (0: not known)."""
+        return 0
+
 
 @dataclass(frozen=True)
 class KernelChoice:

@@ -145,3 +145,11 @@ class FusedKernel(AbstractKernel):
         vector = reads.theta.numel() * (self.spec.n_tasks or 1)
         stages = self.spec.step_map.stages
         return (record + vector) * stages + vector * (stages - 1)
+
+    def tape_flops(self, reads: Reads) -> int:
+        """The gradients a step evaluates, which its record saves the VJP from taking
+        again."""
+        fused = self.spec.objective.fused
+        assert fused is not None
+        per_task = fused.grad_flops(reads.at(0).data)
+        return per_task * (self.spec.n_tasks or 1) * self.spec.step_map.stages
