@@ -341,7 +341,7 @@ def _autograd_records() -> Iterator[None]:
         _RECORDS.autograd = before
 
 
-def _transformed(t: Tensor) -> bool:
+def _transformed() -> bool:
     """Inside a ``torch.func`` transform (vmap, grad) or a compiled graph, where a custom
     autograd node is not used."""
     if torch.compiler.is_compiling():
@@ -357,7 +357,7 @@ def _record_by_hand(opt: AbstractInnerOptimizer, k: int | Tensor, z: Tensor, g: 
             and not getattr(_RECORDS, "autograd", False) and opt.records_update()
             and (z.requires_grad or g.requires_grad or r.lr.requires_grad)
             and not any(isinstance(v, Tensor) and v.requires_grad for v in r.hyper.values())
-            and not _transformed(z))
+            and not _transformed())
 
 
 class _RecordedUpdate(torch.autograd.Function):
